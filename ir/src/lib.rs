@@ -29,10 +29,10 @@ mod shape;
 mod stats;
 mod tensor;
 
-// pub use dump::dump;
+pub use dump::dump;
 pub use error::IrError;
 pub use graph::{captured_names, Attribute, Edge, Graph, Model, NodeMeta, Op, Value, ValueKind, ValueInfoMeta};
 pub use ids::{OpId, ValueId};
 pub use shape::{DType, Dim, Shape};
-// pub use stats::{ModelStats, OpCost, model_stats};
+pub use stats::{ModelStats, OpCost, model_stats, op_cost};
 pub use tensor::Tensor;

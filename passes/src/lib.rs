@@ -1,1 +1,89 @@
-//! placeholder
+//! Graph passes: rewrites of a [`prunec_ir::Model`].
+//!
+//! A pass changes the model only through the IR's API and never touches protobuf. Each pass has
+//! one row in [`REGISTRY`]; the CLI's `--passes` list and `--list-passes` read it. The driver
+//! ([`run_pipeline`]) checks the graph after every pass, so a pass that breaks it is named.
+
+mod cleanup;
+mod error;
+
+pub use error::PassError;
+
+use prunec_ir::Model;
+use std::time::{Duration, Instant};
+
+/// A rewrite of a model.
+pub trait Pass {
+    /// The kebab-case name used in `--passes`.
+    fn name(&self) -> &'static str;
+    /// Rewrites the model.
+    fn run(&self, model: &mut Model) -> Result<PassReport, PassError>;
+}
+
+/// What a pass did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PassReport {
+    /// Ops removed.
+    pub ops_removed: usize,
+    /// Values removed (weights included).
+    pub values_removed: usize,
+}
+
+/// One registered pass.
+pub struct Registration {
+    /// Name in `--passes`.
+    pub name: &'static str,
+    /// One line for `--list-passes`.
+    pub summary: &'static str,
+    /// Builds the pass with its default options.
+    pub build: fn() -> Box<dyn Pass>,
+}
+
+/// Every pass prunec knows, by name.
+pub const REGISTRY: &[Registration] = &[Registration {
+    name: "dce",
+    summary: "remove ops and weights that no graph output depends on",
+    build: || Box::new(cleanup::DeadCodeElimination),
+}];
+
+/// The pipeline of a bare `prunec MODEL -o OUT`.
+pub const DEFAULT_PIPELINE: &str = "dce";
+
+/// Parses a comma-separated pass list; `none` is the empty pipeline.
+pub fn parse_pipeline(list: &str) -> Result<Vec<Box<dyn Pass>>, PassError> {
+    if list.trim() == "none" {
+        return Ok(Vec::new());
+    }
+    list.split(',')
+        .map(str::trim)
+        .map(|name| {
+            REGISTRY.iter().find(|r| r.name == name).map(|r| (r.build)()).ok_or_else(|| PassError::UnknownPass {
+                name: name.to_string(),
+                known: REGISTRY.iter().map(|r| r.name).collect::<Vec<_>>().join(", "),
+            })
+        })
+        .collect()
+}
+
+/// What one pass of a pipeline did, and how long it took.
+#[derive(Clone, Debug)]
+pub struct PassRun {
+    /// The pass.
+    pub name: &'static str,
+    /// Its report.
+    pub report: PassReport,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Runs the passes in order, checking the graph after each.
+pub fn run_pipeline(model: &mut Model, passes: &[Box<dyn Pass>]) -> Result<Vec<PassRun>, PassError> {
+    let mut runs = Vec::with_capacity(passes.len());
+    for pass in passes {
+        let start = Instant::now();
+        let report = pass.run(model)?;
+        model.graph.topo_order().map_err(|source| PassError::BrokeGraph { pass: pass.name(), source })?;
+        runs.push(PassRun { name: pass.name(), report, elapsed: start.elapsed() });
+    }
+    Ok(runs)
+}

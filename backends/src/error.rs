@@ -1,0 +1,43 @@
+//! Errors of the backends.
+
+use prunec_ir::IrError;
+use std::path::PathBuf;
+
+/// Why a model could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The graph cannot be serialised (a pass left a cycle).
+    #[error(transparent)]
+    Graph(#[from] IrError),
+    /// The protobuf would exceed the 2 GiB limit of protobuf readers.
+    #[error("the model is {0} bytes inline, over protobuf's 2 GiB limit; store weights as external data (--external-data)")]
+    TooLarge(u64),
+    /// A file could not be written.
+    #[error("cannot write `{}`: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Why a model could not be run in tract.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// tract refused or failed.
+    #[error("tract: {0}")]
+    Tract(String),
+    /// The inputs do not fit the model.
+    #[error("inputs: {0}")]
+    Inputs(String),
+    /// The model could not be serialised for tract.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+impl From<tract_onnx::prelude::TractError> for RunError {
+    fn from(e: tract_onnx::prelude::TractError) -> Self {
+        RunError::Tract(format!("{e:#}"))
+    }
+}

@@ -1,0 +1,241 @@
+//! The ONNX writer.
+//!
+//! The output is the input model with the IR's changes and nothing else: node order, names,
+//! attributes, doc strings, metadata, functions and opset imports are kept. The same model and
+//! options always give the same bytes. Files are written to a temporary name in the output's
+//! folder and renamed into place, so a failed run leaves no partial file and does not damage an
+//! existing one.
+
+use crate::WriteError;
+use bytes::Bytes;
+use prost::Message;
+use prunec_ir::proto::{self, tensor_proto::DataLocation};
+use prunec_ir::{Graph, Model, Tensor, Value, ValueId};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Protobuf readers (C++, Python) refuse messages of 2 GiB or more.
+const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;
+/// External tensors start at multiples of this, so readers can map them page-aligned.
+const EXTERNAL_ALIGNMENT: u64 = 4096;
+
+/// Which tensors go to an external data file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExternalData {
+    /// Tensors that were external in the input stay external; the others stay inline.
+    #[default]
+    KeepLayout,
+    /// Tensors of at least this many bytes go external.
+    Threshold(u64),
+    /// Every tensor inline.
+    Inline,
+}
+
+/// How to write a model.
+#[derive(Clone, Debug, Default)]
+pub struct WriteOptions {
+    /// External-data layout.
+    pub external_data: ExternalData,
+}
+
+/// What was written.
+#[derive(Clone, Debug)]
+pub struct Written {
+    /// The model file.
+    pub model: PathBuf,
+    /// The external data file, if any tensor went there.
+    pub data: Option<PathBuf>,
+    /// Size of the model file.
+    pub model_bytes: u64,
+    /// Size of the external data file.
+    pub data_bytes: u64,
+}
+
+/// Bytes bound for the external data file, in file order.
+#[derive(Default)]
+struct DataFile {
+    location: String,
+    chunks: Vec<(u64, Bytes)>,
+    len: u64,
+}
+
+impl DataFile {
+    fn push(&mut self, bytes: Bytes) -> u64 {
+        let offset = self.len.next_multiple_of(EXTERNAL_ALIGNMENT);
+        self.len = offset + bytes.len() as u64;
+        self.chunks.push((offset, bytes));
+        offset
+    }
+}
+
+/// Converts a model to its protobuf, with every tensor inline.
+pub fn to_proto(model: &Model) -> Result<proto::ModelProto, WriteError> {
+    let mut sink = DataFile::default();
+    build_model(model, ExternalData::Inline, &mut sink)
+}
+
+/// Encodes a model with every tensor inline (for handing it to another library in memory).
+pub fn to_bytes(model: &Model) -> Result<Vec<u8>, WriteError> {
+    Ok(to_proto(model)?.encode_to_vec())
+}
+
+/// Writes a model to `path`, and its external data (if any) to `<path>.data` beside it.
+pub fn write_model(model: &Model, path: &Path, options: &WriteOptions) -> Result<Written, WriteError> {
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model.onnx".into());
+    let mut data = DataFile { location: format!("{file_name}.data"), ..Default::default() };
+    let proto = build_model(model, options.external_data, &mut data)?;
+    let encoded_len = proto.encoded_len() as u64;
+    if encoded_len > PROTOBUF_LIMIT {
+        return Err(WriteError::TooLarge(encoded_len));
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let data_path = dir.join(&data.location);
+    // The data file lands first: a model file never points at data that is not there yet.
+    let data_written = if data.chunks.is_empty() {
+        None
+    } else {
+        atomic_write(&data_path, |w| {
+            let mut at = 0u64;
+            for (offset, bytes) in &data.chunks {
+                w.write_all(&vec![0u8; (offset - at) as usize])?;
+                w.write_all(bytes)?;
+                at = offset + bytes.len() as u64;
+            }
+            Ok(())
+        })?;
+        Some(data_path)
+    };
+    let encoded = proto.encode_to_vec();
+    atomic_write(path, |w| w.write_all(&encoded))?;
+    Ok(Written { model: path.to_path_buf(), data: data_written, model_bytes: encoded.len() as u64, data_bytes: data.len })
+}
+
+fn atomic_write(path: &Path, fill: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::io::Result<()>) -> Result<(), WriteError> {
+    let io = |source| WriteError::Io { path: path.to_path_buf(), source };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let tmp = tempfile::Builder::new().prefix(".prunec-").suffix(".tmp").tempfile_in(dir).map_err(io)?;
+    {
+        let mut w = std::io::BufWriter::new(tmp.as_file());
+        fill(&mut w).map_err(io)?;
+        w.flush().map_err(io)?;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644)).map_err(io)?;
+    }
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
+}
+
+fn build_model(model: &Model, policy: ExternalData, data: &mut DataFile) -> Result<proto::ModelProto, WriteError> {
+    let mut out = model.shell.clone();
+    out.graph = Some(build_graph(&model.graph, policy, data)?);
+    Ok(out)
+}
+
+fn build_graph(graph: &Graph, policy: ExternalData, data: &mut DataFile) -> Result<proto::GraphProto, WriteError> {
+    let mut g = graph.shell.clone();
+    let orphan_value_info = std::mem::take(&mut g.value_info);
+    let name_of = |id: Option<ValueId>| id.map(|v| graph.value(v).name.clone()).unwrap_or_default();
+    for op_id in graph.topo_order()? {
+        let op = graph.op(op_id);
+        g.node.push(proto::NodeProto {
+            input: graph.op_inputs(op_id).into_iter().map(name_of).collect(),
+            output: graph.op_outputs(op_id).into_iter().map(name_of).collect(),
+            name: (op.meta.has_name || !op.name.is_empty()).then(|| op.name.clone()),
+            op_type: Some(op.op_type.clone()),
+            domain: (op.meta.has_domain || !op.domain.is_empty()).then(|| op.domain.clone()),
+            overload: op.meta.overload.clone(),
+            attribute: op
+                .attributes
+                .iter()
+                .map(|a| {
+                    let mut p = a.proto.clone();
+                    p.t = a.tensor.as_ref().map(|t| emit_tensor(t, policy, data));
+                    p
+                })
+                .collect(),
+            doc_string: op.meta.doc_string.clone(),
+            metadata_props: op.meta.metadata_props.clone(),
+            device_configurations: op.meta.device_configurations.clone(),
+        });
+    }
+    for &id in &graph.initializers {
+        if let Some(t) = graph.value(id).initializer() {
+            g.initializer.push(emit_tensor(t, policy, data));
+        }
+    }
+    for &id in &graph.sparse_initializers {
+        if let prunec_ir::ValueKind::SparseInitializer(s) = &graph.value(id).kind {
+            g.sparse_initializer.push((**s).clone());
+        }
+    }
+    g.input = graph.inputs.iter().map(|&v| value_info(graph.value(v))).collect();
+    g.output = graph.outputs.iter().map(|&v| value_info(graph.value(v))).collect();
+    g.value_info = graph.value_infos.iter().map(|&v| value_info(graph.value(v))).chain(orphan_value_info).collect();
+    Ok(g)
+}
+
+/// The stored form of a value's type: what the model recorded, or what the IR knows.
+fn value_info(v: &Value) -> proto::ValueInfoProto {
+    if let Some(info) = &v.info {
+        let mut info = info.clone();
+        info.name = Some(v.name.clone());
+        return info;
+    }
+    let shape = v.shape.as_ref().map(|s| proto::TensorShapeProto {
+        dim: s
+            .0
+            .iter()
+            .map(|d| proto::tensor_shape_proto::Dimension {
+                value: match d {
+                    prunec_ir::Dim::Known(n) => Some(proto::tensor_shape_proto::dimension::Value::DimValue(*n as i64)),
+                    prunec_ir::Dim::Sym(s) => Some(proto::tensor_shape_proto::dimension::Value::DimParam(s.clone())),
+                    prunec_ir::Dim::Unknown => None,
+                },
+                denotation: None,
+            })
+            .collect(),
+    });
+    proto::ValueInfoProto {
+        name: Some(v.name.clone()),
+        r#type: Some(proto::TypeProto {
+            value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor { elem_type: v.dtype.map(|d| d.0), shape })),
+            denotation: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn emit_tensor(t: &Tensor, policy: ExternalData, data: &mut DataFile) -> proto::TensorProto {
+    let external = match policy {
+        ExternalData::KeepLayout => t.is_external(),
+        ExternalData::Threshold(min) => t.raw_bytes().is_some() && t.nbytes() >= min,
+        ExternalData::Inline => false,
+    };
+    let mut p = t.proto().clone();
+    if external && let Some(bytes) = t.raw_bytes() {
+        let offset = data.push(bytes.clone());
+        let entry = |k: &str, v: String| proto::StringStringEntryProto { key: Some(k.into()), value: Some(v) };
+        p.raw_data = None;
+        p.data_location = Some(DataLocation::External as i32);
+        p.external_data = vec![
+            entry("location", data.location.clone()),
+            entry("offset", offset.to_string()),
+            entry("length", bytes.len().to_string()),
+        ];
+    } else if t.is_external() {
+        p.raw_data = t.raw_bytes().cloned();
+        p.data_location = None;
+        p.external_data.clear();
+    }
+    p
+}

@@ -1,0 +1,195 @@
+//! Running models in tract: the in-process runtime behind verification and latency figures.
+
+use crate::RunError;
+use prost::Message;
+use prunec_ir::{DType, Dim, Model, proto::tensor_proto::DataType};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tract_onnx::prelude::*;
+
+pub use tract_onnx::prelude::Tensor as TractTensor;
+
+/// Named input tensors.
+#[derive(Clone, Debug, Default)]
+pub struct Feed(pub BTreeMap<String, TractTensor>);
+
+/// The outputs of one run, in graph-output order, and how long the run took.
+#[derive(Debug)]
+pub struct Outputs {
+    /// `(name, tensor)` per graph output.
+    pub values: Vec<(String, TractTensor)>,
+    /// Wall time of the run itself (plan building excluded).
+    pub elapsed: Duration,
+}
+
+/// A model compiled by tract, ready to run many times.
+pub struct Plan {
+    plan: std::sync::Arc<TypedSimplePlan>,
+    input_names: Vec<String>,
+    output_names: Vec<String>,
+}
+
+impl Plan {
+    /// Builds an optimised plan from an IR model, for the shapes of `feed`. External data is
+    /// looked up relative to `dir`.
+    pub fn from_model(model: &Model, dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
+        let bytes = crate::onnx::to_bytes(model)?;
+        Plan::from_bytes(&bytes, dir, feed)
+    }
+
+    /// Builds an optimised plan from an ONNX file.
+    pub fn from_file(path: &Path, feed: &Feed) -> Result<Plan, RunError> {
+        let bytes = std::fs::read(path).map_err(|e| RunError::Tract(format!("cannot read `{}`: {e}", path.display())))?;
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        Plan::from_bytes(&bytes, dir, feed)
+    }
+
+    fn from_bytes(bytes: &[u8], dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
+        let pb = tract_onnx::pb::ModelProto::decode(bytes).map_err(|e| RunError::Tract(e.to_string()))?;
+        let parsed = tract_onnx::onnx().parse(&pb, dir.to_str())?;
+        let mut model = parsed.model;
+        let graph = pb.graph.as_ref().ok_or_else(|| RunError::Tract("model has no graph".into()))?;
+        let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let input_names: Vec<String> = graph.input.iter().map(|i| i.name.clone()).filter(|n| !initializers.contains(n.as_str())).collect();
+        for (ix, name) in input_names.iter().enumerate() {
+            let tensor = feed.0.get(name).ok_or_else(|| RunError::Inputs(format!("no value for input `{name}`")))?;
+            model.set_input_fact(ix, InferenceFact::dt_shape(tensor.datum_type(), tensor.shape()))?;
+        }
+        let output_names = graph.output.iter().map(|o| o.name.clone()).collect();
+        let plan = model.into_optimized()?.into_runnable()?;
+        Ok(Plan { plan, input_names, output_names })
+    }
+
+    /// Runs the plan once.
+    pub fn run(&self, feed: &Feed) -> Result<Outputs, RunError> {
+        let inputs: TVec<TValue> = self
+            .input_names
+            .iter()
+            .map(|n| feed.0.get(n).cloned().map(TValue::from).ok_or_else(|| RunError::Inputs(format!("no value for input `{n}`"))))
+            .collect::<Result<_, _>>()?;
+        let start = Instant::now();
+        let out = self.plan.run(inputs)?;
+        let elapsed = start.elapsed();
+        let values = self.output_names.iter().cloned().zip(out.into_iter().map(|v| v.into_tensor())).collect();
+        Ok(Outputs { values, elapsed })
+    }
+}
+
+/// Reads the arrays of an `.npz` file whose names are inputs of `model`; other arrays (labels)
+/// are ignored.
+pub fn load_npz(path: &Path, model: &Model) -> Result<Feed, RunError> {
+    let err = |e: &dyn std::fmt::Display| RunError::Inputs(format!("`{}`: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| err(&e))?;
+    let mut npz = ndarray_npy::NpzReader::new(file).map_err(|e| err(&e))?;
+    let mut feed = Feed::default();
+    for name in npz.names().map_err(|e| err(&e))? {
+        let Some(id) = model.graph.value_by_name(&name) else { continue };
+        if !model.graph.inputs.contains(&id) {
+            continue;
+        }
+        let tensor = read_array(&mut npz, &name).map_err(|e| err(&format!("array `{name}`: {e}")))?;
+        feed.0.insert(name, tensor);
+    }
+    Ok(feed)
+}
+
+fn read_array(npz: &mut ndarray_npy::NpzReader<std::fs::File>, name: &str) -> Result<TractTensor, String> {
+    use tract_ndarray::{ArrayD, OwnedRepr};
+    macro_rules! try_type {
+        ($t:ty) => {
+            if let Ok(a) = npz.by_name::<OwnedRepr<$t>, tract_ndarray::IxDyn>(name) {
+                let a: ArrayD<$t> = a;
+                return Ok(a.into_tensor());
+            }
+        };
+    }
+    try_type!(f32);
+    try_type!(i64);
+    try_type!(i32);
+    try_type!(f64);
+    try_type!(bool);
+    try_type!(u8);
+    try_type!(i8);
+    Err("unsupported element type (expected f32, f64, i64, i32, u8, i8 or bool)".into())
+}
+
+/// Seeded random inputs for every graph input of `model` that `given` lacks. Shapes come from
+/// `shapes`, else from the model, with every unknown or symbolic dim set to 1. Floats are
+/// uniform in [-1, 1); integers are 0 or 1 (valid indices for any table); booleans are random.
+pub fn random_feed(model: &Model, given: Feed, shapes: &BTreeMap<String, Vec<u64>>, seed: u64) -> Result<Feed, RunError> {
+    let mut feed = given;
+    let mut rng = SplitMix64(seed);
+    for &id in &model.graph.inputs {
+        let v = model.graph.value(id);
+        if v.initializer().is_some() || feed.0.contains_key(&v.name) {
+            continue;
+        }
+        let dims: Vec<usize> = match shapes.get(&v.name) {
+            Some(s) => s.iter().map(|&d| d as usize).collect(),
+            None => v.shape.as_ref().map(|s| s.0.iter().map(|d| if let Dim::Known(n) = d { *n as usize } else { 1 }).collect()).unwrap_or_default(),
+        };
+        let n: usize = dims.iter().product();
+        let dtype = v.dtype.unwrap_or(DType::F32);
+        let tensor = match dtype.known() {
+            Some(DataType::Float) => TractTensor::from_shape(&dims, &(0..n).map(|_| rng.uniform() as f32).collect::<Vec<_>>()),
+            Some(DataType::Double) => TractTensor::from_shape(&dims, &(0..n).map(|_| rng.uniform()).collect::<Vec<_>>()),
+            Some(DataType::Int64) => TractTensor::from_shape(&dims, &(0..n).map(|_| (rng.next() % 2) as i64).collect::<Vec<_>>()),
+            Some(DataType::Int32) => TractTensor::from_shape(&dims, &(0..n).map(|_| (rng.next() % 2) as i32).collect::<Vec<_>>()),
+            Some(DataType::Bool) => TractTensor::from_shape(&dims, &(0..n).map(|_| rng.next() % 2 == 1).collect::<Vec<_>>()),
+            _ => return Err(RunError::Inputs(format!("cannot make random values of type {dtype} for input `{}`", v.name))),
+        }?;
+        feed.0.insert(v.name.clone(), tensor);
+    }
+    Ok(feed)
+}
+
+/// A tiny deterministic generator: inputs must be the same on every machine and run.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    }
+}
+
+/// How far two outputs are apart.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Difference {
+    /// Largest absolute difference.
+    pub max_abs: f64,
+    /// Largest absolute value of the reference, for scale.
+    pub ref_max_abs: f64,
+    /// Cosine similarity of the flattened tensors.
+    pub cosine: f64,
+}
+
+/// Compares two tensors of the same shape elementwise (any numeric type, cast to f64).
+pub fn compare(reference: &TractTensor, other: &TractTensor) -> Result<Difference, RunError> {
+    if reference.shape() != other.shape() {
+        return Err(RunError::Inputs(format!("shapes differ: {:?} vs {:?}", reference.shape(), other.shape())));
+    }
+    let a = reference.cast_to::<f64>()?;
+    let b = other.cast_to::<f64>()?;
+    let (a, b) = (a.try_as_plain_ram()?.as_slice::<f64>()?.to_vec(), b.try_as_plain_ram()?.as_slice::<f64>()?.to_vec());
+    let (mut max_abs, mut ref_max, mut dot, mut na, mut nb) = (0f64, 0f64, 0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(&b) {
+        let d = (x - y).abs();
+        // NaN in either side must show as a difference, not vanish in max().
+        max_abs = if d.is_nan() && !(x.is_nan() && y.is_nan()) { f64::INFINITY } else { max_abs.max(d.max(0.0)) };
+        ref_max = ref_max.max(x.abs());
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+    }
+    let cosine = if na == 0.0 && nb == 0.0 { 1.0 } else { dot / (na.sqrt() * nb.sqrt()) };
+    Ok(Difference { max_abs, ref_max_abs: ref_max, cosine })
+}

@@ -1,0 +1,42 @@
+//! Errors of reading a model.
+
+use prunec_ir::IrError;
+use std::path::PathBuf;
+
+/// Why a model could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The file could not be opened or mapped.
+    #[error("cannot read `{}`: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The path is a folder or a device.
+    #[error("`{}` is not a regular file", .0.display())]
+    NotAFile(PathBuf),
+    /// The bytes are not an ONNX protobuf (truncated, wrong wire types, too deeply nested).
+    #[error("`{}` is not a valid ONNX protobuf: {source}", path.display())]
+    Decode {
+        /// The file.
+        path: PathBuf,
+        /// What prost found.
+        source: prost::DecodeError,
+    },
+    /// The model decodes but breaks a rule of the ONNX graph.
+    #[error(transparent)]
+    Graph(#[from] IrError),
+    /// An external-data reference that cannot be honoured.
+    #[error("tensor `{tensor}`: external data {what}")]
+    ExternalData {
+        /// The tensor.
+        tensor: String,
+        /// What is wrong, as a phrase.
+        what: String,
+    },
+    /// Something the reader does not handle yet.
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+}

@@ -1,0 +1,82 @@
+//! External data: tensors whose bytes live in files beside the model.
+
+use crate::ReadError;
+use bytes::Bytes;
+use prunec_ir::{Tensor, proto};
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+
+/// Resolves external-data references of one model, mapping each data file once.
+pub(crate) struct ExternalData {
+    dir: PathBuf,
+    canonical_dir: Option<PathBuf>,
+    files: HashMap<PathBuf, Bytes>,
+}
+
+impl ExternalData {
+    pub(crate) fn new(dir: &Path) -> ExternalData {
+        ExternalData { dir: dir.to_path_buf(), canonical_dir: None, files: HashMap::new() }
+    }
+
+    /// Turns a stored tensor into a [`Tensor`], reading external bytes when it has any.
+    pub(crate) fn tensor(&mut self, t: proto::TensorProto) -> Result<Tensor, ReadError> {
+        if t.data_location() != proto::tensor_proto::DataLocation::External {
+            return Ok(Tensor::from_proto(t)?);
+        }
+        let bytes = self.bytes_of(&t)?;
+        Ok(Tensor::from_external(t, bytes)?)
+    }
+
+    fn bytes_of(&mut self, t: &proto::TensorProto) -> Result<Bytes, ReadError> {
+        let err = |what: String| ReadError::ExternalData { tensor: t.name().to_string(), what };
+        let mut location = None;
+        let mut offset = 0u64;
+        let mut length = None;
+        for entry in &t.external_data {
+            let parse = |v: &str| v.parse::<u64>().map_err(|_| err(format!("has {} `{v}`, which is not a byte count", entry.key())));
+            match entry.key() {
+                "location" => location = Some(entry.value()),
+                "offset" => offset = parse(entry.value())?,
+                "length" => length = Some(parse(entry.value())?),
+                _ => {}
+            }
+        }
+        let location = location.filter(|l| !l.is_empty()).ok_or_else(|| err("has no `location`".into()))?;
+        let path = self.resolve(location).map_err(err)?;
+        if !self.files.contains_key(&path) {
+            let bytes = crate::map_file(&path).map_err(|e| err(format!("file `{location}` cannot be read: {e}")))?;
+            self.files.insert(path.clone(), bytes);
+        }
+        let file = &self.files[&path];
+        let size = file.len() as u64;
+        let length = length.unwrap_or(size.saturating_sub(offset));
+        let end = offset.checked_add(length).filter(|&end| end <= size);
+        let Some(end) = end else {
+            return Err(err(format!("asks for bytes {offset}..{} of `{location}`, which has {size}", offset as u128 + length as u128)));
+        };
+        Ok(file.slice(offset as usize..end as usize))
+    }
+
+    /// The data file's path, refusing locations that leave the model's folder.
+    fn resolve(&mut self, location: &str) -> Result<PathBuf, String> {
+        let rel = Path::new(location);
+        if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+            return Err(format!("location `{location}` is not a plain relative path inside the model's folder"));
+        }
+        let canonical_dir = match &self.canonical_dir {
+            Some(d) => d.clone(),
+            None => {
+                let d = self.dir.canonicalize().map_err(|e| format!("folder `{}` cannot be resolved: {e}", self.dir.display()))?;
+                self.canonical_dir = Some(d.clone());
+                d
+            }
+        };
+        let path = self.dir.join(rel);
+        // Canonicalising resolves symlinks, so a link pointing outside the folder is caught too.
+        let real = path.canonicalize().map_err(|e| format!("file `{location}` cannot be opened: {e}"))?;
+        if !real.starts_with(&canonical_dir) {
+            return Err(format!("location `{location}` resolves to `{}`, outside the model's folder", real.display()));
+        }
+        Ok(real)
+    }
+}

@@ -1,0 +1,155 @@
+//! Shape inference through tract, for the values a model does not annotate.
+//!
+//! Most exported models record shapes only on graph inputs and outputs. tract-onnx's inference
+//! model propagates them (symbolic dims included) through every op it knows. It works on its own
+//! copy of the protobuf, so it cannot disturb the IR; an op tract does not know leaves the values
+//! after it partly unknown, and [`InferenceReport`] says which.
+
+use prost::Message;
+use prunec_ir::{DType, Dim, Model, Shape};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::{Factoid, GenericFactoid, InferenceModelExt, ShapeFactoid};
+
+/// What shape inference did.
+#[derive(Clone, Debug, Default)]
+pub struct InferenceReport {
+    /// Whether inference ran at all.
+    pub ran: bool,
+    /// Why tract could not build or fully analyse the model, if it could not.
+    pub problem: Option<String>,
+    /// Values with no complete shape after inference, sorted.
+    pub unknown: Vec<String>,
+}
+
+impl InferenceReport {
+    pub(crate) fn skipped() -> InferenceReport {
+        InferenceReport::default()
+    }
+}
+
+/// Fills in dtypes and shapes of `model`'s values from tract's analysis of `bytes` (the same model).
+/// `input_shapes` fixes the shapes of the named graph inputs first.
+pub(crate) fn infer_shapes(model: &mut Model, bytes: &[u8], dir: &Path, input_shapes: &BTreeMap<String, Vec<u64>>) -> InferenceReport {
+    let graph = &mut model.graph;
+    for (name, dims) in input_shapes {
+        if let Some(id) = graph.value_by_name(name) {
+            graph.value_mut(id).shape = Some(Shape::known(dims));
+        }
+    }
+    // tract is third-party code fed arbitrary models; a panic there must not take prunec down.
+    let analysed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| analyse(bytes, dir, input_shapes)));
+    let mut report = InferenceReport { ran: true, ..Default::default() };
+    let facts = match analysed {
+        Ok(Ok((facts, problem))) => {
+            report.problem = problem;
+            facts
+        }
+        Ok(Err(e)) => {
+            report.problem = Some(format!("{e:#}"));
+            BTreeMap::new()
+        }
+        Err(_) => {
+            report.problem = Some("tract panicked while analysing the model".into());
+            BTreeMap::new()
+        }
+    };
+    let ids: Vec<_> = graph.value_ids().collect();
+    for id in ids {
+        let value = graph.value_mut(id);
+        if let Some((dtype, shape)) = facts.get(&value.name) {
+            value.dtype = value.dtype.or(*dtype);
+            if let Some(shape) = shape {
+                value.shape = Some(merge(value.shape.as_ref(), shape));
+            }
+        }
+        if value.shape.as_ref().is_none_or(|s| s.0.iter().any(|d| *d == Dim::Unknown)) {
+            report.unknown.push(value.name.clone());
+        }
+    }
+    report.unknown.sort();
+    report
+}
+
+type Facts = BTreeMap<String, (Option<DType>, Option<Shape>)>;
+
+fn analyse(bytes: &[u8], dir: &Path, input_shapes: &BTreeMap<String, Vec<u64>>) -> TractResult<(Facts, Option<String>)> {
+    let pb = tract_onnx::pb::ModelProto::decode(bytes)?;
+    let onnx = tract_onnx::onnx();
+    let parsed = onnx.parse(&pb, dir.to_str())?;
+    let mut model = parsed.model;
+    let inputs = model.input_outlets()?.to_vec();
+    for (name, dims) in input_shapes {
+        let Some(outlet) = parsed.outlets_by_name.get(name) else { continue };
+        let Some(ix) = inputs.iter().position(|o| o == outlet) else { continue };
+        let mut fact = model.input_fact(ix)?.clone();
+        fact.shape = ShapeFactoid::closed(dims.iter().map(|&d| GenericFactoid::Only(TDim::Val(d as i64))).collect());
+        model.set_input_fact(ix, fact)?;
+    }
+    // Obstinate: keep going past ops that fail, to learn as much as possible.
+    let problem = model.analyse(true).err().map(|e| format!("{e:#}"));
+    let mut facts = Facts::new();
+    for (name, outlet) in &parsed.outlets_by_name {
+        let Ok(fact) = model.outlet_fact(*outlet) else { continue };
+        let dtype = fact.datum_type.concretize().and_then(onnx_dtype);
+        let shape = (!fact.shape.is_open()).then(|| {
+            Shape(
+                fact.shape
+                    .dims()
+                    .map(|d| match d.concretize() {
+                        Some(t) => match t.to_i64() {
+                            Ok(v) if v >= 0 => Dim::Known(v as u64),
+                            _ => Dim::Sym(t.to_string()),
+                        },
+                        None => Dim::Unknown,
+                    })
+                    .collect(),
+            )
+        });
+        facts.insert(name.clone(), (dtype, shape));
+    }
+    Ok((facts, problem))
+}
+
+/// Keeps what the model recorded and takes from inference what it adds: a dim where the record
+/// has none, or a concrete size where the record has a symbol (fixed by `input_shapes`).
+fn merge(recorded: Option<&Shape>, inferred: &Shape) -> Shape {
+    match recorded {
+        Some(r) if r.rank() == inferred.rank() => Shape(
+            r.0.iter()
+                .zip(&inferred.0)
+                .map(|(r, i)| match (r, i) {
+                    (Dim::Known(_), _) => r.clone(),
+                    (_, Dim::Known(_)) => i.clone(),
+                    (Dim::Unknown, _) => i.clone(),
+                    _ => r.clone(),
+                })
+                .collect(),
+        ),
+        // A rank that disagrees with the record is tract's mistake or the model's; trust the record.
+        Some(r) => r.clone(),
+        None => inferred.clone(),
+    }
+}
+
+fn onnx_dtype(dt: DatumType) -> Option<DType> {
+    use prunec_ir::proto::tensor_proto::DataType as T;
+    let t = match dt {
+        DatumType::Bool => T::Bool,
+        DatumType::U8 => T::Uint8,
+        DatumType::U16 => T::Uint16,
+        DatumType::U32 => T::Uint32,
+        DatumType::U64 => T::Uint64,
+        DatumType::I8 => T::Int8,
+        DatumType::I16 => T::Int16,
+        DatumType::I32 => T::Int32,
+        DatumType::I64 | DatumType::TDim => T::Int64,
+        DatumType::F16 => T::Float16,
+        DatumType::F32 => T::Float,
+        DatumType::F64 => T::Double,
+        DatumType::String => T::String,
+        _ => return None,
+    };
+    Some(DType(t as i32))
+}

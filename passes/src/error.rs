@@ -1,0 +1,24 @@
+//! Errors of passes.
+
+use prunec_ir::IrError;
+
+/// Why a pass or a pipeline failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    /// `--passes` names a pass that does not exist.
+    #[error("unknown pass `{name}`; known passes: {known}")]
+    UnknownPass {
+        /// The name given.
+        name: String,
+        /// The registered names.
+        known: String,
+    },
+    /// A pass left the graph invalid: a bug in prunec, reported instead of writing a broken model.
+    #[error("pass `{pass}` left an invalid graph: {source}")]
+    BrokeGraph {
+        /// The pass.
+        pass: &'static str,
+        /// What is wrong.
+        source: IrError,
+    },
+}

@@ -1,0 +1,75 @@
+//! The only module that knows about the terminal, clap and exit codes.
+
+pub mod args;
+mod inspect;
+
+use anyhow::{Context, Result};
+use args::{Cli, Command, CompileArgs};
+use prunec::backends::onnx::{WriteOptions, write_model};
+use prunec::frontend::{Loaded, ReadOptions, read_model};
+use prunec::ir::model_stats;
+use std::path::Path;
+
+/// Runs one invocation.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Command::Inspect(a)) => inspect::run(&a),
+        Some(Command::Dump(a)) => {
+            let loaded = load(&a.model, &a.input_shapes)?;
+            print!("{}", prunec::ir::dump(&loaded.model));
+            Ok(())
+        }
+        Some(Command::Passes) => {
+            for r in prunec::passes::REGISTRY {
+                println!("{:<12} {}", r.name, r.summary);
+            }
+            Ok(())
+        }
+        None => compile(&cli.compile),
+    }
+}
+
+/// Reads a model, with shape inference at the given input shapes.
+pub(crate) fn load(path: &Path, input_shapes: &[String]) -> Result<Loaded> {
+    let mut loaded = read_model(path, &ReadOptions { infer_shapes: input_shapes.is_empty() }).with_context(|| format!("reading `{}`", path.display()))?;
+    if !input_shapes.is_empty() {
+        let graph = &loaded.model.graph;
+        let names: Vec<String> = graph.inputs.iter().filter(|&&v| graph.value(v).initializer().is_none()).map(|&v| graph.value(v).name.clone()).collect();
+        let shapes = args::input_shapes(input_shapes, &names)?;
+        loaded.infer_shapes(&shapes);
+    }
+    Ok(loaded)
+}
+
+fn compile(a: &CompileArgs) -> Result<()> {
+    let (Some(model_path), Some(output)) = (&a.model, &a.output) else {
+        unreachable!("clap requires MODEL and --output without a subcommand");
+    };
+    // Parse the pipeline before reading: a typo should not cost a model load.
+    let passes = prunec::passes::parse_pipeline(&a.passes)?;
+    let mut loaded = load(model_path, &[])?;
+    let before = model_stats(&loaded.model);
+    let runs = prunec::passes::run_pipeline(&mut loaded.model, &passes).with_context(|| format!("optimising `{}`", model_path.display()))?;
+    let after = model_stats(&loaded.model);
+    let written = write_model(&loaded.model, output, &WriteOptions { external_data: a.external_data }).with_context(|| format!("writing `{}`", output.display()))?;
+    for run in &runs {
+        eprintln!(
+            "pass {:<12} removed {} ops, {} values in {:.1} ms",
+            run.name,
+            run.report.ops_removed,
+            run.report.values_removed,
+            run.elapsed.as_secs_f64() * 1e3
+        );
+    }
+    let data = written.data.as_ref().map(|d| format!(" + {} ({} bytes)", d.display(), written.data_bytes)).unwrap_or_default();
+    eprintln!(
+        "wrote {} ({} bytes){data}: {} ops, {} parameters (was {} ops, {} parameters)",
+        written.model.display(),
+        written.model_bytes,
+        after.op_histogram.values().sum::<u64>(),
+        after.parameters,
+        before.op_histogram.values().sum::<u64>(),
+        before.parameters
+    );
+    Ok(())
+}
