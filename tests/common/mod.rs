@@ -1,0 +1,206 @@
+//! Shared test support: where the test models are, how to feed them, how to call prunec and the
+//! external validators.
+#![allow(dead_code)]
+
+use prunec::backends::tract::{Feed, TractTensor, load_npz, random_feed};
+use prunec::ir::Model;
+use serde_json::{Value as Json, json};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shared models and data: `$PRUNEC_SHARED`, else `../shared` beside the checkout.
+pub fn shared() -> PathBuf {
+    let dir = std::env::var_os("PRUNEC_SHARED").map(PathBuf::from).unwrap_or_else(|| root().join("../shared"));
+    assert!(dir.join("models").is_dir(), "shared models not found at {} (set PRUNEC_SHARED)", dir.display());
+    dir
+}
+
+/// The Python with onnx and onnxruntime: `$PRUNEC_PYTHON`, else `.venv/bin/python` (made by
+/// `cargo xtask setup`).
+pub fn python() -> PathBuf {
+    let py = std::env::var_os("PRUNEC_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"));
+    assert!(py.exists(), "no Python validator at {} (run `cargo xtask setup` or set PRUNEC_PYTHON)", py.display());
+    py
+}
+
+/// The prunec binary under test.
+pub fn prunec() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_prunec"))
+}
+
+/// One input tensor of a feed: a constant or seeded random values.
+#[derive(Clone, Debug)]
+pub struct Input {
+    pub name: &'static str,
+    pub dtype: &'static str,
+    pub shape: Vec<u64>,
+    /// `None` for random values.
+    pub fill: Option<f64>,
+}
+
+/// Where a test model's inputs come from.
+#[derive(Clone, Debug)]
+pub enum FeedSpec {
+    /// Arrays of an `.npz` file (extra keys, such as labels, are ignored).
+    Npz(PathBuf),
+    /// Listed tensors; inputs not listed get random values of their recorded shape.
+    Tensors(Vec<Input>),
+}
+
+/// A model every test suite runs over.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub name: String,
+    pub path: PathBuf,
+    pub feed: FeedSpec,
+    /// Why tract cannot run this model, if it cannot (checked: tract must fail on it).
+    pub tract_unsupported: Option<&'static str>,
+}
+
+fn input(name: &'static str, dtype: &'static str, shape: &[u64], fill: Option<f64>) -> Input {
+    Input { name, dtype, shape: shape.to_vec(), fill }
+}
+
+/// Every model of `testdata/models` and `../shared/models`.
+pub fn all_cases() -> Vec<Case> {
+    let mut cases = testdata_cases();
+    cases.extend(shared_cases());
+    cases
+}
+
+/// The synthetic models of `testdata/models`.
+pub fn testdata_cases() -> Vec<Case> {
+    let dir = root().join("testdata/models");
+    let case = |name: &str, file: &str, feed: Vec<Input>, unsupported: Option<&'static str>| Case {
+        name: name.to_string(),
+        path: dir.join(file),
+        feed: FeedSpec::Tensors(feed),
+        tract_unsupported: unsupported,
+    };
+    vec![
+        case("attention", "attention.onnx", vec![], None),
+        case("concat_split", "concat_split.onnx", vec![], None),
+        case("conv_residual", "conv_residual.onnx", vec![], None),
+        case("dead_code", "dead_code.onnx", vec![], None),
+        case("depthwise", "depthwise.onnx", vec![], None),
+        case("exotic", "exotic.onnx", vec![input("x", "float32", &[2, 4], None)], Some("tract has no Sequence ops and does not expand model-local functions")),
+        case("external_data", "external_data/model.onnx", vec![], None),
+        case("if_subgraph_then", "if_subgraph.onnx", vec![input("cond", "bool", &[], Some(1.0))], None),
+        case("if_subgraph_else", "if_subgraph.onnx", vec![input("cond", "bool", &[], Some(0.0))], None),
+    ]
+}
+
+/// The real and zoo models of `../shared/models`, with real or suitable inputs.
+pub fn shared_cases() -> Vec<Case> {
+    let shared = shared();
+    let models = shared.join("models");
+    let mut cases = Vec::new();
+    for name in ["mobilenet_v2", "mobilenet_v3_small", "resnet18", "shufflenet_v2_x0_5", "tiny_bert", "tiny_flux", "tiny_qwenimage", "tiny_sd3", "tiny_vit"] {
+        cases.push(Case {
+            name: name.to_string(),
+            path: models.join(format!("zoo/{name}.onnx")),
+            feed: FeedSpec::Npz(models.join(format!("zoo/{name}.inputs.npz"))),
+            tract_unsupported: None,
+        });
+    }
+    let real = |name: &str, file: &str, feed: Vec<Input>| Case {
+        name: name.to_string(),
+        path: models.join("real").join(file),
+        feed: FeedSpec::Tensors(feed),
+        tract_unsupported: None,
+    };
+    cases.push(real("ppocr_det", "rapidocr/ch_PP-OCRv4_det_infer.onnx", vec![input("x", "float32", &[1, 3, 64, 64], None)]));
+    cases.push(real("ppocr_rec", "rapidocr/ch_PP-OCRv4_rec_infer.onnx", vec![input("x", "float32", &[1, 3, 48, 96], None)]));
+    cases.push(real("ppocr_cls", "rapidocr/ch_ppocr_mobile_v2.0_cls_infer.onnx", vec![input("x", "float32", &[1, 3, 48, 192], None)]));
+    cases.push(Case {
+        name: "magika".into(),
+        path: models.join("real/magika/model.onnx"),
+        feed: FeedSpec::Tensors(vec![input("bytes", "int32", &[2, 2048], Some(7.0))]),
+        tract_unsupported: None,
+    });
+    cases.push(Case {
+        tract_unsupported: Some("tract's If requires both branches to have the same output facts; silero's 8 kHz and 16 kHz branches differ in rank"),
+        ..real(
+            "silero_vad_op15",
+            "silero/silero_vad_16k_op15.onnx",
+            vec![input("input", "float32", &[1, 512], None), input("state", "float32", &[2, 1, 128], Some(0.0)), input("sr", "int64", &[], Some(16000.0))],
+        )
+    });
+    cases.push(real(
+        "silero_vad_sequence",
+        "silero/silero_vad_16k_sequence.onnx",
+        vec![input("input", "float32", &[2, 576], None), input("h", "float32", &[1, 1, 128], Some(0.0)), input("c", "float32", &[1, 1, 128], Some(0.0))],
+    ));
+    cases
+}
+
+/// Builds the tract feed of a case for `model`.
+pub fn feed(case: &Case, model: &Model) -> Feed {
+    match &case.feed {
+        FeedSpec::Npz(path) => load_npz(path, model).expect("reading npz inputs"),
+        FeedSpec::Tensors(inputs) => {
+            let mut given = Feed::default();
+            let mut shapes = BTreeMap::new();
+            for i in inputs {
+                match i.fill {
+                    Some(v) => {
+                        given.0.insert(i.name.to_string(), constant(i, v));
+                    }
+                    None => {
+                        shapes.insert(i.name.to_string(), i.shape.clone());
+                    }
+                }
+            }
+            random_feed(model, given, &shapes, 7).expect("random inputs")
+        }
+    }
+}
+
+fn constant(i: &Input, v: f64) -> TractTensor {
+    let shape: Vec<usize> = i.shape.iter().map(|&d| d as usize).collect();
+    let n: usize = shape.iter().product();
+    match i.dtype {
+        "float32" => TractTensor::from_shape(&shape, &vec![v as f32; n]),
+        "int64" => TractTensor::from_shape(&shape, &vec![v as i64; n]),
+        "int32" => TractTensor::from_shape(&shape, &vec![v as i32; n]),
+        "bool" => TractTensor::from_shape(&shape, &vec![v != 0.0; n]),
+        other => panic!("test input type {other} not handled"),
+    }
+    .expect("tensor of the declared shape")
+}
+
+/// The feed of a case in the validator's JSON form.
+pub fn feed_json(case: &Case) -> Json {
+    match &case.feed {
+        FeedSpec::Npz(path) => json!({ "npz": path }),
+        FeedSpec::Tensors(inputs) => json!({
+            "tensors": inputs.iter().map(|i| json!({
+                "name": i.name, "dtype": i.dtype, "shape": i.shape,
+                "fill": i.fill.map_or(json!("random"), |v| json!(v)),
+            })).collect::<Vec<_>>()
+        }),
+    }
+}
+
+/// Runs `tests/validate/validate.py` over a manifest of cases; panics with its report on failure.
+pub fn validate_with_python(cases: &[Json], scratch: &Path) {
+    let manifest = scratch.join("manifest.json");
+    std::fs::write(&manifest, serde_json::to_string_pretty(&cases).expect("json")).expect("writing manifest");
+    let out = Command::new(python()).arg(root().join("tests/validate/validate.py")).arg(&manifest).output().expect("running python");
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{report}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "external validation failed:\n{report}{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `prunec inspect --json` of a model.
+pub fn inspect_json(path: &Path) -> Json {
+    let out = prunec().arg("inspect").arg("--json").arg(path).output().expect("running prunec");
+    assert!(out.status.success(), "inspect {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("inspect prints JSON")
+}
