@@ -1,10 +1,13 @@
 //! Developer tasks for prunec: `cargo xtask <task>`.
 //!
+//! - `setup`: create `.venv` with the Python validators the tests use (onnx, onnxruntime).
 //! - `codegen`: regenerate the committed ONNX protobuf bindings from `ir/proto/onnx.proto`.
 //! - `testdata`: regenerate the synthetic test models under `testdata/models/`.
 //! - `bench`: measure the figures recorded in BENCHMARKS.md.
 
+mod bench;
 mod codegen;
+mod setup;
 mod testdata;
 
 use anyhow::{Context, Result, bail};
@@ -13,12 +16,14 @@ use std::path::{Path, PathBuf};
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(task) = args.first() else {
-        bail!("usage: cargo xtask <codegen|testdata|bench> [args]");
+        bail!("usage: cargo xtask <setup|codegen|testdata|bench> [args]");
     };
     match task.as_str() {
         "codegen" => codegen::run(&project_root()),
         "testdata" => testdata::run(&project_root()),
-        other => bail!("unknown task `{other}`; expected codegen, testdata or bench"),
+        "setup" => setup::run(&project_root()),
+        "bench" => bench::run(&project_root(), &args[1..]),
+        other => bail!("unknown task `{other}`; expected setup, codegen, testdata or bench"),
     }
     .with_context(|| format!("xtask {task}"))
 }
