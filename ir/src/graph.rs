@@ -170,9 +170,16 @@ impl Value {
     /// A value with nothing known about it yet.
     pub fn new(name: impl Into<String>, kind: ValueKind) -> Value {
         let mut v = Value { name: name.into(), kind, info: None, dtype: None, shape: None };
-        if let ValueKind::Initializer(t) = &v.kind {
-            v.dtype = Some(t.dtype());
-            v.shape = Some(Shape::known(&t.dims()));
+        match &v.kind {
+            ValueKind::Initializer(t) => {
+                v.dtype = Some(t.dtype());
+                v.shape = Some(Shape::known(&t.dims()));
+            }
+            ValueKind::SparseInitializer(s) => {
+                v.dtype = s.values.as_ref().map(|t| DType(t.data_type()));
+                v.shape = s.dims.iter().map(|&d| u64::try_from(d).ok()).collect::<Option<Vec<_>>>().map(|d| Shape::known(&d));
+            }
+            ValueKind::Input | ValueKind::Produced => {}
         }
         v
     }
