@@ -40,6 +40,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Print the IR text dump (the format of snapshot tests).
     Dump(DumpArgs),
+    /// List the dependency groups: the sets of channels that must be removed together.
+    Groups(GroupsArgs),
     /// List the passes `--passes` accepts.
     Passes,
 }
@@ -61,6 +63,18 @@ pub struct InspectArgs {
 pub struct DumpArgs {
     /// The ONNX model.
     pub model: PathBuf,
+    /// Concrete shape of an input, as for `inspect`.
+    #[arg(long = "input-shape", value_name = "NAME=DIMS")]
+    pub input_shapes: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct GroupsArgs {
+    /// The ONNX model.
+    pub model: PathBuf,
+    /// Print JSON (`{"groups": [{"id", "channels", "prunable", "frozen_reason", "members", ...}]}`).
+    #[arg(long)]
+    pub json: bool,
     /// Concrete shape of an input, as for `inspect`.
     #[arg(long = "input-shape", value_name = "NAME=DIMS")]
     pub input_shapes: Vec<String>,

@@ -1,0 +1,705 @@
+//! Coupling rules: for each op type, which of its tensor axes carry the same channels.
+//!
+//! [`RULES`] is the table, one row per ONNX `op_type` (default domain), sorted by name. A rule
+//! reads the op and states facts through [`RuleCx`]:
+//!
+//! - `couple(a, b)`: axis `a` of one tensor and axis `b` of another carry the same channels,
+//!   one to one, so removing channel `i` from one removes channel `i` from the other;
+//! - `weight(dim, role)`: a constant input's axis is sliced when the channels go: a producer
+//!   (creates the channels: output rows of a Conv/Gemm/MatMul weight, an embedding table's
+//!   columns), a consumer (reads them: input columns) or a parameter (BatchNorm and bias vectors,
+//!   constant operands of elementwise ops);
+//! - `freeze(dim, reason)`: these channels must not change, and why.
+//!
+//! There is no default rule: an op missing from the table freezes every axis it touches, and
+//! so does an op whose attributes or shapes a rule does not handle. Freezing is always safe;
+//! guessing never is.
+
+use crate::graph::Graph;
+use crate::ids::{OpId, ValueId};
+use crate::shape::Dim;
+
+/// A tensor axis: `(value, axis)`.
+pub type DimRef = (ValueId, usize);
+
+/// How a weight axis relates to a group's channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The weight creates the channels (listed as `<node>:out`).
+    Producer,
+    /// The weight reads the channels (listed as `<node>:in`).
+    Consumer,
+    /// A per-channel vector sliced along (bias, BatchNorm statistics, elementwise constant).
+    Param,
+}
+
+/// A fact stated by a rule.
+#[derive(Clone, Debug)]
+pub(crate) enum Fact {
+    Couple(DimRef, DimRef, OpId),
+    Weight { dim: DimRef, role: Role, op: OpId },
+    Freeze { value: ValueId, axis: Option<usize>, reason: String, op: Option<OpId> },
+}
+
+/// What a rule sees of one op, and where it writes its facts.
+pub(crate) struct RuleCx<'a> {
+    pub graph: &'a Graph,
+    pub op: OpId,
+    pub inputs: Vec<Option<ValueId>>,
+    pub outputs: Vec<Option<ValueId>>,
+    pub facts: Vec<Fact>,
+}
+
+impl RuleCx<'_> {
+    fn op_label(&self) -> String {
+        let op = self.graph.op(self.op);
+        format!("{} `{}`", op.op_type, op.name)
+    }
+
+    fn input(&self, slot: usize) -> Option<ValueId> {
+        self.inputs.get(slot).copied().flatten()
+    }
+
+    fn output(&self, slot: usize) -> Option<ValueId> {
+        self.outputs.get(slot).copied().flatten()
+    }
+
+    fn dims(&self, v: ValueId) -> Option<&[Dim]> {
+        self.graph.value(v).shape.as_ref().map(|s| s.0.as_slice())
+    }
+
+    fn rank(&self, v: ValueId) -> Option<usize> {
+        self.dims(v).map(<[Dim]>::len)
+    }
+
+    /// Whether the value is a constant: an initializer or a `Constant` node's output.
+    fn is_const(&self, v: ValueId) -> bool {
+        crate::groups::constant_tensor(self.graph, v).is_some()
+    }
+
+    fn attr_int(&self, name: &str) -> Option<i64> {
+        self.graph.op(self.op).attr_int(name)
+    }
+
+    fn attr_ints(&self, name: &str) -> Option<Vec<i64>> {
+        self.graph.op(self.op).attr_ints(name).map(<[i64]>::to_vec)
+    }
+
+    /// The integer values of a constant input (shapes, axes, pads).
+    fn const_ints(&self, slot: usize) -> Option<Vec<i64>> {
+        crate::groups::constant_tensor(self.graph, self.input(slot)?)?.to_i64_vec()
+    }
+
+    pub(crate) fn couple(&mut self, a: DimRef, b: DimRef) {
+        self.facts.push(Fact::Couple(a, b, self.op));
+    }
+
+    fn weight(&mut self, dim: DimRef, role: Role) {
+        self.facts.push(Fact::Weight { dim, role, op: self.op });
+    }
+
+    fn freeze(&mut self, value: ValueId, axis: Option<usize>, why: &str) {
+        let reason = format!("{} {why}", self.op_label());
+        self.facts.push(Fact::Freeze { value, axis, reason, op: Some(self.op) });
+    }
+
+    /// Freezes every axis of every input, output and captured value of the op.
+    pub(crate) fn freeze_all(&mut self, why: &str) {
+        let values: Vec<ValueId> = self.inputs.iter().chain(&self.outputs).flatten().copied().chain(self.graph.op_captures(self.op)).collect();
+        for v in values {
+            self.freeze(v, None, why);
+        }
+    }
+
+    /// Couples every axis of input `slot` with the same axis of output 0 (ranks must match).
+    fn pass_through(&mut self, slot: usize) -> bool {
+        let (Some(x), Some(y)) = (self.input(slot), self.output(0)) else { return false };
+        match (self.rank(x), self.rank(y)) {
+            (Some(rx), Some(ry)) if rx == ry => {
+                for a in 0..rx {
+                    self.couple((x, a), (y, a));
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A coupling rule.
+pub(crate) type Rule = fn(&mut RuleCx);
+
+/// The table: `(op_type, rule)`, sorted by op type.
+pub(crate) const RULES: &[(&str, Rule)] = &[
+    ("Abs", unary),
+    ("Add", broadcast),
+    ("AveragePool", pool),
+    ("BatchNormalization", batch_norm),
+    ("Cast", unary),
+    ("Ceil", unary),
+    ("Clip", unary),
+    ("Concat", concat),
+    ("Constant", constant),
+    ("Conv", conv),
+    ("ConvTranspose", conv_transpose),
+    ("Cos", unary),
+    ("Div", broadcast),
+    ("Dropout", unary),
+    ("Elu", unary),
+    ("Equal", broadcast),
+    ("Erf", unary),
+    ("Exp", unary),
+    ("Expand", expand),
+    ("Flatten", reshape),
+    ("Floor", unary),
+    ("Gather", gather),
+    ("Gelu", unary),
+    ("Gemm", gemm),
+    ("GlobalAveragePool", pool),
+    ("GlobalMaxPool", pool),
+    ("Greater", broadcast),
+    ("HardSigmoid", unary),
+    ("HardSwish", unary),
+    ("Identity", unary),
+    ("InstanceNormalization", instance_norm),
+    ("IsNaN", unary),
+    ("LayerNormalization", layer_norm),
+    ("LeakyRelu", unary),
+    ("Less", broadcast),
+    ("Log", unary),
+    ("MatMul", matmul),
+    ("Max", broadcast),
+    ("MaxPool", pool),
+    ("Min", broadcast),
+    ("Mish", unary),
+    ("Mul", broadcast),
+    ("Neg", unary),
+    ("Not", unary),
+    ("PRelu", broadcast),
+    ("Pad", pad),
+    ("Pow", broadcast),
+    ("Reciprocal", unary),
+    ("ReduceMax", reduce),
+    ("ReduceMean", reduce),
+    ("ReduceMin", reduce),
+    ("ReduceProd", reduce),
+    ("ReduceSum", reduce),
+    ("Relu", unary),
+    ("Reshape", reshape),
+    ("Resize", resize),
+    ("Round", unary),
+    ("Selu", unary),
+    ("Shape", shape),
+    ("Sigmoid", unary),
+    ("Sign", unary),
+    ("Sin", unary),
+    ("Slice", slice),
+    ("Softmax", softmax),
+    ("Softplus", unary),
+    ("Split", split),
+    ("Sqrt", unary),
+    ("Squeeze", reshape),
+    ("Sub", broadcast),
+    ("Tanh", unary),
+    ("Transpose", transpose),
+    ("Unsqueeze", reshape),
+    ("Upsample", resize),
+    ("Where", broadcast),
+];
+
+/// The rule for an op, if the table has one.
+pub(crate) fn rule_for(domain: &str, op_type: &str) -> Option<Rule> {
+    if !(domain.is_empty() || domain == "ai.onnx") {
+        return None;
+    }
+    RULES.binary_search_by(|(name, _)| name.cmp(&op_type)).ok().map(|i| RULES[i].1)
+}
+
+fn normalize_axis(axis: i64, rank: usize) -> Option<usize> {
+    let a = if axis < 0 { axis + rank as i64 } else { axis };
+    (0..rank as i64).contains(&a).then_some(a as usize)
+}
+
+/// Elementwise on input 0 (other inputs are scalars or options: Clip's bounds, Dropout's ratio).
+fn unary(cx: &mut RuleCx) {
+    if !cx.pass_through(0) {
+        cx.freeze_all("has a tensor of unknown rank");
+    }
+    // Clip's min/max and similar scalar operands carry no channels.
+    for slot in 1..cx.inputs.len() {
+        if let Some(v) = cx.input(slot)
+            && cx.rank(v).unwrap_or(1) > 0
+        {
+            cx.freeze(v, None, "reads it as a non-channel operand");
+        }
+    }
+}
+
+/// Numpy-style broadcasting: an operand axis of the output's size is the output's axis; a
+/// size-1 axis broadcasts and carries nothing. Constant operands are sliced with the channels.
+fn broadcast(cx: &mut RuleCx) {
+    let Some(y) = cx.output(0) else { return };
+    let Some(out_dims) = cx.dims(y).map(<[Dim]>::to_vec) else {
+        return cx.freeze_all("has an output of unknown rank");
+    };
+    for slot in 0..cx.inputs.len() {
+        let Some(x) = cx.input(slot) else { continue };
+        let Some(in_dims) = cx.dims(x).map(<[Dim]>::to_vec) else {
+            return cx.freeze_all("has an operand of unknown rank");
+        };
+        if in_dims.len() > out_dims.len() {
+            return cx.freeze_all("has an operand of higher rank than its output");
+        }
+        let shift = out_dims.len() - in_dims.len();
+        let constant = cx.is_const(x);
+        for (a, d) in in_dims.iter().enumerate() {
+            let out = &out_dims[a + shift];
+            match (d, out) {
+                (Dim::Known(1), Dim::Known(n)) if *n != 1 => {}
+                _ if d == out => {
+                    cx.couple((x, a), (y, a + shift));
+                    if constant {
+                        cx.weight((x, a), Role::Param);
+                    }
+                }
+                _ => {
+                    cx.freeze(x, Some(a), "broadcasts an axis whose size is not known to match");
+                    cx.freeze(y, Some(a + shift), "broadcasts an axis whose size is not known to match");
+                }
+            }
+        }
+    }
+}
+
+fn constant(_cx: &mut RuleCx) {}
+
+/// Conv: `W[M, C/group, k...]`, `B[M]`; `X[N, C, ...]` → `Y[N, M, ...]`.
+fn conv(cx: &mut RuleCx) {
+    let (Some(x), Some(w), Some(y)) = (cx.input(0), cx.input(1), cx.output(0)) else { return cx.freeze_all("has a missing input") };
+    let (Some(wd), Some(xd)) = (cx.dims(w).map(<[Dim]>::to_vec), cx.dims(x).map(<[Dim]>::to_vec)) else {
+        return cx.freeze_all("has a weight or input of unknown shape");
+    };
+    if !cx.is_const(w) || wd.len() < 3 {
+        return cx.freeze_all("has a weight that is not a constant tensor");
+    }
+    let group = cx.attr_int("group").unwrap_or(1);
+    let bias = cx.input(2);
+    cx.couple((x, 0), (y, 0));
+    let (Some(m), Some(c)) = (wd[0].known(), xd.get(1).and_then(Dim::known)) else {
+        return cx.freeze_all("has channel counts that are not known");
+    };
+    if group == 1 {
+        cx.couple((x, 1), (w, 1));
+        cx.weight((w, 1), Role::Consumer);
+    } else if group as u64 == c && m == c {
+        // Depthwise: output channel i reads input channel i only, so both sides are one set.
+        cx.couple((x, 1), (y, 1));
+    } else {
+        cx.freeze(x, Some(1), "is a grouped convolution (groups other than 1 or depthwise are not pruned yet)");
+        cx.freeze(y, Some(1), "is a grouped convolution (groups other than 1 or depthwise are not pruned yet)");
+    }
+    cx.couple((y, 1), (w, 0));
+    cx.weight((w, 0), Role::Producer);
+    if let Some(b) = bias {
+        cx.couple((y, 1), (b, 0));
+        cx.weight((b, 0), Role::Param);
+    }
+}
+
+/// ConvTranspose: `W[C, M/group, k...]`: the roles of the weight's first two axes are swapped.
+fn conv_transpose(cx: &mut RuleCx) {
+    let (Some(x), Some(w), Some(y)) = (cx.input(0), cx.input(1), cx.output(0)) else { return cx.freeze_all("has a missing input") };
+    if !cx.is_const(w) || cx.rank(w).unwrap_or(0) < 3 {
+        return cx.freeze_all("has a weight that is not a constant tensor");
+    }
+    if cx.attr_int("group").unwrap_or(1) != 1 {
+        return cx.freeze_all("is a grouped transposed convolution (not pruned yet)");
+    }
+    cx.couple((x, 0), (y, 0));
+    cx.couple((x, 1), (w, 0));
+    cx.weight((w, 0), Role::Consumer);
+    cx.couple((y, 1), (w, 1));
+    cx.weight((w, 1), Role::Producer);
+    if let Some(b) = cx.input(2) {
+        cx.couple((y, 1), (b, 0));
+        cx.weight((b, 0), Role::Param);
+    }
+}
+
+/// Gemm: `Y[M,N] = A[M,K]·B[K,N] + C` (with `transA`, `transB`); B is the weight when constant.
+fn gemm(cx: &mut RuleCx) {
+    let (Some(a), Some(b), Some(y)) = (cx.input(0), cx.input(1), cx.output(0)) else { return cx.freeze_all("has a missing input") };
+    let trans_a = cx.attr_int("transA").unwrap_or(0) != 0;
+    let trans_b = cx.attr_int("transB").unwrap_or(0) != 0;
+    let (a_m, a_k) = if trans_a { (1, 0) } else { (0, 1) };
+    let (b_k, b_n) = if trans_b { (1, 0) } else { (0, 1) };
+    cx.couple((a, a_m), (y, 0));
+    cx.couple((a, a_k), (b, b_k));
+    cx.couple((b, b_n), (y, 1));
+    if cx.is_const(a) {
+        cx.weight((a, a_k), Role::Consumer);
+    }
+    if cx.is_const(b) {
+        cx.weight((b, b_k), Role::Consumer);
+        cx.weight((b, b_n), Role::Producer);
+    }
+    if cx.inputs.len() > 2 {
+        let mut sub = RuleCx { graph: cx.graph, op: cx.op, inputs: vec![cx.output(0), cx.input(2)], outputs: vec![cx.output(0)], facts: Vec::new() };
+        broadcast(&mut sub);
+        cx.facts.extend(sub.facts);
+    }
+}
+
+/// MatMul with numpy semantics: `[..., M, K]·[..., K, N]`; batch axes broadcast.
+fn matmul(cx: &mut RuleCx) {
+    let (Some(a), Some(b), Some(y)) = (cx.input(0), cx.input(1), cx.output(0)) else { return cx.freeze_all("has a missing input") };
+    let (Some(ra), Some(rb), Some(ry)) = (cx.rank(a), cx.rank(b), cx.rank(y)) else { return cx.freeze_all("has an operand of unknown rank") };
+    if ra < 2 || rb < 2 {
+        return cx.freeze_all("multiplies a vector (rank-1 MatMul is not handled)");
+    }
+    cx.couple((a, ra - 1), (b, rb - 2));
+    cx.couple((a, ra - 2), (y, ry - 2));
+    cx.couple((b, rb - 1), (y, ry - 1));
+    for (v, rv) in [(a, ra), (b, rb)] {
+        if cx.is_const(v) {
+            let (k, n) = if v == a { (ra - 1, ra - 2) } else { (rb - 2, rb - 1) };
+            cx.weight((v, k), Role::Consumer);
+            cx.weight((v, n), Role::Producer);
+        }
+        // Batch axes align from the right; broadcast ones (size 1) carry nothing.
+        for axis in 0..rv - 2 {
+            let out_axis = axis + (ry - rv);
+            let same = cx.dims(v).map(|d| d[axis].clone()) == cx.dims(y).map(|d| d[out_axis].clone());
+            if same && cx.dims(v).map(|d| d[axis] != Dim::Known(1)).unwrap_or(false) {
+                cx.couple((v, axis), (y, out_axis));
+            }
+        }
+    }
+}
+
+/// BatchNormalization: per-channel scale, bias, mean and variance on axis 1.
+fn batch_norm(cx: &mut RuleCx) {
+    if !cx.pass_through(0) {
+        return cx.freeze_all("has an input of unknown rank");
+    }
+    for slot in 1..5 {
+        if let (Some(x), Some(p)) = (cx.input(0), cx.input(slot)) {
+            cx.couple((x, 1), (p, 0));
+            cx.weight((p, 0), Role::Param);
+        }
+    }
+    for slot in 1..cx.outputs.len() {
+        if let Some(o) = cx.output(slot) {
+            cx.freeze(o, None, "has training-mode statistics outputs");
+        }
+    }
+}
+
+/// InstanceNormalization: normalises each channel over space; scale and bias per channel.
+fn instance_norm(cx: &mut RuleCx) {
+    if !cx.pass_through(0) {
+        return cx.freeze_all("has an input of unknown rank");
+    }
+    for slot in 1..3 {
+        if let (Some(x), Some(p)) = (cx.input(0), cx.input(slot)) {
+            cx.couple((x, 1), (p, 0));
+            cx.weight((p, 0), Role::Param);
+        }
+    }
+}
+
+/// LayerNormalization over the last axis only: the normalised axis passes through with its
+/// scale and bias (removing channels changes the statistics, so pruning it is not exact).
+fn layer_norm(cx: &mut RuleCx) {
+    let (Some(x), Some(_)) = (cx.input(0), cx.output(0)) else { return cx.freeze_all("has a missing input") };
+    let Some(rank) = cx.rank(x) else { return cx.freeze_all("has an input of unknown rank") };
+    if normalize_axis(cx.attr_int("axis").unwrap_or(-1), rank) != Some(rank - 1) {
+        return cx.freeze_all("normalises over several axes");
+    }
+    cx.pass_through(0);
+    for slot in 1..3 {
+        if let Some(p) = cx.input(slot) {
+            cx.couple((x, rank - 1), (p, 0));
+            cx.weight((p, 0), Role::Param);
+        }
+    }
+    for slot in 1..cx.outputs.len() {
+        if let Some(o) = cx.output(slot) {
+            cx.freeze(o, None, "has mean/inverse-deviation outputs");
+        }
+    }
+}
+
+/// Pooling keeps batch and channel axes; the spatial axes change size.
+fn pool(cx: &mut RuleCx) {
+    let (Some(x), Some(y)) = (cx.input(0), cx.output(0)) else { return };
+    cx.couple((x, 0), (y, 0));
+    cx.couple((x, 1), (y, 1));
+    for slot in 1..cx.outputs.len() {
+        if let Some(o) = cx.output(slot) {
+            cx.freeze(o, None, "has an indices output");
+        }
+    }
+}
+
+/// Resize/Upsample: axes whose size does not change pass through; scaled axes are frozen.
+fn resize(cx: &mut RuleCx) {
+    let (Some(x), Some(y)) = (cx.input(0), cx.output(0)) else { return };
+    let (Some(xd), Some(yd)) = (cx.dims(x).map(<[Dim]>::to_vec), cx.dims(y).map(<[Dim]>::to_vec)) else {
+        return cx.freeze_all("has shapes that are not known");
+    };
+    for (a, (dx, dy)) in xd.iter().zip(&yd).enumerate() {
+        if a < 2 && (dx == dy || a == 0) {
+            cx.couple((x, a), (y, a));
+        } else if a < 2 {
+            cx.freeze(x, Some(a), "may rescale this axis");
+            cx.freeze(y, Some(a), "may rescale this axis");
+        }
+    }
+    for slot in 1..cx.inputs.len() {
+        if let Some(v) = cx.input(slot) {
+            cx.freeze(v, None, "reads it as scales or sizes");
+        }
+    }
+}
+
+/// Pad: axes with no padding pass through; padded axes are frozen.
+fn pad(cx: &mut RuleCx) {
+    let (Some(x), Some(y)) = (cx.input(0), cx.output(0)) else { return };
+    let Some(rank) = cx.rank(x) else { return cx.freeze_all("has an input of unknown rank") };
+    let pads = cx.attr_ints("pads").or_else(|| cx.const_ints(1));
+    let axes: Vec<usize> = match cx.const_ints(3) {
+        Some(axes) => axes.iter().filter_map(|&a| normalize_axis(a, rank)).collect(),
+        None => (0..rank).collect(),
+    };
+    let Some(pads) = pads.filter(|p| p.len() == 2 * axes.len()) else { return cx.freeze_all("has pads that are not constant") };
+    for a in 0..rank {
+        let padded = axes.iter().position(|&x| x == a).map(|i| pads[i] != 0 || pads[i + axes.len()] != 0).unwrap_or(false);
+        if padded {
+            cx.freeze(x, Some(a), "pads this axis");
+            cx.freeze(y, Some(a), "pads this axis");
+        } else {
+            cx.couple((x, a), (y, a));
+        }
+    }
+    for slot in 1..cx.inputs.len() {
+        if let Some(v) = cx.input(slot) {
+            cx.freeze(v, None, "reads it as pads");
+        }
+    }
+}
+
+/// Concat: axes other than the concatenation axis pass through from every input; the
+/// concatenation axis is frozen (offset mapping across inputs is not built yet).
+fn concat(cx: &mut RuleCx) {
+    let Some(y) = cx.output(0) else { return };
+    let Some(rank) = cx.rank(y) else { return cx.freeze_all("has an output of unknown rank") };
+    let Some(axis) = cx.attr_int("axis").and_then(|a| normalize_axis(a, rank)) else { return cx.freeze_all("has an invalid axis") };
+    let inputs: Vec<ValueId> = cx.inputs.iter().flatten().copied().collect();
+    for x in inputs {
+        for a in (0..rank).filter(|&a| a != axis) {
+            cx.couple((x, a), (y, a));
+        }
+        cx.freeze(x, Some(axis), "concatenates along this axis (offset mapping not built yet)");
+    }
+    cx.freeze(y, Some(axis), "concatenates along this axis (offset mapping not built yet)");
+}
+
+/// Split: axes other than the split axis pass through to every output; the split axis freezes.
+fn split(cx: &mut RuleCx) {
+    let Some(x) = cx.input(0) else { return };
+    let Some(rank) = cx.rank(x) else { return cx.freeze_all("has an input of unknown rank") };
+    let Some(axis) = normalize_axis(cx.attr_int("axis").unwrap_or(0), rank) else { return cx.freeze_all("has an invalid axis") };
+    let outputs: Vec<ValueId> = cx.outputs.iter().flatten().copied().collect();
+    for y in outputs {
+        for a in (0..rank).filter(|&a| a != axis) {
+            cx.couple((x, a), (y, a));
+        }
+        cx.freeze(y, Some(axis), "splits along this axis (offset mapping not built yet)");
+    }
+    cx.freeze(x, Some(axis), "splits along this axis (offset mapping not built yet)");
+    if let Some(sizes) = cx.input(1) {
+        cx.freeze(sizes, None, "reads it as split sizes");
+    }
+}
+
+/// Slice: axes not sliced pass through; sliced axes are frozen.
+fn slice(cx: &mut RuleCx) {
+    let (Some(x), Some(y)) = (cx.input(0), cx.output(0)) else { return };
+    let Some(rank) = cx.rank(x) else { return cx.freeze_all("has an input of unknown rank") };
+    let axes: Option<Vec<usize>> = match cx.input(3) {
+        Some(_) => cx.const_ints(3).map(|a| a.iter().filter_map(|&a| normalize_axis(a, rank)).collect()),
+        None => cx.const_ints(1).map(|starts| (0..starts.len()).collect()),
+    };
+    let Some(axes) = axes else { return cx.freeze_all("slices axes that are not constant") };
+    for a in 0..rank {
+        if axes.contains(&a) {
+            cx.freeze(x, Some(a), "slices this axis");
+            cx.freeze(y, Some(a), "slices this axis");
+        } else {
+            cx.couple((x, a), (y, a));
+        }
+    }
+    for slot in 1..cx.inputs.len() {
+        if let Some(v) = cx.input(slot) {
+            cx.freeze(v, None, "reads it as slice bounds");
+        }
+    }
+}
+
+/// Gather: data axes other than `axis` pass through; an embedding table's columns are
+/// produced channels.
+fn gather(cx: &mut RuleCx) {
+    let (Some(data), Some(indices), Some(y)) = (cx.input(0), cx.input(1), cx.output(0)) else { return };
+    let (Some(rd), Some(ri)) = (cx.rank(data), cx.rank(indices)) else { return cx.freeze_all("has an operand of unknown rank") };
+    let Some(axis) = normalize_axis(cx.attr_int("axis").unwrap_or(0), rd) else { return cx.freeze_all("has an invalid axis") };
+    cx.freeze(data, Some(axis), "gathers along this axis");
+    cx.freeze(indices, None, "reads it as indices");
+    for a in (0..rd).filter(|&a| a != axis) {
+        let out_axis = if a < axis { a } else { a - 1 + ri };
+        cx.couple((data, a), (y, out_axis));
+        if cx.is_const(data) && rd == 2 && a == 1 {
+            cx.weight((data, a), Role::Producer);
+        }
+    }
+}
+
+/// Transpose: output axis `i` is input axis `perm[i]`.
+fn transpose(cx: &mut RuleCx) {
+    let (Some(x), Some(y)) = (cx.input(0), cx.output(0)) else { return };
+    let Some(rank) = cx.rank(x) else { return cx.freeze_all("has an input of unknown rank") };
+    let perm = cx.attr_ints("perm").unwrap_or_else(|| (0..rank as i64).rev().collect());
+    if perm.len() != rank {
+        return cx.freeze_all("has a perm that does not match its input's rank");
+    }
+    for (i, &p) in perm.iter().enumerate() {
+        match normalize_axis(p, rank) {
+            Some(p) => cx.couple((x, p), (y, i)),
+            None => return cx.freeze_all("has an invalid perm"),
+        }
+    }
+}
+
+/// Softmax: the normalised axis is consumed non-linearly; the others pass through.
+fn softmax(cx: &mut RuleCx) {
+    let (Some(x), Some(y)) = (cx.input(0), cx.output(0)) else { return };
+    let Some(rank) = cx.rank(x) else { return cx.freeze_all("has an input of unknown rank") };
+    let Some(axis) = normalize_axis(cx.attr_int("axis").unwrap_or(-1), rank) else { return cx.freeze_all("has an invalid axis") };
+    for a in 0..rank {
+        if a == axis {
+            cx.freeze(x, Some(a), "normalises over this axis");
+            cx.freeze(y, Some(a), "normalises over this axis");
+        } else {
+            cx.couple((x, a), (y, a));
+        }
+    }
+}
+
+/// Reductions: reduced axes are frozen; the others pass through (kept or dropped per
+/// `keepdims`).
+fn reduce(cx: &mut RuleCx) {
+    let (Some(x), Some(y)) = (cx.input(0), cx.output(0)) else { return };
+    let Some(rank) = cx.rank(x) else { return cx.freeze_all("has an input of unknown rank") };
+    let axes = match cx.attr_ints("axes").or_else(|| cx.const_ints(1)) {
+        Some(axes) => axes.iter().map(|&a| normalize_axis(a, rank)).collect::<Option<Vec<_>>>(),
+        None if cx.attr_int("noop_with_empty_axes").unwrap_or(0) == 0 => Some((0..rank).collect()),
+        None => Some(Vec::new()),
+    };
+    let Some(axes) = axes else { return cx.freeze_all("has an invalid axis") };
+    let keep = cx.attr_int("keepdims").unwrap_or(1) != 0;
+    let mut out_axis = 0;
+    for a in 0..rank {
+        if axes.contains(&a) {
+            cx.freeze(x, Some(a), "reduces over this axis");
+            if keep {
+                out_axis += 1;
+            }
+        } else {
+            cx.couple((x, a), (y, out_axis));
+            out_axis += 1;
+        }
+    }
+    if let Some(v) = cx.input(1) {
+        cx.freeze(v, None, "reads it as axes");
+    }
+}
+
+/// Shape: the sizes it reads must not change, on the axes it reads.
+fn shape(cx: &mut RuleCx) {
+    let Some(x) = cx.input(0) else { return };
+    cx.freeze(x, None, "reads this tensor's sizes");
+}
+
+/// Expand: like broadcasting of the input to the output.
+fn expand(cx: &mut RuleCx) {
+    let (Some(x), Some(y)) = (cx.input(0), cx.output(0)) else { return };
+    let mut sub = RuleCx { graph: cx.graph, op: cx.op, inputs: vec![Some(x)], outputs: vec![Some(y)], facts: Vec::new() };
+    broadcast(&mut sub);
+    cx.facts.extend(sub.facts);
+    if let Some(s) = cx.input(1) {
+        cx.freeze(s, None, "reads it as a shape");
+    }
+}
+
+/// Reshape, Flatten, Squeeze, Unsqueeze: an axis passes through when it survives alone (only
+/// size-1 axes are added or removed around it); axes merged or split are frozen.
+fn reshape(cx: &mut RuleCx) {
+    let (Some(x), Some(y)) = (cx.input(0), cx.output(0)) else { return };
+    for slot in 1..cx.inputs.len() {
+        if let Some(v) = cx.input(slot) {
+            cx.freeze(v, None, "reads it as a shape or axes");
+        }
+    }
+    let (Some(xd), Some(yd)) = (cx.dims(x).map(<[Dim]>::to_vec), cx.dims(y).map(<[Dim]>::to_vec)) else {
+        return cx.freeze_all("has shapes that are not known");
+    };
+    let (Some(xs), Some(ys)) = (concrete(&xd), concrete(&yd)) else {
+        return cx.freeze_all("has symbolic shapes (axis correspondence unknown)");
+    };
+    let Some(runs) = matching_runs(&xs, &ys) else { return cx.freeze_all("has input and output element counts that differ") };
+    for (run_x, run_y) in runs {
+        if let ([a], [b]) = (run_x.as_slice(), run_y.as_slice()) {
+            cx.couple((x, *a), (y, *b));
+        } else {
+            for a in run_x {
+                cx.freeze(x, Some(a), "merges or splits this axis");
+            }
+            for b in run_y {
+                cx.freeze(y, Some(b), "merges or splits this axis");
+            }
+        }
+    }
+}
+
+fn concrete(dims: &[Dim]) -> Option<Vec<u64>> {
+    dims.iter().map(Dim::known).collect()
+}
+
+/// Pairs the axes of two shapes into the shortest runs with equal size products, left to right,
+/// leaving out size-1 axes (they carry no channels). `None` if the element counts differ.
+fn matching_runs(xs: &[u64], ys: &[u64]) -> Option<Vec<(Vec<usize>, Vec<usize>)>> {
+    let nx: Vec<usize> = (0..xs.len()).filter(|&a| xs[a] != 1).collect();
+    let ny: Vec<usize> = (0..ys.len()).filter(|&a| ys[a] != 1).collect();
+    let (mut i, mut j) = (0, 0);
+    let mut runs = Vec::new();
+    while i < nx.len() && j < ny.len() {
+        let (mut rx, mut ry) = (vec![nx[i]], vec![ny[j]]);
+        let (mut px, mut py) = (xs[nx[i]] as u128, ys[ny[j]] as u128);
+        i += 1;
+        j += 1;
+        while px != py {
+            if px < py {
+                px = px.checked_mul(xs[*nx.get(i)?] as u128)?;
+                rx.push(nx[i]);
+                i += 1;
+            } else {
+                py = py.checked_mul(ys[*ny.get(j)?] as u128)?;
+                ry.push(ny[j]);
+                j += 1;
+            }
+        }
+        runs.push((rx, ry));
+    }
+    (i == nx.len() && j == ny.len()).then_some(runs)
+}
