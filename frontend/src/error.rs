@@ -7,7 +7,8 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     /// The file could not be opened or mapped.
-    #[error("cannot read `{}`: {source}", path.display())]
+    // The source is not repeated in the message: `{:#}` and other chain printers append it.
+    #[error("cannot read `{}`", path.display())]
     Io {
         /// The file.
         path: PathBuf,
@@ -17,8 +18,11 @@ pub enum ReadError {
     /// The path is a folder or a device.
     #[error("`{}` is not a regular file", .0.display())]
     NotAFile(PathBuf),
+    /// The file has no bytes at all (an empty protobuf would decode as a model with no graph).
+    #[error("`{}` is empty, not an ONNX model", .0.display())]
+    Empty(PathBuf),
     /// The bytes are not an ONNX protobuf (truncated, wrong wire types, too deeply nested).
-    #[error("`{}` is not a valid ONNX protobuf: {source}", path.display())]
+    #[error("`{}` is not a valid ONNX protobuf", path.display())]
     Decode {
         /// The file.
         path: PathBuf,

@@ -44,7 +44,10 @@ impl ExternalData {
         let location = location.filter(|l| !l.is_empty()).ok_or_else(|| err("has no `location`".into()))?;
         let path = self.resolve(location).map_err(err)?;
         if !self.files.contains_key(&path) {
-            let bytes = crate::map_file(&path).map_err(|e| err(format!("file `{location}` cannot be read: {e}")))?;
+            let bytes = crate::map_file(&path).map_err(|e| match e {
+                ReadError::Io { source, .. } => err(format!("file `{location}` cannot be read: {source}")),
+                e => err(format!("file `{location}` cannot be read: {e}")),
+            })?;
             self.files.insert(path.clone(), bytes);
         }
         let file = &self.files[&path];

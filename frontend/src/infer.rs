@@ -7,8 +7,10 @@
 
 use prost::Message;
 use prunec_ir::{DType, Dim, Model, Shape};
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Once;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::{Factoid, GenericFactoid, InferenceModelExt, ShapeFactoid};
 
@@ -39,7 +41,7 @@ pub(crate) fn infer_shapes(model: &mut Model, bytes: &[u8], dir: &Path, input_sh
         }
     }
     // tract is third-party code fed arbitrary models; a panic there must not take prunec down.
-    let analysed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| analyse(bytes, dir, input_shapes)));
+    let analysed = catch_quietly(|| analyse(bytes, dir, input_shapes));
     let mut report = InferenceReport { ran: true, ..Default::default() };
     let facts = match analysed {
         Ok(Ok((facts, problem))) => {
@@ -50,8 +52,8 @@ pub(crate) fn infer_shapes(model: &mut Model, bytes: &[u8], dir: &Path, input_sh
             report.problem = Some(format!("{e:#}"));
             BTreeMap::new()
         }
-        Err(_) => {
-            report.problem = Some("tract panicked while analysing the model".into());
+        Err(message) => {
+            report.problem = Some(format!("tract panicked while analysing the model: {message}"));
             BTreeMap::new()
         }
     };
@@ -72,10 +74,37 @@ pub(crate) fn infer_shapes(model: &mut Model, bytes: &[u8], dir: &Path, input_sh
     report
 }
 
+thread_local! {
+    /// Whether this thread is inside [`catch_quietly`].
+    static CATCHING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic into its message. The panic is not printed: the default hook would
+/// write `thread 'main' panicked at ...` (and a backtrace) for a failure prunec handles. Panics
+/// elsewhere still reach the previous hook.
+fn catch_quietly<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CATCHING.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was_catching = CATCHING.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCHING.with(|c| c.set(was_catching));
+    result.map_err(|payload| {
+        payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_else(|| "no message".into())
+    })
+}
+
 type Facts = BTreeMap<String, (Option<DType>, Option<Shape>)>;
 
 fn analyse(bytes: &[u8], dir: &Path, input_shapes: &BTreeMap<String, Vec<u64>>) -> TractResult<(Facts, Option<String>)> {
-    let pb = tract_onnx::pb::ModelProto::decode(bytes)?;
+    let mut pb = tract_onnx::pb::ModelProto::decode(bytes)?;
+    name_anonymous_input_dims(&mut pb);
     let onnx = tract_onnx::onnx();
     let parsed = onnx.parse(&pb, dir.to_str())?;
     let mut model = parsed.model;
@@ -130,6 +159,29 @@ fn merge(recorded: Option<&Shape>, inferred: &Shape) -> Shape {
         // A rank that disagrees with the record is tract's mistake or the model's; trust the record.
         Some(r) => r.clone(),
         None => inferred.clone(),
+    }
+}
+
+/// Gives each graph-input dim with neither a size nor a name (`?`, or `-1` as some exporters
+/// write) a symbol of its own, so inference carries it as an expression instead of giving up.
+fn name_anonymous_input_dims(pb: &mut tract_onnx::pb::ModelProto) {
+    use tract_onnx::pb::tensor_shape_proto::dimension::Value as D;
+    use tract_onnx::pb::type_proto::Value as T;
+    let Some(graph) = pb.graph.as_mut() else { return };
+    for input in &mut graph.input {
+        let name = input.name.clone();
+        let Some(T::TensorType(t)) = input.r#type.as_mut().and_then(|t| t.value.as_mut()) else { continue };
+        let Some(shape) = t.shape.as_mut() else { continue };
+        for (axis, dim) in shape.dim.iter_mut().enumerate() {
+            let anonymous = match &dim.value {
+                None => true,
+                Some(D::DimValue(v)) => *v < 0,
+                Some(D::DimParam(p)) => p.is_empty() || p == "?",
+            };
+            if anonymous {
+                dim.value = Some(D::DimParam(format!("{name}_dim{axis}")));
+            }
+        }
     }
 }
 

@@ -56,6 +56,9 @@ impl Loaded {
 /// Reads an ONNX model file.
 pub fn read_model(path: &Path, options: &ReadOptions) -> Result<Loaded, ReadError> {
     let bytes = map_file(path)?;
+    if bytes.is_empty() {
+        return Err(ReadError::Empty(path.to_path_buf()));
+    }
     decode(bytes, &model_dir(path), path, options)
 }
 

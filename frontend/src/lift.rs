@@ -3,6 +3,7 @@
 use crate::ReadError;
 use crate::external::ExternalData;
 use prunec_ir::{Attribute, Graph, IrError, Model, NodeMeta, Op, Value, ValueKind, captured_names, proto};
+use std::collections::HashMap;
 use std::path::Path;
 
 /// Moves the main graph of `proto` into a [`Graph`], keeping every other field in the shells.
@@ -45,12 +46,21 @@ fn lift_graph(g: proto::GraphProto, externals: &mut ExternalData) -> Result<Grap
     // Outputs first, inputs second: a node may read a value that a later node produces (the
     // order is checked by `topo_order`, not by position).
     let mut pending = Vec::with_capacity(node.len());
+    let mut producers = HashMap::new();
     for (seq, n) in node.into_iter().enumerate() {
         let proto::NodeProto { input, output, name, op_type, domain, overload, attribute, doc_string, metadata_props, device_configurations } = n;
+        let node_name = name.clone().unwrap_or_default();
         let outputs = output
             .iter()
-            .map(|o| if o.is_empty() { Ok(None) } else { graph.add_value(Value::new(o.clone(), ValueKind::Produced)).map(Some) })
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|o| {
+                if o.is_empty() {
+                    return Ok(None);
+                }
+                let id = graph.add_value(Value::new(o.clone(), ValueKind::Produced)).map_err(|e| name_producers(e, &producers, &node_name))?;
+                producers.insert(o.clone(), node_name.clone());
+                Ok(Some(id))
+            })
+            .collect::<Result<Vec<_>, IrError>>()?;
         let attributes = attribute.into_iter().map(|a| lift_attribute(a, externals)).collect::<Result<Vec<_>, _>>()?;
         let op = Op {
             meta: NodeMeta {
@@ -119,6 +129,18 @@ fn lift_graph(g: proto::GraphProto, externals: &mut ExternalData) -> Result<Grap
     }
     graph.topo_order()?;
     Ok(graph)
+}
+
+/// Node outputs are added before any node is, so the IR can only call a second definition "node
+/// output"; name the nodes that produce the value instead.
+fn name_producers(e: IrError, producers: &HashMap<String, String>, node: &str) -> IrError {
+    match e {
+        IrError::DuplicateValue { name, first, .. } => {
+            let first = producers.get(&name).map_or(first, |p| format!("output of node `{p}`"));
+            IrError::DuplicateValue { name, first, second: format!("output of node `{node}`") }
+        }
+        e => e,
+    }
 }
 
 fn lift_attribute(mut a: proto::AttributeProto, externals: &mut ExternalData) -> Result<Attribute, ReadError> {

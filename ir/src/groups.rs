@@ -55,6 +55,34 @@ pub struct WeightSlice {
     pub axis: usize,
     /// How the weight relates to the channels.
     pub role: Role,
+    /// Indices of the axis per channel: 1, or a block size (`C·H·W` flattening, head width).
+    pub width: usize,
+}
+
+/// The text listing of `prunec groups`: one header line per group, one line per weight slice.
+/// Stable, like the IR dump: snapshot tests compare it.
+impl std::fmt::Display for Groups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let prunable = self.groups.iter().filter(|g| g.prunable).count();
+        writeln!(f, "{} groups, {prunable} prunable", self.groups.len())?;
+        for g in &self.groups {
+            let channels = g.channels.map_or("?".to_string(), |c| c.to_string());
+            match (&g.frozen_reason, g.prunable) {
+                (_, true) => writeln!(f, "group {} channels={channels} prunable", g.id)?,
+                (reason, false) => writeln!(f, "group {} channels={channels} frozen: {}", g.id, reason.as_deref().unwrap_or(""))?,
+            }
+            for w in &g.weights {
+                let role = match w.role {
+                    Role::Producer => "producer",
+                    Role::Consumer => "consumer",
+                    Role::Param => "param",
+                };
+                let width = if w.width > 1 { format!(" x{}", w.width) } else { String::new() };
+                writeln!(f, "    {role:<8} {} axis {}{width} ({})", w.weight, w.axis, w.node)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The constant tensor behind a value: an initializer or a `Constant` node's `value`, possibly
@@ -80,21 +108,41 @@ fn is_constant_source(graph: &Graph, op: crate::ids::OpId) -> bool {
     graph.op_outputs(op).into_iter().flatten().all(|v| constant_tensor(graph, v).is_some())
 }
 
+/// Axes larger than this are kept as one opaque element: they are sequence or spatial axes, and
+/// tracking them channel by channel would cost memory for nothing.
+const MAX_TRACKED: u64 = 1 << 16;
+
+/// One tensor axis as a run of elements of the union-find.
+#[derive(Clone, Debug)]
+struct DimInfo {
+    first: usize,
+    len: usize,
+    /// Size not known (or too large): the axis is one element, and only whole-axis couplings apply.
+    opaque: bool,
+    size: Dim,
+}
+
 /// Dimension numbering: one per axis of a computed value, one per axis and use of a constant.
 #[derive(Default)]
 struct Dims {
     index: HashMap<(ValueId, usize, Option<crate::ids::OpId>), usize>,
-    sizes: Vec<Dim>,
+    infos: Vec<DimInfo>,
+    elements: usize,
 }
 
 impl Dims {
     fn get(&mut self, graph: &Graph, (v, axis): DimRef, op: Option<crate::ids::OpId>) -> Option<usize> {
         let size = graph.value(v).shape.as_ref()?.0.get(axis)?.clone();
         let user = if constant_tensor(graph, v).is_some() { op } else { None };
-        let next = self.sizes.len();
+        let next = self.infos.len();
         let id = *self.index.entry((v, axis, user)).or_insert(next);
         if id == next {
-            self.sizes.push(size);
+            let (len, opaque) = match size {
+                Dim::Known(n) if n > 0 && n <= MAX_TRACKED => (n as usize, false),
+                _ => (1, true),
+            };
+            self.infos.push(DimInfo { first: self.elements, len, opaque, size });
+            self.elements += len;
         }
         Some(id)
     }
@@ -127,10 +175,6 @@ pub fn analyse(graph: &Graph) -> Groups {
         Ok(order) => order,
         Err(_) => return Groups { groups: Vec::new() },
     };
-    // A constant gets fresh dimensions at each use: a weight shared by two ops (exporters
-    // deduplicate equal tensors) is copied on rewrite rather than tying the two ops' channels.
-    let mut dims = Dims::default();
-
     let mut facts = Vec::new();
     for &v in &graph.inputs {
         facts.push(Fact::Freeze { value: v, axis: None, reason: format!("`{}` is a graph input", graph.value(v).name), op: None });
@@ -154,32 +198,54 @@ pub fn analyse(graph: &Graph) -> Groups {
         facts.push(Fact::Freeze { value: v, axis: None, reason: format!("`{}` is a graph output", graph.value(v).name), op: None });
     }
 
+    // A constant gets fresh dimensions at each use: a weight shared by two ops (exporters
+    // deduplicate equal tensors) is copied on rewrite rather than tying the two ops' channels.
+    let mut dims = Dims::default();
     let mut frozen: Vec<(usize, String)> = Vec::new();
     let mut weights: Vec<(usize, WeightSlice)> = Vec::new();
-    let mut couples: Vec<(usize, usize)> = Vec::new();
+    let mut links: Vec<(usize, usize)> = Vec::new();
     let name = |v: ValueId| graph.value(v).name.clone();
+    let describe = |d: DimRef, info: &DimInfo| format!("axis {} of `{}` ({})", d.1, name(d.0), info.size);
     for fact in &facts {
         match fact {
-            Fact::Couple(a, b, op) => match (dims.get(graph, *a, Some(*op)), dims.get(graph, *b, Some(*op))) {
-                (Some(ia), Some(ib)) => {
-                    let (da, db) = (&dims.sizes[ia], &dims.sizes[ib]);
-                    if matches!((da, db), (Dim::Known(x), Dim::Known(y)) if x != y) {
-                        let reason = format!("axis {} of `{}` ({da}) is coupled to axis {} of `{}` ({db})", a.1, name(a.0), b.1, name(b.0));
-                        frozen.push((ia, reason.clone()));
-                        frozen.push((ib, reason));
-                    } else {
-                        couples.push((ia, ib));
-                    }
+            Fact::Couple(a, b, op) => {
+                let (Some(ia), Some(ib)) = both(&mut dims, graph, *a, *b, *op, &mut frozen, &name) else { continue };
+                let (da, db) = (dims.infos[ia].clone(), dims.infos[ib].clone());
+                if da.opaque == db.opaque && da.len == db.len && !matches!((&da.size, &db.size), (Dim::Known(x), Dim::Known(y)) if x != y) {
+                    links.extend((0..da.len).map(|i| (da.first + i, db.first + i)));
+                } else {
+                    let reason = format!("{} is coupled to {}", describe(*a, &da), describe(*b, &db));
+                    frozen.push((ia, reason.clone()));
+                    frozen.push((ib, reason));
                 }
-                (Some(i), None) | (None, Some(i)) => {
-                    let other = if dims.get(graph, *a, Some(*op)).is_some() { b } else { a };
-                    frozen.push((i, format!("is coupled to `{}`, whose shape is unknown", name(other.0))));
+            }
+            Fact::Offset { part, whole, start, step, op } => {
+                let (Some(ip), Some(iw)) = both(&mut dims, graph, *part, *whole, *op, &mut frozen, &name) else { continue };
+                let (dp, dw) = (dims.infos[ip].clone(), dims.infos[iw].clone());
+                if !dp.opaque && !dw.opaque && start + (dp.len - 1) * step < dw.len {
+                    links.extend((0..dp.len).map(|i| (dp.first + i, dw.first + start + i * step)));
+                } else {
+                    let reason = format!("{} is a window of {} that cannot be placed", describe(*part, &dp), describe(*whole, &dw));
+                    frozen.push((ip, reason.clone()));
+                    frozen.push((iw, reason));
                 }
-                (None, None) => {}
-            },
+            }
+            Fact::Block { fine, coarse, block, op } => {
+                let (Some(i_f), Some(i_c)) = both(&mut dims, graph, *fine, *coarse, *op, &mut frozen, &name) else { continue };
+                let (df, dc) = (dims.infos[i_f].clone(), dims.infos[i_c].clone());
+                if !df.opaque && !dc.opaque && *block > 0 && df.len == dc.len * block {
+                    links.extend((0..df.len).map(|f| (df.first + f, dc.first + f / block)));
+                } else if df.opaque && dc.opaque {
+                    links.push((df.first, dc.first));
+                } else {
+                    let reason = format!("{} is not a whole number of blocks of {}", describe(*fine, &df), describe(*coarse, &dc));
+                    frozen.push((i_f, reason.clone()));
+                    frozen.push((i_c, reason));
+                }
+            }
             Fact::Weight { dim, role, op } => {
                 if let Some(i) = dims.get(graph, *dim, Some(*op)) {
-                    let slice = WeightSlice { node: graph.op(*op).name.clone(), weight: name(dim.0), axis: dim.1, role: *role };
+                    let slice = WeightSlice { node: graph.op(*op).name.clone(), weight: name(dim.0), axis: dim.1, role: *role, width: 0 };
                     weights.push((i, slice));
                 }
             }
@@ -197,49 +263,80 @@ pub fn analyse(graph: &Graph) -> Groups {
             }
         }
     }
-    let mut uf = UnionFind { parent: (0..dims.sizes.len()).collect() };
-    for (a, b) in couples {
+    let mut uf = UnionFind { parent: (0..dims.elements).collect() };
+    for (a, b) in links {
         uf.union(a, b);
     }
 
-    // Gather each class.
+    // Each class of elements is one channel; channels touching the same axes form a group.
     #[derive(Default)]
     struct Class {
-        dims: usize,
-        size: Option<Dim>,
+        dims: BTreeMap<usize, usize>,
         reasons: Vec<String>,
-        weights: BTreeSet<WeightSlice>,
-        has_float_weight: bool,
     }
     let mut classes: BTreeMap<usize, Class> = BTreeMap::new();
-    for i in 0..dims.sizes.len() {
-        let root = uf.find(i);
-        let class = classes.entry(root).or_default();
-        class.dims += 1;
-        class.size.get_or_insert_with(|| dims.sizes[i].clone());
-    }
-    for (i, reason) in frozen {
-        let class = classes.get_mut(&uf.find(i)).expect("every dim has a class");
-        if !class.reasons.contains(&reason) {
-            class.reasons.push(reason);
+    for (d, info) in dims.infos.iter().enumerate() {
+        for e in info.first..info.first + info.len {
+            *classes.entry(uf.find(e)).or_default().dims.entry(d).or_default() += 1;
         }
     }
-    for (i, slice) in weights {
-        let root = uf.find(i);
-        let is_float = graph.value_by_name(&slice.weight).and_then(|v| constant_tensor(graph, v)).is_some_and(|t| t.dtype().is_float());
-        let class = classes.get_mut(&root).expect("every dim has a class");
-        class.has_float_weight |= is_float && slice.role != Role::Param;
-        class.weights.insert(slice);
+    for (d, reason) in frozen {
+        let info = &dims.infos[d];
+        for e in info.first..info.first + info.len {
+            let class = classes.get_mut(&uf.find(e)).expect("every element has a class");
+            if !class.reasons.contains(&reason) {
+                class.reasons.push(reason.clone());
+            }
+        }
+    }
+    let mut slices_of: BTreeMap<usize, Vec<WeightSlice>> = BTreeMap::new();
+    for (d, slice) in weights {
+        slices_of.entry(d).or_default().push(slice);
+    }
+    let is_float = |w: &WeightSlice| graph.value_by_name(&w.weight).and_then(|v| constant_tensor(graph, v)).is_some_and(|t| t.dtype().is_float());
+
+    struct Pending {
+        key: Vec<usize>,
+        channels: u64,
+        reasons: Vec<String>,
+        weights: BTreeSet<WeightSlice>,
+    }
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut by_key: HashMap<Vec<usize>, usize> = HashMap::new();
+    for class in classes.into_values() {
+        let touched: Vec<WeightSlice> = class
+            .dims
+            .iter()
+            .flat_map(|(d, &count)| slices_of.get(d).into_iter().flatten().map(move |w| WeightSlice { width: count, ..w.clone() }))
+            .collect();
+        if !touched.iter().any(|w| w.role != Role::Param && is_float(w)) {
+            continue;
+        }
+        let key: Vec<usize> = class.dims.keys().copied().collect();
+        let opaque = key.iter().any(|&d| dims.infos[d].opaque);
+        let at = *by_key.entry(key.clone()).or_insert_with(|| {
+            pending.push(Pending { key, channels: 0, reasons: Vec::new(), weights: BTreeSet::new() });
+            pending.len() - 1
+        });
+        let group = &mut pending[at];
+        group.channels += 1;
+        for r in class.reasons {
+            if !group.reasons.contains(&r) {
+                group.reasons.push(r);
+            }
+        }
+        if opaque && !group.reasons.iter().any(|r| r.contains("not known")) {
+            group.reasons.push("the channel count is not known".into());
+        }
+        group.weights.extend(touched);
     }
 
     let position: HashMap<&str, usize> = order.iter().enumerate().map(|(i, &op)| (graph.op(op).name.as_str(), i)).collect();
-    let first_use = |c: &Class| c.weights.iter().filter_map(|w| position.get(w.node.as_str()).copied()).min();
-    let mut classes: Vec<Class> = classes.into_values().filter(|c| c.has_float_weight).collect();
-    // Graph order of the first op touching the group; the sort is stable, so ties keep dim order.
-    classes.sort_by_key(first_use);
+    let first_use = |g: &Pending| (g.weights.iter().filter_map(|w| position.get(w.node.as_str()).copied()).min(), g.key.first().copied());
+    pending.sort_by_key(first_use);
     let mut groups = Vec::new();
-    for class in classes {
-        let members: BTreeSet<String> = class
+    for g in pending {
+        let members: BTreeSet<String> = g
             .weights
             .iter()
             .filter_map(|w| match w.role {
@@ -248,25 +345,40 @@ pub fn analyse(graph: &Graph) -> Groups {
                 Role::Param => None,
             })
             .collect();
-        let has_producer = class.weights.iter().any(|w| w.role == Role::Producer);
-        let channels = class.size.as_ref().and_then(Dim::known);
-        let mut reasons = class.reasons;
-        if !has_producer {
+        let mut reasons = g.reasons;
+        if !g.weights.iter().any(|w| w.role == Role::Producer) {
             reasons.push("no weight produces these channels".into());
         }
-        if channels.is_none() {
-            reasons.push("the channel count is not known".into());
-        }
+        let opaque = g.key.iter().any(|&d| dims.infos[d].opaque);
         groups.push(Group {
             id: groups.len(),
-            channels,
+            channels: (!opaque).then_some(g.channels),
             prunable: reasons.is_empty(),
             frozen_reason: reasons.first().cloned(),
             frozen_reasons: reasons,
             members: members.into_iter().collect(),
-            weights: class.weights.into_iter().collect(),
-            dims: class.dims,
+            weights: g.weights.into_iter().collect(),
+            dims: g.key.len(),
         });
     }
     Groups { groups }
+}
+
+/// Resolves both sides of a link; an axis whose partner has no known rank is frozen.
+fn both(
+    dims: &mut Dims,
+    graph: &Graph,
+    a: DimRef,
+    b: DimRef,
+    op: crate::ids::OpId,
+    frozen: &mut Vec<(usize, String)>,
+    name: &dyn Fn(ValueId) -> String,
+) -> (Option<usize>, Option<usize>) {
+    let (ia, ib) = (dims.get(graph, a, Some(op)), dims.get(graph, b, Some(op)));
+    match (ia, ib) {
+        (Some(i), None) => frozen.push((i, format!("is linked to `{}`, whose shape is unknown", name(b.0)))),
+        (None, Some(i)) => frozen.push((i, format!("is linked to `{}`, whose shape is unknown", name(a.0)))),
+        _ => {}
+    }
+    (ia, ib)
 }

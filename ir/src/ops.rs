@@ -9,6 +9,10 @@
 //!   (creates the channels: output rows of a Conv/Gemm/MatMul weight, an embedding table's
 //!   columns), a consumer (reads them: input columns) or a parameter (BatchNorm and bias vectors,
 //!   constant operands of elementwise ops);
+//! - `offset(part, whole, start, step)`: a tensor's axis is a strided window of another's
+//!   (Concat inputs in their output, Split and Slice outputs in their input);
+//! - `block(fine, coarse, n)`: an axis merged from a coarse axis and inner axes of size `n`
+//!   (Flatten's `C·H·W`, attention's `H·D`): each coarse channel owns a block of `n`;
 //! - `freeze(dim, reason)`: these channels must not change, and why.
 //!
 //! There is no default rule: an op missing from the table freezes every axis it touches, and
@@ -38,6 +42,11 @@ pub enum Role {
 #[derive(Clone, Debug)]
 pub(crate) enum Fact {
     Couple(DimRef, DimRef, OpId),
+    /// `part[i]` is `whole[start + i·step]`, for every `i` of `part`.
+    Offset { part: DimRef, whole: DimRef, start: usize, step: usize, op: OpId },
+    /// `fine[f]` is `coarse[f / block]`: the coarse axis was merged with inner axes of total size
+    /// `block` (Flatten, heads `H·D`); removing a coarse channel removes a block of fine ones.
+    Block { fine: DimRef, coarse: DimRef, block: usize, op: OpId },
     Weight { dim: DimRef, role: Role, op: OpId },
     Freeze { value: ValueId, axis: Option<usize>, reason: String, op: Option<OpId> },
 }
@@ -93,6 +102,18 @@ impl RuleCx<'_> {
 
     pub(crate) fn couple(&mut self, a: DimRef, b: DimRef) {
         self.facts.push(Fact::Couple(a, b, self.op));
+    }
+
+    fn offset(&mut self, part: DimRef, whole: DimRef, start: usize, step: usize) {
+        self.facts.push(Fact::Offset { part, whole, start, step, op: self.op });
+    }
+
+    fn block(&mut self, fine: DimRef, coarse: DimRef, block: usize) {
+        self.facts.push(Fact::Block { fine, coarse, block, op: self.op });
+    }
+
+    fn known_size(&self, (v, axis): DimRef) -> Option<u64> {
+        self.dims(v)?.get(axis)?.known()
     }
 
     fn weight(&mut self, dim: DimRef, role: Role) {
@@ -256,7 +277,8 @@ fn broadcast(cx: &mut RuleCx) {
         for (a, d) in in_dims.iter().enumerate() {
             let out = &out_dims[a + shift];
             match (d, out) {
-                (Dim::Known(1), Dim::Known(n)) if *n != 1 => {}
+                // A size-1 axis broadcasts (or is a single channel): either way it carries none.
+                (Dim::Known(1), _) => {}
                 _ if d == out => {
                     cx.couple((x, a), (y, a + shift));
                     if constant {
@@ -490,60 +512,98 @@ fn pad(cx: &mut RuleCx) {
     }
 }
 
-/// Concat: axes other than the concatenation axis pass through from every input; the
-/// concatenation axis is frozen (offset mapping across inputs is not built yet).
+/// Concat: other axes pass through from every input; along the axis, input `k` is the window
+/// of the output that starts after the inputs before it.
 fn concat(cx: &mut RuleCx) {
     let Some(y) = cx.output(0) else { return };
     let Some(rank) = cx.rank(y) else { return cx.freeze_all("has an output of unknown rank") };
     let Some(axis) = cx.attr_int("axis").and_then(|a| normalize_axis(a, rank)) else { return cx.freeze_all("has an invalid axis") };
     let inputs: Vec<ValueId> = cx.inputs.iter().flatten().copied().collect();
+    let mut start = Some(0usize);
     for x in inputs {
         for a in (0..rank).filter(|&a| a != axis) {
             cx.couple((x, a), (y, a));
         }
-        cx.freeze(x, Some(axis), "concatenates along this axis (offset mapping not built yet)");
+        match (start, cx.known_size((x, axis))) {
+            (Some(s), Some(n)) => {
+                cx.offset((x, axis), (y, axis), s, 1);
+                start = Some(s + n as usize);
+            }
+            _ => {
+                start = None;
+                cx.freeze(x, Some(axis), "concatenates along this axis with sizes that are not known");
+                cx.freeze(y, Some(axis), "concatenates along this axis with sizes that are not known");
+            }
+        }
     }
-    cx.freeze(y, Some(axis), "concatenates along this axis (offset mapping not built yet)");
 }
 
-/// Split: axes other than the split axis pass through to every output; the split axis freezes.
+/// Split: other axes pass through to every output; along the axis, output `k` is the window of
+/// the input after the outputs before it.
 fn split(cx: &mut RuleCx) {
     let Some(x) = cx.input(0) else { return };
     let Some(rank) = cx.rank(x) else { return cx.freeze_all("has an input of unknown rank") };
     let Some(axis) = normalize_axis(cx.attr_int("axis").unwrap_or(0), rank) else { return cx.freeze_all("has an invalid axis") };
+    if let Some(sizes) = cx.input(1) {
+        cx.freeze(sizes, None, "reads it as split sizes");
+    }
     let outputs: Vec<ValueId> = cx.outputs.iter().flatten().copied().collect();
+    let mut start = Some(0usize);
     for y in outputs {
         for a in (0..rank).filter(|&a| a != axis) {
             cx.couple((x, a), (y, a));
         }
-        cx.freeze(y, Some(axis), "splits along this axis (offset mapping not built yet)");
-    }
-    cx.freeze(x, Some(axis), "splits along this axis (offset mapping not built yet)");
-    if let Some(sizes) = cx.input(1) {
-        cx.freeze(sizes, None, "reads it as split sizes");
+        match (start, cx.known_size((y, axis))) {
+            (Some(s), Some(n)) => {
+                cx.offset((y, axis), (x, axis), s, 1);
+                start = Some(s + n as usize);
+            }
+            _ => {
+                start = None;
+                cx.freeze(x, Some(axis), "splits along this axis with sizes that are not known");
+                cx.freeze(y, Some(axis), "splits along this axis with sizes that are not known");
+            }
+        }
     }
 }
 
-/// Slice: axes not sliced pass through; sliced axes are frozen.
+/// Slice: axes not sliced pass through; a sliced axis is a strided window of the input.
 fn slice(cx: &mut RuleCx) {
     let (Some(x), Some(y)) = (cx.input(0), cx.output(0)) else { return };
     let Some(rank) = cx.rank(x) else { return cx.freeze_all("has an input of unknown rank") };
-    let axes: Option<Vec<usize>> = match cx.input(3) {
-        Some(_) => cx.const_ints(3).map(|a| a.iter().filter_map(|&a| normalize_axis(a, rank)).collect()),
-        None => cx.const_ints(1).map(|starts| (0..starts.len()).collect()),
-    };
-    let Some(axes) = axes else { return cx.freeze_all("slices axes that are not constant") };
-    for a in 0..rank {
-        if axes.contains(&a) {
-            cx.freeze(x, Some(a), "slices this axis");
-            cx.freeze(y, Some(a), "slices this axis");
-        } else {
-            cx.couple((x, a), (y, a));
-        }
-    }
     for slot in 1..cx.inputs.len() {
         if let Some(v) = cx.input(slot) {
             cx.freeze(v, None, "reads it as slice bounds");
+        }
+    }
+    let (Some(starts), Some(_)) = (cx.const_ints(1), cx.const_ints(2)) else { return cx.freeze_all("slices with bounds that are not constant") };
+    let axes: Option<Vec<usize>> = match cx.input(3) {
+        Some(_) => cx.const_ints(3).and_then(|a| a.iter().map(|&a| normalize_axis(a, rank)).collect()),
+        None => Some((0..starts.len()).collect()),
+    };
+    let steps = match cx.input(4) {
+        Some(_) => cx.const_ints(4),
+        None => Some(vec![1; starts.len()]),
+    };
+    let (Some(axes), Some(steps)) = (axes, steps) else { return cx.freeze_all("slices axes that are not constant") };
+    for a in 0..rank {
+        let Some(i) = axes.iter().position(|&s| s == a) else {
+            cx.couple((x, a), (y, a));
+            continue;
+        };
+        let window = match (cx.known_size((x, a)), cx.known_size((y, a))) {
+            (Some(n), Some(_)) if steps[i] > 0 => {
+                let start = if starts[i] < 0 { starts[i] + n as i64 } else { starts[i] }.clamp(0, n as i64);
+                Some((start as usize, steps[i] as usize))
+            }
+            _ => None,
+        };
+        match window {
+            Some((start, step)) => cx.offset((y, a), (x, a), start, step),
+            None => {
+                cx.freeze(x, Some(a), "slices this axis backwards or at sizes that are not known");
+                cx.freeze(y, Some(a), "slices this axis backwards or at sizes that are not known");
+            }
         }
     }
 }
@@ -625,10 +685,46 @@ fn reduce(cx: &mut RuleCx) {
     }
 }
 
-/// Shape: the sizes it reads must not change, on the axes it reads.
+/// Shape: the sizes it reads must not change. When every reader of the shape picks entries
+/// with constant indices (`Gather`, or a `Slice` of it), only those axes are frozen.
 fn shape(cx: &mut RuleCx) {
-    let Some(x) = cx.input(0) else { return };
-    cx.freeze(x, None, "reads this tensor's sizes");
+    let (Some(x), Some(y)) = (cx.input(0), cx.output(0)) else { return };
+    let Some(rank) = cx.rank(x) else { return cx.freeze(x, None, "reads this tensor's sizes") };
+    let start = cx.attr_int("start").and_then(|s| normalize_axis(s.clamp(-(rank as i64), rank as i64 - 1), rank)).unwrap_or(0);
+    match shape_entries_read(cx.graph, y, rank - start) {
+        Some(entries) => {
+            for e in entries {
+                cx.freeze(x, Some(start + e), "reads this axis's size");
+            }
+        }
+        None => cx.freeze(x, None, "reads this tensor's sizes"),
+    }
+}
+
+/// The entries of a shape vector of length `len` that its readers look at, if all are constant picks.
+fn shape_entries_read(graph: &Graph, shape: ValueId, len: usize) -> Option<Vec<usize>> {
+    let mut entries = Vec::new();
+    for (op_id, edge) in graph.consumers(shape) {
+        let op = graph.op(op_id);
+        let ints = |slot| graph.op_input(op_id, slot).and_then(|v| crate::groups::constant_tensor(graph, v)).and_then(|t| t.to_i64_vec());
+        match (op.op_type.as_str(), edge) {
+            ("Gather", crate::Edge::Input(0)) if op.attr_int("axis").unwrap_or(0) == 0 => {
+                for i in ints(1)? {
+                    entries.push(normalize_axis(i, len)?);
+                }
+            }
+            ("Slice", crate::Edge::Input(0)) if graph.op_input(op_id, 3).is_none() || ints(3)? == [0] => {
+                let (starts, ends) = (ints(1)?, ints(2)?);
+                let clamp = |v: i64| if v < 0 { (v + len as i64).max(0) } else { v.min(len as i64) } as usize;
+                if graph.op_input(op_id, 4).is_some() && ints(4)? != [1] {
+                    return None;
+                }
+                entries.extend(clamp(*starts.first()?)..clamp(*ends.first()?));
+            }
+            _ => return None,
+        }
+    }
+    Some(entries)
 }
 
 /// Expand: like broadcasting of the input to the output.
@@ -643,7 +739,8 @@ fn expand(cx: &mut RuleCx) {
 }
 
 /// Reshape, Flatten, Squeeze, Unsqueeze: an axis passes through when it survives alone (only
-/// size-1 axes are added or removed around it); axes merged or split are frozen.
+/// size-1 axes are added or removed around it); an axis split into factors, or factors merged
+/// into one axis, keeps the outermost factor's channels as blocks.
 fn reshape(cx: &mut RuleCx) {
     let (Some(x), Some(y)) = (cx.input(0), cx.output(0)) else { return };
     for slot in 1..cx.inputs.len() {
@@ -654,47 +751,64 @@ fn reshape(cx: &mut RuleCx) {
     let (Some(xd), Some(yd)) = (cx.dims(x).map(<[Dim]>::to_vec), cx.dims(y).map(<[Dim]>::to_vec)) else {
         return cx.freeze_all("has shapes that are not known");
     };
-    let (Some(xs), Some(ys)) = (concrete(&xd), concrete(&yd)) else {
-        return cx.freeze_all("has symbolic shapes (axis correspondence unknown)");
-    };
-    let Some(runs) = matching_runs(&xs, &ys) else { return cx.freeze_all("has input and output element counts that differ") };
+    let Some(runs) = matching_runs(&xd, &yd) else { return cx.freeze_all("has shapes whose axes cannot be matched") };
+    let size = |v: ValueId, a: usize| if v == x { xd[a].known() } else { yd[a].known() }.unwrap_or(1);
     for (run_x, run_y) in runs {
-        if let ([a], [b]) = (run_x.as_slice(), run_y.as_slice()) {
-            cx.couple((x, *a), (y, *b));
-        } else {
-            for a in run_x {
-                cx.freeze(x, Some(a), "merges or splits this axis");
+        match (run_x.as_slice(), run_y.as_slice()) {
+            ([a], [b]) => cx.couple((x, *a), (y, *b)),
+            // One axis split into several, or several merged into one: the outermost factor
+            // keeps its channels, each owning a contiguous block of the single axis; the
+            // inner factors are frozen (their channels are strided, not blocks).
+            ([single], factors) | (factors, [single]) => {
+                let (one, many) = if run_x.len() == 1 { ((x, *single), y) } else { ((y, *single), x) };
+                let inner: u64 = factors[1..].iter().map(|&f| size(many, f)).product();
+                cx.block(one, (many, factors[0]), inner as usize);
+                for &f in &factors[1..] {
+                    cx.freeze(many, Some(f), "is an inner factor of a reshape (only whole outer blocks are removed)");
+                }
             }
-            for b in run_y {
-                cx.freeze(y, Some(b), "merges or splits this axis");
+            _ => {
+                for a in run_x {
+                    cx.freeze(x, Some(a), "regroups this axis");
+                }
+                for b in run_y {
+                    cx.freeze(y, Some(b), "regroups this axis");
+                }
             }
         }
     }
 }
 
-fn concrete(dims: &[Dim]) -> Option<Vec<u64>> {
-    dims.iter().map(Dim::known).collect()
-}
-
 /// Pairs the axes of two shapes into the shortest runs with equal size products, left to right,
-/// leaving out size-1 axes (they carry no channels). `None` if the element counts differ.
-fn matching_runs(xs: &[u64], ys: &[u64]) -> Option<Vec<(Vec<usize>, Vec<usize>)>> {
-    let nx: Vec<usize> = (0..xs.len()).filter(|&a| xs[a] != 1).collect();
-    let ny: Vec<usize> = (0..ys.len()).filter(|&a| ys[a] != 1).collect();
+/// leaving out size-1 axes (they carry no channels). A symbolic axis pairs only with the same
+/// symbol, alone. `None` if the shapes do not line up.
+fn matching_runs(xs: &[Dim], ys: &[Dim]) -> Option<Vec<(Vec<usize>, Vec<usize>)>> {
+    let nx: Vec<usize> = (0..xs.len()).filter(|&a| xs[a] != Dim::Known(1)).collect();
+    let ny: Vec<usize> = (0..ys.len()).filter(|&a| ys[a] != Dim::Known(1)).collect();
     let (mut i, mut j) = (0, 0);
     let mut runs = Vec::new();
     while i < nx.len() && j < ny.len() {
+        let (dx, dy) = (&xs[nx[i]], &ys[ny[j]]);
+        let (Some(sx), Some(sy)) = (dx.known(), dy.known()) else {
+            if dx != dy || *dx == Dim::Unknown {
+                return None;
+            }
+            runs.push((vec![nx[i]], vec![ny[j]]));
+            i += 1;
+            j += 1;
+            continue;
+        };
         let (mut rx, mut ry) = (vec![nx[i]], vec![ny[j]]);
-        let (mut px, mut py) = (xs[nx[i]] as u128, ys[ny[j]] as u128);
+        let (mut px, mut py) = (sx as u128, sy as u128);
         i += 1;
         j += 1;
         while px != py {
             if px < py {
-                px = px.checked_mul(xs[*nx.get(i)?] as u128)?;
+                px = px.checked_mul(xs[*nx.get(i)?].known()? as u128)?;
                 rx.push(nx[i]);
                 i += 1;
             } else {
-                py = py.checked_mul(ys[*ny.get(j)?] as u128)?;
+                py = py.checked_mul(ys[*ny.get(j)?].known()? as u128)?;
                 ry.push(ny[j]);
                 j += 1;
             }

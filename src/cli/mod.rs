@@ -25,7 +25,7 @@ pub fn run(cli: Cli) -> Result<()> {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&groups)?);
             } else {
-                print!("{}", groups_text(&groups));
+                print!("{groups}");
             }
             Ok(())
         }
@@ -84,18 +84,3 @@ fn compile(a: &CompileArgs) -> Result<()> {
     Ok(())
 }
 
-fn groups_text(groups: &prunec::ir::Groups) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let prunable = groups.groups.iter().filter(|g| g.prunable).count();
-    let _ = writeln!(out, "{} groups, {prunable} prunable", groups.groups.len());
-    for g in &groups.groups {
-        let channels = g.channels.map_or("?".to_string(), |c| c.to_string());
-        let state = if g.prunable { "prunable".to_string() } else { format!("frozen: {}", g.frozen_reason.as_deref().unwrap_or("")) };
-        let _ = writeln!(out, "group {} channels={channels} {state}", g.id);
-        for w in &g.weights {
-            let _ = writeln!(out, "    {:<8} {} axis {} ({})", format!("{:?}", w.role).to_lowercase(), w.weight, w.axis, w.node);
-        }
-    }
-    out
-}

@@ -1,0 +1,582 @@
+//! The `prunec` command line on models it must refuse.
+//!
+//! Every bad model is built here, in a temporary folder, by breaking one small valid model
+//! (`x: f32[1,4] -> MatMul(W: f32[4,4]) -> Relu -> y`). For each, prunec:
+//! - exits with code 1 (2 for a command-line usage error, as clap does);
+//! - prints `error:`, the file it was reading and a phrase naming the problem (the node, value,
+//!   tensor or external-data location at fault);
+//! - writes nothing: no output file and no temporary file is left in the output folder, and an
+//!   existing output file is not touched;
+//! - answers quickly, without panicking, hanging or allocating what a model merely declares.
+
+mod common;
+
+use common::prunec;
+use prost::Message;
+use prost::bytes::Bytes;
+use prunec::ir::proto::{
+    self, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    tensor_proto::{DataLocation, DataType},
+    tensor_shape_proto::{Dimension, dimension},
+    type_proto,
+};
+use std::ffi::OsStr;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A refusal must not take longer than this (the binary starts in milliseconds).
+const QUICK: Duration = Duration::from_secs(5);
+/// A run still going after this is a hang: it is killed and the test fails.
+const HANG: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// The valid model and the pieces it is built from.
+
+fn dims(shape: &[i64]) -> TensorShapeProto {
+    TensorShapeProto { dim: shape.iter().map(|&d| Dimension { value: Some(dimension::Value::DimValue(d)), denotation: None }).collect() }
+}
+
+fn f32_info(name: &str, shape: &[i64]) -> ValueInfoProto {
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor { elem_type: Some(DataType::Float as i32), shape: Some(dims(shape)) })),
+            denotation: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn node(name: &str, op_type: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+    NodeProto {
+        name: Some(name.into()),
+        op_type: Some(op_type.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// An f32 tensor stored as `raw_data`.
+fn f32_tensor(name: &str, shape: &[i64], values: &[f32]) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: shape.to_vec(),
+        data_type: Some(DataType::Float as i32),
+        raw_data: Some(Bytes::from(f32_bytes(values))),
+        ..Default::default()
+    }
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// The 4x4 weight: 16 parameters.
+fn weight_values() -> Vec<f32> {
+    (0..16).map(|i| i as f32 / 16.0 - 0.5).collect()
+}
+
+/// `x: f32[1,4] -> MatMul(x, W) -> h -> Relu -> y`, named nodes `matmul` and `relu`.
+fn valid_model() -> ModelProto {
+    ModelProto {
+        ir_version: Some(8),
+        producer_name: Some("prunec tests/cli.rs".into()),
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(13) }],
+        graph: Some(GraphProto {
+            name: Some("tiny".into()),
+            node: vec![node("matmul", "MatMul", &["x", "W"], &["h"]), node("relu", "Relu", &["h"], &["y"])],
+            initializer: vec![f32_tensor("W", &[4, 4], &weight_values())],
+            input: vec![f32_info("x", &[1, 4])],
+            output: vec![f32_info("y", &[1, 4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The valid model with its graph changed by `f`.
+fn model_with(f: impl FnOnce(&mut GraphProto)) -> ModelProto {
+    let mut m = valid_model();
+    f(m.graph.as_mut().expect("the valid model has a graph"));
+    m
+}
+
+/// The valid model with its weight `W` changed by `f`.
+fn model_with_weight(f: impl FnOnce(&mut TensorProto)) -> ModelProto {
+    model_with(|g| f(&mut g.initializer[0]))
+}
+
+/// The valid model with `W` stored externally: `location` (and optionally offset and length).
+fn external_model(location: &str, offset: Option<u64>, length: Option<u64>) -> ModelProto {
+    model_with_weight(|w| {
+        let entry = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
+        w.raw_data = None;
+        w.data_location = Some(DataLocation::External as i32);
+        w.external_data = std::iter::once(entry("location", location.into()))
+            .chain(offset.map(|o| entry("offset", o.to_string())))
+            .chain(length.map(|l| entry("length", l.to_string())))
+            .collect();
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// A scratch folder per test: models go to `model/`, outputs to `out/`.
+
+struct Scratch {
+    _root: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        let root = tempfile::tempdir().expect("temp dir");
+        let path = root.path().to_path_buf();
+        std::fs::create_dir(path.join("model")).expect("model folder");
+        std::fs::create_dir(path.join("out")).expect("out folder");
+        Scratch { _root: root, root: path }
+    }
+
+    fn model_dir(&self) -> PathBuf {
+        self.root.join("model")
+    }
+
+    fn out_dir(&self) -> PathBuf {
+        self.root.join("out")
+    }
+
+    /// Writes raw bytes as `model/<name>`.
+    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.model_dir().join(name);
+        std::fs::write(&path, bytes).expect("writing test file");
+        path
+    }
+
+    /// Encodes a model as `model/model.onnx`.
+    fn model(&self, model: &ModelProto) -> PathBuf {
+        self.file("model.onnx", &model.encode_to_vec())
+    }
+
+    fn output(&self) -> PathBuf {
+        self.out_dir().join("pruned.onnx")
+    }
+
+    fn out_entries(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(self.out_dir()).expect("out folder").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running prunec.
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+}
+
+/// Runs prunec with `args`, killing it (and failing the test) if it hangs.
+fn run<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd: Command = prunec();
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("starting prunec");
+    let pipe = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = r.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let out = pipe(Box::new(child.stdout.take().expect("stdout")));
+    let err = pipe(Box::new(child.stderr.take().expect("stderr")));
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for prunec") {
+            break status;
+        }
+        if start.elapsed() > HANG {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("prunec hung for more than {HANG:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let elapsed = start.elapsed();
+    let run = Run { code: status.code(), stdout: out.join().expect("stdout reader"), stderr: err.join().expect("stderr reader"), elapsed };
+    // Shown with `--nocapture`: the exact messages users see.
+    eprintln!("prunec exited with {:?} in {:?}; stderr:\n{}", run.code, run.elapsed, run.stderr);
+    run
+}
+
+/// `prunec <model> -o out/pruned.onnx` must fail with code 1, naming the model file and every
+/// phrase of `expected`, quickly, and leave the output folder empty.
+#[track_caller]
+fn assert_rejected(scratch: &Scratch, model: &Path, expected: &[&str]) {
+    let r = run([model.as_os_str(), OsStr::new("-o"), scratch.output().as_os_str()]);
+    assert_failed_cleanly(&r, model, expected);
+    assert!(!scratch.output().exists(), "an output file was written for a model that was refused");
+    assert_eq!(scratch.out_entries(), Vec::<String>::new(), "files were left in the output folder");
+}
+
+#[track_caller]
+fn assert_failed_cleanly(r: &Run, model: &Path, expected: &[&str]) {
+    assert_eq!(r.code, Some(1), "expected exit code 1; stderr:\n{}", r.stderr);
+    assert!(r.stderr.starts_with("error: "), "stderr does not start with `error: `:\n{}", r.stderr);
+    let file = format!("reading `{}`", model.display());
+    assert!(r.stderr.contains(&file), "stderr does not name the model file ({file}):\n{}", r.stderr);
+    for phrase in expected {
+        assert!(r.stderr.contains(phrase), "stderr does not say {phrase:?}:\n{}", r.stderr);
+    }
+    assert!(!r.stderr.contains("panicked"), "prunec panicked:\n{}", r.stderr);
+    let cause = r.stderr.trim_end().rsplit(": ").next().unwrap_or_default();
+    assert_eq!(r.stderr.matches(cause).count(), 1, "the message repeats its cause {cause:?}:\n{}", r.stderr);
+    assert!(r.elapsed < QUICK, "prunec took {:?} to refuse the model", r.elapsed);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files that are not ONNX models.
+
+#[test]
+fn random_bytes_are_not_a_protobuf() {
+    let s = Scratch::new();
+    // A fixed xorshift sequence: the same "random" bytes on every run.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let bytes: Vec<u8> = (0..4096)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 56) as u8
+        })
+        .collect();
+    let model = s.file("noise.onnx", &bytes);
+    assert_rejected(&s, &model, &["is not a valid ONNX protobuf"]);
+}
+
+#[test]
+fn a_truncated_model_is_not_a_protobuf() {
+    let s = Scratch::new();
+    let bytes = valid_model().encode_to_vec();
+    let model = s.file("truncated.onnx", &bytes[..bytes.len() / 2]);
+    assert_rejected(&s, &model, &["is not a valid ONNX protobuf"]);
+}
+
+#[test]
+fn an_empty_file_is_not_a_model() {
+    let s = Scratch::new();
+    let model = s.file("empty.onnx", &[]);
+    assert_rejected(&s, &model, &["is empty"]);
+}
+
+#[test]
+fn a_model_without_a_graph_is_refused() {
+    let s = Scratch::new();
+    let model = s.model(&ModelProto { graph: None, ..valid_model() });
+    assert_rejected(&s, &model, &["the model has no graph"]);
+}
+
+#[test]
+fn a_folder_is_not_a_model() {
+    let s = Scratch::new();
+    let model = s.model_dir().join("a_folder.onnx");
+    std::fs::create_dir(&model).expect("folder");
+    assert_rejected(&s, &model, &["is not a regular file"]);
+}
+
+#[test]
+fn a_missing_model_file_is_reported() {
+    let s = Scratch::new();
+    let model = s.model_dir().join("does_not_exist.onnx");
+    assert_rejected(&s, &model, &["cannot read", "No such file or directory"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Graphs that break the rules of ONNX.
+
+#[test]
+fn a_cycle_is_refused_naming_a_node_on_it() {
+    let s = Scratch::new();
+    // `a` reads `b` and `b` reads `a`; `y` depends on both.
+    let model = s.model(&model_with(|g| {
+        g.node = vec![
+            node("matmul", "MatMul", &["x", "W"], &["h"]),
+            node("a", "Add", &["h", "b_out"], &["a_out"]),
+            node("b", "Relu", &["a_out"], &["b_out"]),
+            node("relu", "Relu", &["b_out"], &["y"]),
+        ];
+    }));
+    assert_rejected(&s, &model, &["the graph has a cycle through node `a` (Add)"]);
+}
+
+#[test]
+fn a_node_input_naming_no_value_is_refused() {
+    let s = Scratch::new();
+    let model = s.model(&model_with(|g| g.node[1].input[0] = "nowhere".into()));
+    assert_rejected(&s, &model, &["node `relu` (Relu) reads `nowhere` as input 0", "no node, graph input or initializer defines it"]);
+}
+
+#[test]
+fn two_nodes_producing_one_value_are_refused_naming_both() {
+    let s = Scratch::new();
+    let model = s.model(&model_with(|g| g.node.insert(1, node("other", "Relu", &["x"], &["h"]))));
+    assert_rejected(&s, &model, &["value `h` is defined twice", "output of node `matmul`", "output of node `other`"]);
+}
+
+#[test]
+fn an_initializer_named_like_a_node_output_is_refused() {
+    let s = Scratch::new();
+    let model = s.model(&model_with(|g| g.initializer.push(f32_tensor("h", &[1, 4], &[0.0; 4]))));
+    assert_rejected(&s, &model, &["value `h` is defined twice", "initializer", "output of node `matmul`"]);
+}
+
+#[test]
+fn a_graph_output_naming_nothing_is_refused() {
+    let s = Scratch::new();
+    let model = s.model(&model_with(|g| g.output.push(f32_info("ghost", &[1, 4]))));
+    assert_rejected(&s, &model, &["graph output `ghost` is not defined"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensors whose dims, type and data disagree.
+
+#[test]
+fn raw_data_shorter_than_dims_and_type_need_is_refused() {
+    let s = Scratch::new();
+    let model = s.model(&model_with_weight(|w| w.raw_data = Some(Bytes::from(f32_bytes(&[0.5; 15])))));
+    assert_rejected(&s, &model, &["tensor `W` has 60 bytes of raw_data", "[4, 4]", "need 64"]);
+}
+
+#[test]
+fn negative_dims_are_refused() {
+    let s = Scratch::new();
+    let model = s.model(&model_with_weight(|w| w.dims = vec![4, -4]));
+    assert_rejected(&s, &model, &["tensor `W` has a negative dimension in dims [4, -4]"]);
+}
+
+#[test]
+fn dims_whose_element_count_overflows_are_refused() {
+    let s = Scratch::new();
+    let model = s.model(&model_with_weight(|w| w.dims = vec![1 << 32, 1 << 32]));
+    assert_rejected(&s, &model, &["tensor `W` has dims [4294967296, 4294967296] whose element count overflows 64 bits"]);
+}
+
+#[test]
+fn dims_whose_byte_size_overflows_are_refused_as_such() {
+    let s = Scratch::new();
+    // 2^63 elements fit in 64 bits; their 2^65 bytes do not.
+    let model = s.model(&model_with_weight(|w| w.dims = vec![1 << 31, 1 << 31, 2]));
+    assert_rejected(&s, &model, &["tensor `W`", "[2147483648, 2147483648, 2]", "overflows"]);
+}
+
+#[test]
+fn a_huge_declared_tensor_with_tiny_data_is_refused_without_allocating_it() {
+    let s = Scratch::new();
+    // 10^12 f32 elements (4 TB) declared, 64 bytes stored.
+    let model = s.model(&model_with_weight(|w| w.dims = vec![1_000_000, 1_000_000]));
+    assert_rejected(&s, &model, &["tensor `W` has 64 bytes of raw_data", "need 4000000000000"]);
+}
+
+#[test]
+fn an_unknown_data_type_code_is_refused() {
+    let s = Scratch::new();
+    let model = s.model(&model_with_weight(|w| w.data_type = Some(999)));
+    assert_rejected(&s, &model, &["tensor `W` has unknown element type code 999"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// External data: only files inside the model's folder, and only bytes they hold.
+
+/// Writes the 64 bytes of `W` as `model/w.bin`.
+fn weight_file(s: &Scratch) -> PathBuf {
+    s.file("w.bin", &f32_bytes(&weight_values()))
+}
+
+#[test]
+fn external_data_inside_the_model_folder_is_accepted() {
+    // The control for the cases below: the same model with a plain location works.
+    let s = Scratch::new();
+    weight_file(&s);
+    let model = s.model(&external_model("w.bin", Some(0), Some(64)));
+    let r = run([model.as_os_str(), OsStr::new("-o"), s.output().as_os_str()]);
+    assert_eq!(r.code, Some(0), "stderr:\n{}", r.stderr);
+    assert!(s.output().is_file());
+}
+
+#[test]
+fn an_absolute_external_data_location_is_refused() {
+    let s = Scratch::new();
+    let data = weight_file(&s);
+    let location = data.to_str().expect("utf-8 temp path");
+    let model = s.model(&external_model(location, None, None));
+    let phrase = format!("tensor `W`: external data location `{location}` is not a plain relative path inside the model's folder");
+    assert_rejected(&s, &model, &[&phrase]);
+}
+
+#[test]
+fn an_external_data_location_leaving_the_folder_is_refused() {
+    let s = Scratch::new();
+    std::fs::write(s.root.join("w.bin"), f32_bytes(&weight_values())).expect("data file outside the model folder");
+    let model = s.model(&external_model("../w.bin", None, None));
+    assert_rejected(&s, &model, &["tensor `W`: external data location `../w.bin` is not a plain relative path inside the model's folder"]);
+}
+
+#[cfg(unix)]
+#[test]
+fn external_data_through_a_symlink_out_of_the_folder_is_refused() {
+    let s = Scratch::new();
+    let outside = s.root.join("outside.bin");
+    std::fs::write(&outside, f32_bytes(&weight_values())).expect("data file outside the model folder");
+    std::os::unix::fs::symlink(&outside, s.model_dir().join("w.bin")).expect("symlink");
+    let model = s.model(&external_model("w.bin", None, None));
+    assert_rejected(&s, &model, &["tensor `W`: external data location `w.bin` resolves to", "outside.bin`, outside the model's folder"]);
+}
+
+#[test]
+fn a_missing_external_data_file_is_refused() {
+    let s = Scratch::new();
+    let model = s.model(&external_model("missing.bin", None, None));
+    assert_rejected(&s, &model, &["tensor `W`: external data file `missing.bin` cannot be opened", "No such file or directory"]);
+}
+
+#[test]
+fn an_external_data_location_naming_a_folder_is_refused() {
+    let s = Scratch::new();
+    std::fs::create_dir(s.model_dir().join("w.bin")).expect("folder");
+    let model = s.model(&external_model("w.bin", None, None));
+    assert_rejected(&s, &model, &["tensor `W`: external data file `w.bin` cannot be read", "w.bin` is not a regular file"]);
+}
+
+#[test]
+fn external_data_past_the_end_of_the_file_is_refused() {
+    let s = Scratch::new();
+    weight_file(&s);
+    let model = s.model(&external_model("w.bin", Some(32), Some(64)));
+    assert_rejected(&s, &model, &["tensor `W`: external data asks for bytes 32..96 of `w.bin`, which has 64"]);
+}
+
+#[test]
+fn an_external_data_offset_past_the_end_of_the_file_is_refused() {
+    let s = Scratch::new();
+    weight_file(&s);
+    let model = s.model(&external_model("w.bin", Some(1 << 40), None));
+    assert_rejected(&s, &model, &["tensor `W`: external data asks for bytes 1099511627776..", "of `w.bin`, which has 64"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The output, the other commands, and the command line itself.
+
+#[test]
+fn a_failed_run_leaves_an_existing_output_untouched() {
+    let s = Scratch::new();
+    let previous = valid_model().encode_to_vec();
+    std::fs::write(s.output(), &previous).expect("existing output");
+    let model = s.model(&model_with(|g| g.node[1].input[0] = "nowhere".into()));
+    let r = run([model.as_os_str(), OsStr::new("-o"), s.output().as_os_str()]);
+    assert_failed_cleanly(&r, &model, &["reads `nowhere`"]);
+    assert_eq!(std::fs::read(s.output()).expect("output still there"), previous, "the existing output was changed");
+    assert_eq!(s.out_entries(), vec!["pruned.onnx".to_string()], "files were left in the output folder");
+}
+
+#[test]
+fn inspect_and_dump_refuse_a_bad_model_too() {
+    let s = Scratch::new();
+    let model = s.model(&model_with(|g| g.output.push(f32_info("ghost", &[1, 4]))));
+    for command in [&["inspect"][..], &["inspect", "--json"], &["dump"]] {
+        let r = run(command.iter().map(OsStr::new).chain([model.as_os_str()]));
+        assert_failed_cleanly(&r, &model, &["graph output `ghost` is not defined"]);
+        assert_eq!(r.stdout, "", "{command:?} printed something about a model it refused");
+    }
+}
+
+#[test]
+fn no_arguments_is_a_usage_error() {
+    let r = run(Vec::<&str>::new());
+    assert_eq!(r.code, Some(2), "stderr:\n{}", r.stderr);
+    assert!(r.stderr.contains("error:") && r.stderr.contains("Usage:"), "stderr:\n{}", r.stderr);
+}
+
+#[test]
+fn an_unknown_flag_is_a_usage_error() {
+    let s = Scratch::new();
+    let model = s.model(&valid_model());
+    let r = run([model.as_os_str(), OsStr::new("-o"), s.output().as_os_str(), OsStr::new("--bogus")]);
+    assert_eq!(r.code, Some(2), "stderr:\n{}", r.stderr);
+    assert!(r.stderr.contains("error: unexpected argument '--bogus'"), "stderr:\n{}", r.stderr);
+    assert_eq!(s.out_entries(), Vec::<String>::new());
+}
+
+#[test]
+fn an_unknown_pass_is_refused_before_reading_the_model_listing_the_known_passes() {
+    // An unknown pass name is really a usage error (exit code 2 would fit), but `--passes` is
+    // parsed by prunec, not clap: it exits with 1. The message must list what is accepted.
+    let s = Scratch::new();
+    let model = s.model_dir().join("not_read.onnx");
+    let r = run([model.as_os_str(), OsStr::new("-o"), s.output().as_os_str(), OsStr::new("--passes"), OsStr::new("dce,bogus")]);
+    assert_eq!(r.code, Some(1), "stderr:\n{}", r.stderr);
+    assert!(r.stderr.starts_with("error: unknown pass `bogus`; known passes: "), "stderr:\n{}", r.stderr);
+    for pass in prunec::passes::REGISTRY {
+        assert!(r.stderr.contains(pass.name), "known pass `{}` not listed:\n{}", pass.name, r.stderr);
+    }
+    assert!(!r.stderr.contains("not_read.onnx"), "the model was read before the pipeline was checked:\n{}", r.stderr);
+    assert_eq!(s.out_entries(), Vec::<String>::new());
+}
+
+// ---------------------------------------------------------------------------------------------
+// And valid models.
+
+#[test]
+fn a_shape_inference_failure_is_reported_quietly_not_as_a_panic() {
+    // A valid model whose constant tract evaluates while inferring shapes: 2^48 f32 elements,
+    // more than any address space, so tract's allocation fails and it panics. prunec must still
+    // compile the model, say why shapes are unknown, and print no panic.
+    let s = Scratch::new();
+    let shape: Vec<u8> = [1i64 << 24, 1 << 24].iter().flat_map(|d| d.to_le_bytes()).collect();
+    let model = s.model(&model_with(|g| {
+        g.node = vec![node("fill", "ConstantOfShape", &["shape"], &["y"])];
+        g.initializer = vec![TensorProto {
+            name: Some("shape".into()),
+            dims: vec![2],
+            data_type: Some(DataType::Int64 as i32),
+            raw_data: Some(Bytes::from(shape)),
+            ..Default::default()
+        }];
+        g.input.clear();
+        g.output[0].r#type = None;
+    }));
+    let r = run([model.as_os_str(), OsStr::new("-o"), s.output().as_os_str()]);
+    assert_eq!(r.code, Some(0), "stderr:\n{}", r.stderr);
+    assert!(!r.stderr.contains("panicked"), "a handled panic was printed:\n{}", r.stderr);
+    assert!(r.elapsed < QUICK, "took {:?}", r.elapsed);
+    let i = run([OsStr::new("inspect"), OsStr::new("--json"), model.as_os_str()]);
+    assert_eq!(i.code, Some(0), "stderr:\n{}", i.stderr);
+    assert!(!i.stderr.contains("panicked"), "a handled panic was printed:\n{}", i.stderr);
+    let summary: serde_json::Value = serde_json::from_str(&i.stdout).expect("inspect prints JSON");
+    let problem = summary["shape_inference_problem"].as_str().unwrap_or_default();
+    assert!(problem.starts_with("tract panicked while analysing the model: "), "inspect --json: {summary:#}");
+}
+
+#[test]
+fn the_valid_model_compiles_and_inspects() {
+    let s = Scratch::new();
+    let model = s.model(&valid_model());
+    let r = run([model.as_os_str(), OsStr::new("-o"), s.output().as_os_str()]);
+    assert_eq!(r.code, Some(0), "stderr:\n{}", r.stderr);
+    assert!(!r.stderr.contains("error") && !r.stderr.contains("panicked"), "stderr:\n{}", r.stderr);
+    assert!(s.output().is_file(), "no output written");
+    assert_eq!(s.out_entries(), vec!["pruned.onnx".to_string()], "temporary files were left in the output folder");
+    let decoded = proto::ModelProto::decode(std::fs::read(s.output()).expect("output").as_slice()).expect("the output decodes");
+    assert_eq!(decoded.graph.expect("graph").node.len(), 2);
+    let summary = common::inspect_json(&s.output());
+    assert_eq!(summary["parameters"], 16, "inspect --json: {summary:#}");
+    assert_eq!(summary["ops"], 2, "inspect --json: {summary:#}");
+}
