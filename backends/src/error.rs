@@ -13,7 +13,7 @@ pub enum WriteError {
     #[error("the model is {0} bytes inline, over protobuf's 2 GiB limit; store weights as external data (--external-data)")]
     TooLarge(u64),
     /// A file could not be written.
-    #[error("cannot write `{}`: {source}", path.display())]
+    #[error("cannot write `{}`", path.display())]
     Io {
         /// The file.
         path: PathBuf,

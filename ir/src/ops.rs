@@ -817,3 +817,41 @@ fn matching_runs(xs: &[Dim], ys: &[Dim]) -> Option<Vec<(Vec<usize>, Vec<usize>)>
     }
     (i == nx.len() && j == ny.len()).then_some(runs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_is_sorted_and_has_no_duplicates() {
+        // `rule_for` binary-searches it.
+        for pair in RULES.windows(2) {
+            assert!(pair[0].0 < pair[1].0, "`{}` must come before `{}`", pair[1].0, pair[0].0);
+        }
+    }
+
+    fn dims(sizes: &[&str]) -> Vec<Dim> {
+        sizes.iter().map(|s| s.parse().map(Dim::Known).unwrap_or_else(|_| Dim::Sym(s.to_string()))).collect()
+    }
+
+    #[test]
+    fn reshape_runs_pair_axes_by_size_products() {
+        // Heads: [B,S,H*D] -> [B,S,H,D].
+        assert_eq!(matching_runs(&dims(&["1", "6", "16"]), &dims(&["1", "6", "2", "8"])), Some(vec![(vec![1], vec![1]), (vec![2], vec![2, 3])]));
+        // Flatten after global pooling: size-1 axes carry nothing.
+        assert_eq!(matching_runs(&dims(&["1", "512", "1", "1"]), &dims(&["1", "512"])), Some(vec![(vec![1], vec![1])]));
+        // Flatten of C*H*W.
+        assert_eq!(matching_runs(&dims(&["N", "4", "2", "3"]), &dims(&["N", "24"])), Some(vec![(vec![0], vec![0]), (vec![1, 2, 3], vec![1])]));
+        // A symbol pairs only with itself.
+        assert_eq!(matching_runs(&dims(&["N", "4"]), &dims(&["M", "4"])), None);
+        assert_eq!(matching_runs(&dims(&["2", "3"]), &dims(&["7"])), None);
+    }
+
+    #[test]
+    fn unknown_domains_have_no_rule() {
+        assert!(rule_for("", "Conv").is_some());
+        assert!(rule_for("ai.onnx", "Relu").is_some());
+        assert!(rule_for("com.example", "Relu").is_none());
+        assert!(rule_for("", "LSTM").is_none());
+    }
+}

@@ -183,6 +183,9 @@ fn checked_numel(proto: &proto::TensorProto) -> Result<u64, IrError> {
     if dtype.known().is_none() {
         return Err(tensor_error(proto, format!("has unknown element type code {}", dtype.0)));
     }
+    if dtype.bit_width().is_some() && dtype.packed_bytes(numel).is_none() {
+        return Err(tensor_error(proto, format!("has dims {:?} of {dtype} whose byte size overflows 64 bits", proto.dims)));
+    }
     Ok(numel)
 }
 

@@ -14,7 +14,7 @@ pub enum PassError {
         known: String,
     },
     /// A pass left the graph invalid: a bug in prunec, reported instead of writing a broken model.
-    #[error("pass `{pass}` left an invalid graph: {source}")]
+    #[error("pass `{pass}` left an invalid graph")]
     BrokeGraph {
         /// The pass.
         pass: &'static str,
