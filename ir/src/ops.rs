@@ -167,6 +167,7 @@ pub(crate) const RULES: &[(&str, Rule)] = &[
     ("Cos", unary),
     ("Div", broadcast),
     ("Dropout", unary),
+    ("Einsum", einsum),
     ("Elu", unary),
     ("Equal", broadcast),
     ("Erf", unary),
@@ -174,17 +175,20 @@ pub(crate) const RULES: &[(&str, Rule)] = &[
     ("Expand", expand),
     ("Flatten", reshape),
     ("Floor", unary),
+    ("GRU", gru),
     ("Gather", gather),
     ("Gelu", unary),
     ("Gemm", gemm),
     ("GlobalAveragePool", pool),
     ("GlobalMaxPool", pool),
     ("Greater", broadcast),
+    ("GroupNormalization", group_norm),
     ("HardSigmoid", unary),
     ("HardSwish", unary),
     ("Identity", unary),
     ("InstanceNormalization", instance_norm),
     ("IsNaN", unary),
+    ("LSTM", lstm),
     ("LayerNormalization", layer_norm),
     ("LeakyRelu", unary),
     ("Less", broadcast),
@@ -449,6 +453,116 @@ fn layer_norm(cx: &mut RuleCx) {
     for slot in 1..cx.outputs.len() {
         if let Some(o) = cx.output(slot) {
             cx.freeze(o, None, "has mean/inverse-deviation outputs");
+        }
+    }
+}
+
+/// GroupNormalization: every group must keep the same number of channels, which channel-wise
+/// removal does not guarantee.
+fn group_norm(cx: &mut RuleCx) {
+    cx.freeze_all("normalises channel groups that must stay equal in size (not pruned yet)");
+}
+
+/// Einsum: equal letters are equal axes. A letter in the output is produced (for a constant
+/// operand, its rows are produced channels); a letter only in the inputs is contracted.
+fn einsum(cx: &mut RuleCx) {
+    let equation: String = cx.graph.op(cx.op).attr("equation").map(|a| String::from_utf8_lossy(a.proto.s()).replace(' ', "")).unwrap_or_default();
+    let Some((lhs, rhs)) = equation.split_once("->") else { return cx.freeze_all("has an implicit-output equation (not handled)") };
+    if equation.contains('.') {
+        return cx.freeze_all("has an ellipsis in its equation (not handled)");
+    }
+    let operands: Vec<&str> = lhs.split(',').collect();
+    if operands.len() != cx.inputs.len() || cx.output(0).is_none() {
+        return cx.freeze_all("has an equation that does not match its inputs");
+    }
+    let mut places: Vec<(char, DimRef)> = Vec::new();
+    let mut seen_in_operand = std::collections::BTreeSet::new();
+    for (slot, letters) in operands.iter().enumerate() {
+        let Some(v) = cx.input(slot) else { return cx.freeze_all("has a missing input") };
+        seen_in_operand.clear();
+        for (axis, c) in letters.chars().enumerate() {
+            if !seen_in_operand.insert(c) {
+                return cx.freeze_all("takes a diagonal (repeated letter in one operand)");
+            }
+            places.push((c, (v, axis)));
+        }
+    }
+    let y = cx.output(0).expect("checked above");
+    for (axis, c) in rhs.chars().enumerate() {
+        places.push((c, (y, axis)));
+    }
+    let mut first: std::collections::BTreeMap<char, DimRef> = std::collections::BTreeMap::new();
+    for &(c, dim) in &places {
+        match first.get(&c) {
+            Some(&f) => cx.couple(f, dim),
+            None => {
+                first.insert(c, dim);
+            }
+        }
+    }
+    for (slot, letters) in operands.iter().enumerate() {
+        let Some(v) = cx.input(slot).filter(|&v| cx.is_const(v)) else { continue };
+        for (axis, c) in letters.chars().enumerate() {
+            let role = if rhs.contains(c) { Role::Producer } else { Role::Consumer };
+            cx.weight((v, axis), role);
+        }
+    }
+}
+
+/// LSTM: hidden channel `j` is row `g·H + j` of each gate block of W and R, column `j` of R,
+/// entry `g·H + j` of each of B's eight blocks, and axis `H` of the states and outputs.
+fn lstm(cx: &mut RuleCx) {
+    recurrent(cx, 4);
+}
+
+/// GRU: like LSTM with three gates.
+fn gru(cx: &mut RuleCx) {
+    recurrent(cx, 3);
+}
+
+fn recurrent(cx: &mut RuleCx, gates: usize) {
+    let (Some(x), Some(w), Some(r)) = (cx.input(0), cx.input(1), cx.input(2)) else { return cx.freeze_all("has a missing input") };
+    let Some(hidden) = cx.attr_int("hidden_size").filter(|&h| h > 0).map(|h| h as usize) else { return cx.freeze_all("has no hidden_size") };
+    if !cx.is_const(w) || !cx.is_const(r) || cx.graph.op(cx.op).attr_int("layout").unwrap_or(0) != 0 {
+        return cx.freeze_all("has non-constant weights or a batch-first layout (not handled)");
+    }
+    // The recurrent weight's columns are the hidden channels themselves.
+    let channels = (r, 2);
+    cx.weight(channels, Role::Consumer);
+    cx.couple((x, 2), (w, 2));
+    cx.weight((w, 2), Role::Consumer);
+    for g in 0..gates {
+        cx.offset(channels, (w, 1), g * hidden, 1);
+        cx.offset(channels, (r, 1), g * hidden, 1);
+    }
+    cx.weight((w, 1), Role::Producer);
+    cx.weight((r, 1), Role::Producer);
+    if let Some(b) = cx.input(3) {
+        for g in 0..2 * gates {
+            cx.offset(channels, (b, 1), g * hidden, 1);
+        }
+        cx.weight((b, 1), Role::Param);
+    }
+    if let Some(p) = cx.input(7) {
+        for g in 0..3 {
+            cx.offset(channels, (p, 1), g * hidden, 1);
+        }
+        cx.weight((p, 1), Role::Param);
+    }
+    for slot in [5, 6] {
+        if let Some(state) = cx.input(slot) {
+            cx.couple(channels, (state, 2));
+        }
+    }
+    if let Some(s) = cx.input(4) {
+        cx.freeze(s, None, "reads it as sequence lengths");
+    }
+    if let Some(yall) = cx.output(0) {
+        cx.couple(channels, (yall, 3));
+    }
+    for slot in [1, 2] {
+        if let Some(state) = cx.output(slot) {
+            cx.couple(channels, (state, 2));
         }
     }
 }
@@ -852,6 +966,6 @@ mod tests {
         assert!(rule_for("", "Conv").is_some());
         assert!(rule_for("ai.onnx", "Relu").is_some());
         assert!(rule_for("com.example", "Relu").is_none());
-        assert!(rule_for("", "LSTM").is_none());
+        assert!(rule_for("", "Loop").is_none());
     }
 }
