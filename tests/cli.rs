@@ -15,7 +15,8 @@ use common::prunec;
 use prost::Message;
 use prost::bytes::Bytes;
 use prunec::ir::proto::{
-    self, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    self, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto,
+    ValueInfoProto,
     tensor_proto::{DataLocation, DataType},
     tensor_shape_proto::{Dimension, dimension},
     type_proto,
@@ -42,7 +43,10 @@ fn f32_info(name: &str, shape: &[i64]) -> ValueInfoProto {
     ValueInfoProto {
         name: Some(name.into()),
         r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor { elem_type: Some(DataType::Float as i32), shape: Some(dims(shape)) })),
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(DataType::Float as i32),
+                shape: Some(dims(shape)),
+            })),
             denotation: None,
         }),
         ..Default::default()
@@ -164,8 +168,10 @@ impl Scratch {
     }
 
     fn out_entries(&self) -> Vec<String> {
-        let mut names: Vec<String> =
-            std::fs::read_dir(self.out_dir()).expect("out folder").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(self.out_dir())
+            .expect("out folder")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         names
     }

@@ -18,8 +18,10 @@ fn groups_of(path: &Path) -> Groups {
 fn groups_match_torch_pruning_on_the_reference_models() {
     let shared = common::shared();
     for model in ["resnet18", "mobilenet_v2", "mobilenet_v3_small"] {
-        let reference: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(shared.join(format!("reference/{model}.tp_groups.json"))).expect("reference exists")).expect("json");
+        let reference: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(shared.join(format!("reference/{model}.tp_groups.json"))).expect("reference exists"),
+        )
+        .expect("json");
         let ours = groups_of(&shared.join(format!("models/zoo/{model}.onnx")));
         let prunable: Vec<(u64, BTreeSet<String>)> = ours
             .groups
@@ -76,7 +78,11 @@ fn an_unknown_op_freezes_only_what_it_touches() {
     std::fs::write(&mutated, model.encode_to_vec()).expect("write");
 
     let groups = groups_of(&mutated);
-    let frozen: Vec<_> = groups.groups.iter().filter(|g| g.frozen_reasons.iter().any(|r| r.contains("MysteryActivation") && r.contains(&relu_name))).collect();
+    let frozen: Vec<_> = groups
+        .groups
+        .iter()
+        .filter(|g| g.frozen_reasons.iter().any(|r| r.contains("MysteryActivation") && r.contains(&relu_name)))
+        .collect();
     assert!(!frozen.is_empty(), "the unknown op must freeze its groups and name itself:\n{groups}");
     assert!(frozen.iter().all(|g| !g.prunable));
     assert!(groups.groups.iter().any(|g| g.prunable), "groups the unknown op does not touch stay prunable:\n{groups}");

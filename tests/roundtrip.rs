@@ -53,7 +53,13 @@ fn external_data_layout_follows_the_option() {
     let model = common::root().join("testdata/models/external_data/model.onnx");
     let run = |name: &str, option: &str| {
         let out = scratch.path().join(name);
-        let status = prunec().arg(&model).arg("-o").arg(&out).args(["--passes", "none", "--external-data", option]).status().expect("running prunec");
+        let status = prunec()
+            .arg(&model)
+            .arg("-o")
+            .arg(&out)
+            .args(["--passes", "none", "--external-data", option])
+            .status()
+            .expect("running prunec");
         assert!(status.success());
         let proto = proto::ModelProto::decode(std::fs::read(&out).expect("output").as_slice()).expect("decodes");
         let external = proto.graph.expect("graph").initializer.iter().filter(|t| !t.external_data.is_empty()).count();
@@ -74,7 +80,9 @@ fn check_tract(case: &Case, out: &Path) {
         return;
     }
     let original = original.unwrap_or_else(|e| panic!("{}: tract cannot run the original: {e}", case.name));
-    let written = Plan::from_file(out, &feed).and_then(|p| p.run(&feed)).unwrap_or_else(|e| panic!("{}: tract cannot run the output: {e}", case.name));
+    let written = Plan::from_file(out, &feed)
+        .and_then(|p| p.run(&feed))
+        .unwrap_or_else(|e| panic!("{}: tract cannot run the output: {e}", case.name));
     for ((name, a), (_, b)) in original.values.iter().zip(&written.values) {
         let diff = compare(a, b).expect("same shapes");
         assert_eq!(diff.max_abs, 0.0, "{}: output {name} differs by {}", case.name, diff.max_abs);

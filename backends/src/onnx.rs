@@ -227,11 +227,8 @@ fn emit_tensor(t: &Tensor, policy: ExternalData, data: &mut DataFile) -> proto::
         let entry = |k: &str, v: String| proto::StringStringEntryProto { key: Some(k.into()), value: Some(v) };
         p.raw_data = None;
         p.data_location = Some(DataLocation::External as i32);
-        p.external_data = vec![
-            entry("location", data.location.clone()),
-            entry("offset", offset.to_string()),
-            entry("length", bytes.len().to_string()),
-        ];
+        p.external_data =
+            vec![entry("location", data.location.clone()), entry("offset", offset.to_string()), entry("length", bytes.len().to_string())];
     } else if t.is_external() {
         p.raw_data = t.raw_bytes().cloned();
         p.data_location = None;

@@ -127,7 +127,11 @@ pub fn random_feed(model: &Model, given: Feed, shapes: &BTreeMap<String, Vec<u64
         }
         let dims: Vec<usize> = match shapes.get(&v.name) {
             Some(s) => s.iter().map(|&d| d as usize).collect(),
-            None => v.shape.as_ref().map(|s| s.0.iter().map(|d| if let Dim::Known(n) = d { *n as usize } else { 1 }).collect()).unwrap_or_default(),
+            None => v
+                .shape
+                .as_ref()
+                .map(|s| s.0.iter().map(|d| if let Dim::Known(n) = d { *n as usize } else { 1 }).collect())
+                .unwrap_or_default(),
         };
         let n: usize = dims.iter().product();
         let dtype = v.dtype.unwrap_or(DType::F32);

@@ -18,7 +18,18 @@ pub(crate) fn lift(mut proto: proto::ModelProto, dir: &Path) -> Result<Model, Re
 }
 
 fn lift_graph(g: proto::GraphProto, externals: &mut ExternalData) -> Result<Graph, ReadError> {
-    let proto::GraphProto { node, name, initializer, doc_string, input, output, value_info, quantization_annotation, sparse_initializer, metadata_props } = g;
+    let proto::GraphProto {
+        node,
+        name,
+        initializer,
+        doc_string,
+        input,
+        output,
+        value_info,
+        quantization_annotation,
+        sparse_initializer,
+        metadata_props,
+    } = g;
     reject_nested_external(node.iter())?;
     let mut graph = Graph::new(proto::GraphProto { name, doc_string, quantization_annotation, metadata_props, ..Default::default() });
 
@@ -48,7 +59,18 @@ fn lift_graph(g: proto::GraphProto, externals: &mut ExternalData) -> Result<Grap
     let mut pending = Vec::with_capacity(node.len());
     let mut producers = HashMap::new();
     for (seq, n) in node.into_iter().enumerate() {
-        let proto::NodeProto { input, output, name, op_type, domain, overload, attribute, doc_string, metadata_props, device_configurations } = n;
+        let proto::NodeProto {
+            input,
+            output,
+            name,
+            op_type,
+            domain,
+            overload,
+            attribute,
+            doc_string,
+            metadata_props,
+            device_configurations,
+        } = n;
         let node_name = name.clone().unwrap_or_default();
         let outputs = output
             .iter()
@@ -56,7 +78,8 @@ fn lift_graph(g: proto::GraphProto, externals: &mut ExternalData) -> Result<Grap
                 if o.is_empty() {
                     return Ok(None);
                 }
-                let id = graph.add_value(Value::new(o.clone(), ValueKind::Produced)).map_err(|e| name_producers(e, &producers, &node_name))?;
+                let id =
+                    graph.add_value(Value::new(o.clone(), ValueKind::Produced)).map_err(|e| name_producers(e, &producers, &node_name))?;
                 producers.insert(o.clone(), node_name.clone());
                 Ok(Some(id))
             })

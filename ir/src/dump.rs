@@ -61,8 +61,10 @@ fn dump_graph(graph: &Graph, out: &mut String) {
     };
     for op_id in order {
         let op = graph.op(op_id);
-        let outputs: Vec<String> = graph.op_outputs(op_id).into_iter().map(|o| o.map_or("_".to_string(), |v| typed(graph.value(v)))).collect();
-        let inputs: Vec<String> = graph.op_inputs(op_id).into_iter().map(|i| i.map_or("_".to_string(), |v| format!("%{}", graph.value(v).name))).collect();
+        let outputs: Vec<String> =
+            graph.op_outputs(op_id).into_iter().map(|o| o.map_or("_".to_string(), |v| typed(graph.value(v)))).collect();
+        let inputs: Vec<String> =
+            graph.op_inputs(op_id).into_iter().map(|i| i.map_or("_".to_string(), |v| format!("%{}", graph.value(v).name))).collect();
         let op_type = if op.domain.is_empty() { op.op_type.clone() } else { format!("{}.{}", op.domain, op.op_type) };
         let _ = write!(out, "op     {} = {op_type} {:?} ({})", outputs.join(", "), op.name, inputs.join(", "));
         let captures = graph.op_captures(op_id);

@@ -400,7 +400,8 @@ impl Graph {
 
     /// Every use of a value: the op and how it reads it, in a deterministic order.
     pub fn consumers(&self, id: ValueId) -> Vec<(OpId, Edge)> {
-        let mut uses: Vec<(OpId, Edge)> = self.dag.edges_directed(id.0, Direction::Outgoing).map(|e| (OpId(e.target()), *e.weight())).collect();
+        let mut uses: Vec<(OpId, Edge)> =
+            self.dag.edges_directed(id.0, Direction::Outgoing).map(|e| (OpId(e.target()), *e.weight())).collect();
         uses.sort_by_key(|(op, edge)| (self.op(*op).seq, edge_order(edge)));
         uses
     }
@@ -461,10 +462,7 @@ impl Graph {
 
     /// One entry per edge from a produced value into the op (an op reading a value twice counts twice).
     fn op_dependencies(&self, op: OpId) -> Vec<OpId> {
-        self.dag
-            .edges_directed(op.0, Direction::Incoming)
-            .filter_map(|e| self.producer(ValueId(e.source())).map(|(p, _)| p))
-            .collect()
+        self.dag.edges_directed(op.0, Direction::Incoming).filter_map(|e| self.producer(ValueId(e.source())).map(|(p, _)| p)).collect()
     }
 
     /// Removes an op, leaving its outputs without a producer.

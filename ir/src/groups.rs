@@ -293,7 +293,8 @@ pub fn analyse(graph: &Graph) -> Groups {
     for (d, slice) in weights {
         slices_of.entry(d).or_default().push(slice);
     }
-    let is_float = |w: &WeightSlice| graph.value_by_name(&w.weight).and_then(|v| constant_tensor(graph, v)).is_some_and(|t| t.dtype().is_float());
+    let is_float =
+        |w: &WeightSlice| graph.value_by_name(&w.weight).and_then(|v| constant_tensor(graph, v)).is_some_and(|t| t.dtype().is_float());
 
     struct Pending {
         key: Vec<usize>,

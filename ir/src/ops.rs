@@ -43,12 +43,32 @@ pub enum Role {
 pub(crate) enum Fact {
     Couple(DimRef, DimRef, OpId),
     /// `part[i]` is `whole[start + i·step]`, for every `i` of `part`.
-    Offset { part: DimRef, whole: DimRef, start: usize, step: usize, op: OpId },
+    Offset {
+        part: DimRef,
+        whole: DimRef,
+        start: usize,
+        step: usize,
+        op: OpId,
+    },
     /// `fine[f]` is `coarse[f / block]`: the coarse axis was merged with inner axes of total size
     /// `block` (Flatten, heads `H·D`); removing a coarse channel removes a block of fine ones.
-    Block { fine: DimRef, coarse: DimRef, block: usize, op: OpId },
-    Weight { dim: DimRef, role: Role, op: OpId },
-    Freeze { value: ValueId, axis: Option<usize>, reason: String, op: Option<OpId> },
+    Block {
+        fine: DimRef,
+        coarse: DimRef,
+        block: usize,
+        op: OpId,
+    },
+    Weight {
+        dim: DimRef,
+        role: Role,
+        op: OpId,
+    },
+    Freeze {
+        value: ValueId,
+        axis: Option<usize>,
+        reason: String,
+        op: Option<OpId>,
+    },
 }
 
 /// What a rule sees of one op, and where it writes its facts.
@@ -127,7 +147,8 @@ impl RuleCx<'_> {
 
     /// Freezes every axis of every input, output and captured value of the op.
     pub(crate) fn freeze_all(&mut self, why: &str) {
-        let values: Vec<ValueId> = self.inputs.iter().chain(&self.outputs).flatten().copied().chain(self.graph.op_captures(self.op)).collect();
+        let values: Vec<ValueId> =
+            self.inputs.iter().chain(&self.outputs).flatten().copied().chain(self.graph.op_captures(self.op)).collect();
         for v in values {
             self.freeze(v, None, why);
         }
@@ -371,7 +392,8 @@ fn gemm(cx: &mut RuleCx) {
         cx.weight((b, b_n), Role::Producer);
     }
     if cx.inputs.len() > 2 {
-        let mut sub = RuleCx { graph: cx.graph, op: cx.op, inputs: vec![cx.output(0), cx.input(2)], outputs: vec![cx.output(0)], facts: Vec::new() };
+        let mut sub =
+            RuleCx { graph: cx.graph, op: cx.op, inputs: vec![cx.output(0), cx.input(2)], outputs: vec![cx.output(0)], facts: Vec::new() };
         broadcast(&mut sub);
         cx.facts.extend(sub.facts);
     }
@@ -380,7 +402,9 @@ fn gemm(cx: &mut RuleCx) {
 /// MatMul with numpy semantics: `[..., M, K]·[..., K, N]`; batch axes broadcast.
 fn matmul(cx: &mut RuleCx) {
     let (Some(a), Some(b), Some(y)) = (cx.input(0), cx.input(1), cx.output(0)) else { return cx.freeze_all("has a missing input") };
-    let (Some(ra), Some(rb), Some(ry)) = (cx.rank(a), cx.rank(b), cx.rank(y)) else { return cx.freeze_all("has an operand of unknown rank") };
+    let (Some(ra), Some(rb), Some(ry)) = (cx.rank(a), cx.rank(b), cx.rank(y)) else {
+        return cx.freeze_all("has an operand of unknown rank");
+    };
     if ra < 2 || rb < 2 {
         return cx.freeze_all("multiplies a vector (rank-1 MatMul is not handled)");
     }
@@ -466,7 +490,8 @@ fn group_norm(cx: &mut RuleCx) {
 /// Einsum: equal letters are equal axes. A letter in the output is produced (for a constant
 /// operand, its rows are produced channels); a letter only in the inputs is contracted.
 fn einsum(cx: &mut RuleCx) {
-    let equation: String = cx.graph.op(cx.op).attr("equation").map(|a| String::from_utf8_lossy(a.proto.s()).replace(' ', "")).unwrap_or_default();
+    let equation: String =
+        cx.graph.op(cx.op).attr("equation").map(|a| String::from_utf8_lossy(a.proto.s()).replace(' ', "")).unwrap_or_default();
     let Some((lhs, rhs)) = equation.split_once("->") else { return cx.freeze_all("has an implicit-output equation (not handled)") };
     if equation.contains('.') {
         return cx.freeze_all("has an ellipsis in its equation (not handled)");
@@ -522,7 +547,9 @@ fn gru(cx: &mut RuleCx) {
 
 fn recurrent(cx: &mut RuleCx, gates: usize) {
     let (Some(x), Some(w), Some(r)) = (cx.input(0), cx.input(1), cx.input(2)) else { return cx.freeze_all("has a missing input") };
-    let Some(hidden) = cx.attr_int("hidden_size").filter(|&h| h > 0).map(|h| h as usize) else { return cx.freeze_all("has no hidden_size") };
+    let Some(hidden) = cx.attr_int("hidden_size").filter(|&h| h > 0).map(|h| h as usize) else {
+        return cx.freeze_all("has no hidden_size");
+    };
     if !cx.is_const(w) || !cx.is_const(r) || cx.graph.op(cx.op).attr_int("layout").unwrap_or(0) != 0 {
         return cx.freeze_all("has non-constant weights or a batch-first layout (not handled)");
     }
@@ -690,7 +717,9 @@ fn slice(cx: &mut RuleCx) {
             cx.freeze(v, None, "reads it as slice bounds");
         }
     }
-    let (Some(starts), Some(_)) = (cx.const_ints(1), cx.const_ints(2)) else { return cx.freeze_all("slices with bounds that are not constant") };
+    let (Some(starts), Some(_)) = (cx.const_ints(1), cx.const_ints(2)) else {
+        return cx.freeze_all("slices with bounds that are not constant");
+    };
     let axes: Option<Vec<usize>> = match cx.input(3) {
         Some(_) => cx.const_ints(3).and_then(|a| a.iter().map(|&a| normalize_axis(a, rank)).collect()),
         None => Some((0..starts.len()).collect()),
@@ -782,10 +811,15 @@ fn reduce(cx: &mut RuleCx) {
     };
     let Some(axes) = axes else { return cx.freeze_all("has an invalid axis") };
     let keep = cx.attr_int("keepdims").unwrap_or(1) != 0;
+    // A decomposed LayerNorm/RMSNorm statistic behaves like the fused op: the reduced axis
+    // passes through the normalisation (shapes stay valid), only the statistics change.
+    let statistic = keep && axes == [rank - 1] && is_norm_statistic(cx, x, y);
     let mut out_axis = 0;
     for a in 0..rank {
         if axes.contains(&a) {
-            cx.freeze(x, Some(a), "reduces over this axis");
+            if !statistic {
+                cx.freeze(x, Some(a), "reduces over this axis");
+            }
             if keep {
                 out_axis += 1;
             }
@@ -797,6 +831,29 @@ fn reduce(cx: &mut RuleCx) {
     if let Some(v) = cx.input(1) {
         cx.freeze(v, None, "reads it as axes");
     }
+}
+
+/// Whether `y = ReduceMean(x)` over the last axis is the mean or the variance of a decomposed
+/// normalisation: the mean is subtracted from `x` itself, or `x` is a square (`Pow(·, 2)`,
+/// `Mul(a, a)`) whose mean feeds a division or reciprocal.
+fn is_norm_statistic(cx: &RuleCx, x: ValueId, y: ValueId) -> bool {
+    let graph = cx.graph;
+    if graph.op(cx.op).op_type != "ReduceMean" {
+        return false;
+    }
+    let centers_input = graph.consumers(y).iter().any(|&(op, _)| graph.op(op).op_type == "Sub" && graph.op_input(op, 0) == Some(x));
+    let squared = graph.producer(x).is_some_and(|(op, _)| {
+        let o = graph.op(op);
+        let two = || {
+            graph
+                .op_input(op, 1)
+                .and_then(|v| crate::groups::constant_tensor(graph, v))
+                .and_then(|t| t.to_f64_vec())
+                .is_some_and(|v| v == [2.0])
+        };
+        (o.op_type == "Pow" && two()) || (o.op_type == "Mul" && graph.op_input(op, 0) == graph.op_input(op, 1))
+    });
+    centers_input || squared
 }
 
 /// Shape: the sizes it reads must not change. When every reader of the shape picks entries
@@ -951,11 +1008,17 @@ mod tests {
     #[test]
     fn reshape_runs_pair_axes_by_size_products() {
         // Heads: [B,S,H*D] -> [B,S,H,D].
-        assert_eq!(matching_runs(&dims(&["1", "6", "16"]), &dims(&["1", "6", "2", "8"])), Some(vec![(vec![1], vec![1]), (vec![2], vec![2, 3])]));
+        assert_eq!(
+            matching_runs(&dims(&["1", "6", "16"]), &dims(&["1", "6", "2", "8"])),
+            Some(vec![(vec![1], vec![1]), (vec![2], vec![2, 3])])
+        );
         // Flatten after global pooling: size-1 axes carry nothing.
         assert_eq!(matching_runs(&dims(&["1", "512", "1", "1"]), &dims(&["1", "512"])), Some(vec![(vec![1], vec![1])]));
         // Flatten of C*H*W.
-        assert_eq!(matching_runs(&dims(&["N", "4", "2", "3"]), &dims(&["N", "24"])), Some(vec![(vec![0], vec![0]), (vec![1, 2, 3], vec![1])]));
+        assert_eq!(
+            matching_runs(&dims(&["N", "4", "2", "3"]), &dims(&["N", "24"])),
+            Some(vec![(vec![0], vec![0]), (vec![1, 2, 3], vec![1])])
+        );
         // A symbol pairs only with itself.
         assert_eq!(matching_runs(&dims(&["N", "4"]), &dims(&["M", "4"])), None);
         assert_eq!(matching_runs(&dims(&["2", "3"]), &dims(&["7"])), None);

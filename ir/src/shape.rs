@@ -44,7 +44,20 @@ impl DType {
         use proto::tensor_proto::DataType as T;
         matches!(
             self.known(),
-            Some(T::Float | T::Double | T::Float16 | T::Bfloat16 | T::Float8e4m3fn | T::Float8e4m3fnuz | T::Float8e5m2 | T::Float8e5m2fnuz | T::Float8e8m0 | T::Float4e2m1 | T::Float6e2m3 | T::Float6e3m2)
+            Some(
+                T::Float
+                    | T::Double
+                    | T::Float16
+                    | T::Bfloat16
+                    | T::Float8e4m3fn
+                    | T::Float8e4m3fnuz
+                    | T::Float8e5m2
+                    | T::Float8e5m2fnuz
+                    | T::Float8e8m0
+                    | T::Float4e2m1
+                    | T::Float6e2m3
+                    | T::Float6e3m2
+            )
         )
     }
 

@@ -133,7 +133,17 @@ impl Tensor {
 
     /// The values as i64, for integer tensors (shapes, axes, indices).
     pub fn to_i64_vec(&self) -> Option<Vec<i64>> {
-        if !matches!(self.dtype().known()?, DataType::Int64 | DataType::Int32 | DataType::Int16 | DataType::Int8 | DataType::Uint8 | DataType::Uint16 | DataType::Uint32 | DataType::Bool) {
+        if !matches!(
+            self.dtype().known()?,
+            DataType::Int64
+                | DataType::Int32
+                | DataType::Int16
+                | DataType::Int8
+                | DataType::Uint8
+                | DataType::Uint16
+                | DataType::Uint32
+                | DataType::Bool
+        ) {
             return None;
         }
         if self.dtype() == DType::I64 && self.raw_bytes().is_none() {

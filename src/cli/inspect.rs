@@ -45,12 +45,7 @@ pub(super) fn run(a: &InspectArgs) -> Result<()> {
         unknown_shapes: loaded.inference.unknown.len(),
         stats,
     };
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        print!("{}", text(&summary));
-    }
-    Ok(())
+    if a.json { super::emit(&format!("{}\n", serde_json::to_string_pretty(&summary)?)) } else { super::emit(&text(&summary)) }
 }
 
 fn ports(model: &Model, ids: &[prunec::ir::ValueId], skip_initializers: bool) -> Vec<Port> {

@@ -16,35 +16,40 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Inspect(a)) => inspect::run(&a),
         Some(Command::Dump(a)) => {
             let loaded = load(&a.model, &a.input_shapes)?;
-            print!("{}", prunec::ir::dump(&loaded.model));
-            Ok(())
+            emit(&prunec::ir::dump(&loaded.model))
         }
         Some(Command::Groups(a)) => {
             let loaded = load(&a.model, &a.input_shapes)?;
             let groups = prunec::ir::analyse_groups(&loaded.model.graph);
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&groups)?);
-            } else {
-                print!("{groups}");
-            }
-            Ok(())
+            if a.json { emit(&format!("{}\n", serde_json::to_string_pretty(&groups)?)) } else { emit(&groups.to_string()) }
         }
         Some(Command::Passes) => {
-            for r in prunec::passes::REGISTRY {
-                println!("{:<12} {}", r.name, r.summary);
-            }
-            Ok(())
+            let list: String = prunec::passes::REGISTRY.iter().map(|r| format!("{:<12} {}\n", r.name, r.summary)).collect();
+            emit(&list)
         }
         None => compile(&cli.compile),
     }
 }
 
+/// Writes a command's report to stdout. A closed pipe (`prunec dump m.onnx | head`) ends the
+/// output quietly instead of failing.
+pub(crate) fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
+    }
+}
+
 /// Reads a model, with shape inference at the given input shapes.
 pub(crate) fn load(path: &Path, input_shapes: &[String]) -> Result<Loaded> {
-    let mut loaded = read_model(path, &ReadOptions { infer_shapes: input_shapes.is_empty() }).with_context(|| format!("reading `{}`", path.display()))?;
+    let mut loaded = read_model(path, &ReadOptions { infer_shapes: input_shapes.is_empty() })
+        .with_context(|| format!("reading `{}`", path.display()))?;
     if !input_shapes.is_empty() {
         let graph = &loaded.model.graph;
-        let names: Vec<String> = graph.inputs.iter().filter(|&&v| graph.value(v).initializer().is_none()).map(|&v| graph.value(v).name.clone()).collect();
+        let names: Vec<String> =
+            graph.inputs.iter().filter(|&&v| graph.value(v).initializer().is_none()).map(|&v| graph.value(v).name.clone()).collect();
         let shapes = args::input_shapes(input_shapes, &names)?;
         loaded.infer_shapes(&shapes);
     }
@@ -59,9 +64,11 @@ fn compile(a: &CompileArgs) -> Result<()> {
     let passes = prunec::passes::parse_pipeline(&a.passes)?;
     let mut loaded = load(model_path, &[])?;
     let before = model_stats(&loaded.model);
-    let runs = prunec::passes::run_pipeline(&mut loaded.model, &passes).with_context(|| format!("optimising `{}`", model_path.display()))?;
+    let runs =
+        prunec::passes::run_pipeline(&mut loaded.model, &passes).with_context(|| format!("optimising `{}`", model_path.display()))?;
     let after = model_stats(&loaded.model);
-    let written = write_model(&loaded.model, output, &WriteOptions { external_data: a.external_data }).with_context(|| format!("writing `{}`", output.display()))?;
+    let written = write_model(&loaded.model, output, &WriteOptions { external_data: a.external_data })
+        .with_context(|| format!("writing `{}`", output.display()))?;
     for run in &runs {
         eprintln!(
             "pass {:<12} removed {} ops, {} values in {:.1} ms",
@@ -83,4 +90,3 @@ fn compile(a: &CompileArgs) -> Result<()> {
     );
     Ok(())
 }
-

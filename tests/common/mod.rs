@@ -89,7 +89,12 @@ pub fn testdata_cases() -> Vec<Case> {
         case("conv_residual", "conv_residual.onnx", vec![], None),
         case("dead_code", "dead_code.onnx", vec![], None),
         case("depthwise", "depthwise.onnx", vec![], None),
-        case("exotic", "exotic.onnx", vec![input("x", "float32", &[2, 4], None)], Some("tract has no Sequence ops and does not expand model-local functions")),
+        case(
+            "exotic",
+            "exotic.onnx",
+            vec![input("x", "float32", &[2, 4], None)],
+            Some("tract has no Sequence ops and does not expand model-local functions"),
+        ),
         case("external_data", "external_data/model.onnx", vec![], None),
         case("if_subgraph_then", "if_subgraph.onnx", vec![input("cond", "bool", &[], Some(1.0))], None),
         case("if_subgraph_else", "if_subgraph.onnx", vec![input("cond", "bool", &[], Some(0.0))], None),
@@ -101,7 +106,17 @@ pub fn shared_cases() -> Vec<Case> {
     let shared = shared();
     let models = shared.join("models");
     let mut cases = Vec::new();
-    for name in ["mobilenet_v2", "mobilenet_v3_small", "resnet18", "shufflenet_v2_x0_5", "tiny_bert", "tiny_flux", "tiny_qwenimage", "tiny_sd3", "tiny_vit"] {
+    for name in [
+        "mobilenet_v2",
+        "mobilenet_v3_small",
+        "resnet18",
+        "shufflenet_v2_x0_5",
+        "tiny_bert",
+        "tiny_flux",
+        "tiny_qwenimage",
+        "tiny_sd3",
+        "tiny_vit",
+    ] {
         cases.push(Case {
             name: name.to_string(),
             path: models.join(format!("zoo/{name}.onnx")),
@@ -125,17 +140,27 @@ pub fn shared_cases() -> Vec<Case> {
         tract_unsupported: None,
     });
     cases.push(Case {
-        tract_unsupported: Some("tract's If requires both branches to have the same output facts; silero's 8 kHz and 16 kHz branches differ in rank"),
+        tract_unsupported: Some(
+            "tract's If requires both branches to have the same output facts; silero's 8 kHz and 16 kHz branches differ in rank",
+        ),
         ..real(
             "silero_vad_op15",
             "silero/silero_vad_16k_op15.onnx",
-            vec![input("input", "float32", &[1, 512], None), input("state", "float32", &[2, 1, 128], Some(0.0)), input("sr", "int64", &[], Some(16000.0))],
+            vec![
+                input("input", "float32", &[1, 512], None),
+                input("state", "float32", &[2, 1, 128], Some(0.0)),
+                input("sr", "int64", &[], Some(16000.0)),
+            ],
         )
     });
     cases.push(real(
         "silero_vad_sequence",
         "silero/silero_vad_16k_sequence.onnx",
-        vec![input("input", "float32", &[2, 576], None), input("h", "float32", &[1, 1, 128], Some(0.0)), input("c", "float32", &[1, 1, 128], Some(0.0))],
+        vec![
+            input("input", "float32", &[2, 576], None),
+            input("h", "float32", &[1, 1, 128], Some(0.0)),
+            input("c", "float32", &[1, 1, 128], Some(0.0)),
+        ],
     ));
     cases
 }

@@ -14,9 +14,8 @@ use anyhow::{Context, Result, ensure};
 use bytes::Bytes;
 use prost::Message;
 use prunec_ir::proto::{
-    AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
-    SparseTensorProto, StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto,
-    ValueInfoProto,
+    AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, SparseTensorProto, StringStringEntryProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
     attribute_proto::AttributeType,
     tensor_proto::{DataLocation, DataType},
     tensor_shape_proto::{Dimension, dimension},
@@ -38,22 +37,11 @@ const EXTERNAL_MIN_ELEMS: i64 = 32;
 /// Writes every synthetic test model to `<root>/testdata/models/`.
 pub fn run(root: &Path) -> Result<()> {
     let dir = root.join("testdata/models");
-    let builders: [fn() -> Result<ModelProto>; 7] = [
-        conv_residual,
-        depthwise,
-        concat_split,
-        attention,
-        if_subgraph,
-        dead_code,
-        exotic,
-    ];
+    let builders: [fn() -> Result<ModelProto>; 7] = [conv_residual, depthwise, concat_split, attention, if_subgraph, dead_code, exotic];
     for build in builders {
         let model = build()?;
         let graph = model.graph.as_ref().expect("every builder sets a graph");
-        write(
-            &dir.join(format!("{}.onnx", graph.name())),
-            &model.encode_to_vec(),
-        )?;
+        write(&dir.join(format!("{}.onnx", graph.name())), &model.encode_to_vec())?;
     }
 
     let (model, data) = external_data()?;
@@ -90,11 +78,7 @@ fn conv_residual() -> Result<ModelProto> {
     let h = g.op("/block1/relu2", "Relu", &[&h], vec![]);
 
     // No bias before batch norm, as PyTorch models are written: the norm's shift subsumes it.
-    let h = g.conv(
-        "/down/conv",
-        &h,
-        Conv::new(8, 16, 3).stride(2).without_bias(),
-    );
+    let h = g.conv("/down/conv", &h, Conv::new(8, 16, 3).stride(2).without_bias());
     let h = g.batch_norm("/down/bn", &h, 16);
     let h = g.op("/down/relu", "Relu", &[&h], vec![]);
 
@@ -159,38 +143,19 @@ fn attention() -> Result<ModelProto> {
 
     // One shape constant serves all three head splits, so pruning heads must rewrite it once
     // for all of them; 0 copies the batch dimension, as exporters write it.
-    let heads_shape = g.initializer(tensor_i64(
-        "attn.heads_shape",
-        &[4],
-        &[0, SEQ, HEADS, HEAD_DIM],
-    ));
+    let heads_shape = g.initializer(tensor_i64("attn.heads_shape", &[4], &[0, SEQ, HEADS, HEAD_DIM]));
     let q = split_heads(&mut g, "q", &x, &heads_shape, DIM);
     let k = split_heads(&mut g, "k", &x, &heads_shape, DIM);
     let v = split_heads(&mut g, "v", &x, &heads_shape, DIM);
-    let k_t = g.op(
-        "/attn/k_t",
-        "Transpose",
-        &[&k],
-        vec![attr_ints("perm", &[0, 1, 3, 2])],
-    );
+    let k_t = g.op("/attn/k_t", "Transpose", &[&k], vec![attr_ints("perm", &[0, 1, 3, 2])]);
 
     let scale = g.initializer(tensor_f32("attn.scale", &[], &[(HEAD_DIM as f32).sqrt()]));
     let scores = g.op("/attn/scores", "MatMul", &[&q, &k_t], vec![]);
     let scores = g.op("/attn/scores", "Div", &[&scores, &scale], vec![]);
-    let probs = g.op(
-        "/attn/scores",
-        "Softmax",
-        &[&scores],
-        vec![attr_int("axis", -1)],
-    );
+    let probs = g.op("/attn/scores", "Softmax", &[&scores], vec![attr_int("axis", -1)]);
 
     let ctx = g.op("/attn/context", "MatMul", &[&probs, &v], vec![]);
-    let ctx = g.op(
-        "/attn/context",
-        "Transpose",
-        &[&ctx],
-        vec![attr_ints("perm", &[0, 2, 1, 3])],
-    );
+    let ctx = g.op("/attn/context", "Transpose", &[&ctx], vec![attr_ints("perm", &[0, 2, 1, 3])]);
     let merged_shape = g.initializer(tensor_i64("attn.merged_shape", &[3], &[1, SEQ, DIM]));
     let ctx = g.op("/attn/context", "Reshape", &[&ctx, &merged_shape], vec![]);
     let attn = g.linear("/attn/out_proj", &ctx, DIM, DIM);
@@ -210,12 +175,7 @@ fn split_heads(g: &mut GraphBuilder, name: &str, x: &str, heads_shape: &str, dim
     let h = g.linear(&format!("/attn/{name}_proj"), x, dim, dim);
     let scope = format!("/attn/{name}");
     let h = g.op(&scope, "Reshape", &[&h, heads_shape], vec![]);
-    g.op(
-        &scope,
-        "Transpose",
-        &[&h],
-        vec![attr_ints("perm", &[0, 2, 1, 3])],
-    )
+    g.op(&scope, "Transpose", &[&h], vec![attr_ints("perm", &[0, 2, 1, 3])])
 }
 
 /// An `If` whose branches are single MatMuls. The then branch reads its weight from the main
@@ -236,10 +196,7 @@ fn if_subgraph() -> Result<ModelProto> {
     let y = else_branch.op("/If/else_branch", "MatMul", &[&h, &w_else], vec![]);
     else_branch.output(&y, "else_out", DataType::Float, &[1, 3]);
 
-    let branches = vec![
-        attr_graph("then_branch", then_branch.finish()?),
-        attr_graph("else_branch", else_branch.finish()?),
-    ];
+    let branches = vec![attr_graph("then_branch", then_branch.finish()?), attr_graph("else_branch", else_branch.finish()?)];
     let y = g.op("", "If", &[&cond], branches);
     g.output(&y, "y", DataType::Float, &[1, 3]);
     Ok(model(g.finish()?, &[]))
@@ -266,14 +223,8 @@ fn dead_code() -> Result<ModelProto> {
 fn exotic() -> Result<ModelProto> {
     const CUSTOM: &str = "com.example";
     let mut g = GraphBuilder::new("exotic");
-    let batch = Dimension {
-        denotation: Some("DATA_BATCH".into()),
-        value: Some(dimension::Value::DimParam("batch".into())),
-    };
-    let feature = Dimension {
-        denotation: Some("DATA_FEATURE".into()),
-        ..dim(4)
-    };
+    let batch = Dimension { denotation: Some("DATA_BATCH".into()), value: Some(dimension::Value::DimParam("batch".into())) };
+    let feature = Dimension { denotation: Some("DATA_FEATURE".into()), ..dim(4) };
     let row = tensor_type(DataType::Float, vec![batch, feature]);
     g.graph.input.push(ValueInfoProto {
         name: Some("x".into()),
@@ -282,37 +233,18 @@ fn exotic() -> Result<ModelProto> {
         metadata_props: vec![entry("unit", "none"), entry("range", "[-1, 1]")],
     });
 
-    let mut scale = node(
-        "Scale2",
-        "/scale/Scale2",
-        &["x"],
-        &["/scale/Scale2_output_0"],
-        vec![],
-    );
+    let mut scale = node("Scale2", "/scale/Scale2", &["x"], &["/scale/Scale2_output_0"], vec![]);
     scale.domain = Some(CUSTOM.into());
     scale.doc_string = Some("Calls the model-local function com.example.Scale2.".into());
     scale.metadata_props = vec![entry("pytorch.module", "scale")];
     g.graph.node.push(scale);
 
-    let seq = g.op(
-        "/seq",
-        "SequenceConstruct",
-        &["/scale/Scale2_output_0", "x"],
-        vec![],
-    );
+    let seq = g.op("/seq", "SequenceConstruct", &["/scale/Scale2_output_0", "x"], vec![]);
     let seq_type = TypeProto {
         denotation: None,
-        value: Some(type_proto::Value::SequenceType(Box::new(
-            type_proto::Sequence {
-                elem_type: Some(Box::new(row.clone())),
-            },
-        ))),
+        value: Some(type_proto::Value::SequenceType(Box::new(type_proto::Sequence { elem_type: Some(Box::new(row.clone())) }))),
     };
-    g.graph.value_info.push(ValueInfoProto {
-        name: Some(seq.clone()),
-        r#type: Some(seq_type),
-        ..Default::default()
-    });
+    g.graph.value_info.push(ValueInfoProto { name: Some(seq.clone()), r#type: Some(seq_type), ..Default::default() });
 
     // The typed repeated fields rather than raw_data: readers must handle both encodings.
     let index = g.initializer(TensorProto {
@@ -355,13 +287,7 @@ fn exotic() -> Result<ModelProto> {
         input: vec!["X".into()],
         output: vec!["Y".into()],
         node: vec![
-            node(
-                "Constant",
-                "Scale2/Constant",
-                &[],
-                &["two"],
-                vec![attr_tensor("value", tensor_f32("two", &[], &[2.0]))],
-            ),
+            node("Constant", "Scale2/Constant", &[], &["two"], vec![attr_tensor("value", tensor_f32("two", &[], &[2.0]))]),
             node("Mul", "Scale2/Mul", &["X", "two"], &["Y"], vec![]),
         ],
         opset_import: vec![opset("", OPSET)],
@@ -373,10 +299,7 @@ fn exotic() -> Result<ModelProto> {
     model.doc_string = Some("Synthetic model exercising rarely used ONNX fields.".into());
     model.domain = Some("com.example.prunec".into());
     model.model_version = Some(3);
-    model.metadata_props = vec![
-        entry("author", PRODUCER),
-        entry("license", "MIT OR Apache-2.0"),
-    ];
+    model.metadata_props = vec![entry("author", PRODUCER), entry("license", "MIT OR Apache-2.0")];
     model.functions = vec![scale2];
     Ok(model)
 }
@@ -404,15 +327,9 @@ fn externalize(graph: &mut GraphProto, location: &str, min_elems: i64) -> Vec<u8
         if t.dims.iter().product::<i64>() < min_elems {
             continue;
         }
-        let raw = t
-            .raw_data
-            .take()
-            .expect("the builder stores every initializer as raw_data");
-        t.external_data = vec![
-            entry("location", location),
-            entry("offset", &data.len().to_string()),
-            entry("length", &raw.len().to_string()),
-        ];
+        let raw = t.raw_data.take().expect("the builder stores every initializer as raw_data");
+        t.external_data =
+            vec![entry("location", location), entry("offset", &data.len().to_string()), entry("length", &raw.len().to_string())];
         t.data_location = Some(DataLocation::External as i32);
         data.extend_from_slice(&raw);
     }
@@ -437,14 +354,7 @@ struct Conv {
 
 impl Conv {
     fn new(cin: i64, cout: i64, k: i64) -> Conv {
-        Conv {
-            cin,
-            cout,
-            k,
-            stride: 1,
-            group: 1,
-            bias: true,
-        }
+        Conv { cin, cout, k, stride: 1, group: 1, bias: true }
     }
 
     fn stride(self, stride: i64) -> Conv {
@@ -452,17 +362,11 @@ impl Conv {
     }
 
     fn depthwise(self) -> Conv {
-        Conv {
-            group: self.cin,
-            ..self
-        }
+        Conv { group: self.cin, ..self }
     }
 
     fn without_bias(self) -> Conv {
-        Conv {
-            bias: false,
-            ..self
-        }
+        Conv { bias: false, ..self }
     }
 }
 
@@ -477,32 +381,19 @@ struct GraphBuilder {
 
 impl GraphBuilder {
     fn new(name: &str) -> GraphBuilder {
-        GraphBuilder {
-            graph: GraphProto {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            rng: Rng::seeded(name),
-        }
+        GraphBuilder { graph: GraphProto { name: Some(name.into()), ..Default::default() }, rng: Rng::seeded(name) }
     }
 
     /// Declares a graph input of a fully known tensor type and returns its name.
     fn input(&mut self, name: &str, elem: DataType, dims: &[i64]) -> String {
-        self.graph.input.push(value_info(
-            name,
-            tensor_type(elem, dims.iter().map(|&d| dim(d)).collect()),
-        ));
+        self.graph.input.push(value_info(name, tensor_type(elem, dims.iter().map(|&d| dim(d)).collect())));
         name.into()
     }
 
     /// Makes `value` a graph output called `name`. The producer's output is renamed rather than
     /// copied through an Identity, as the PyTorch exporter does.
     fn output(&mut self, value: &str, name: &str, elem: DataType, dims: &[i64]) {
-        self.output_typed(
-            value,
-            name,
-            tensor_type(elem, dims.iter().map(|&d| dim(d)).collect()),
-        );
+        self.output_typed(value, name, tensor_type(elem, dims.iter().map(|&d| dim(d)).collect()));
     }
 
     fn output_typed(&mut self, value: &str, name: &str, ty: TypeProto) {
@@ -530,52 +421,29 @@ impl GraphBuilder {
     }
 
     fn random(&mut self, name: &str, dims: &[i64], lo: f32, hi: f32) -> String {
-        let data: Vec<f32> = (0..dims.iter().product())
-            .map(|_| self.rng.uniform(lo, hi))
-            .collect();
+        let data: Vec<f32> = (0..dims.iter().product()).map(|_| self.rng.uniform(lo, hi)).collect();
         self.initializer(tensor_f32(name, dims, &data))
     }
 
     /// Appends a node named `<scope>/<op_type>` with `outputs` outputs and returns their names.
-    fn node(
-        &mut self,
-        scope: &str,
-        op_type: &str,
-        inputs: &[&str],
-        outputs: usize,
-        attrs: Vec<AttributeProto>,
-    ) -> Vec<String> {
+    fn node(&mut self, scope: &str, op_type: &str, inputs: &[&str], outputs: usize, attrs: Vec<AttributeProto>) -> Vec<String> {
         let name = format!("{scope}/{op_type}");
         let outputs: Vec<String> = (0..outputs).map(|i| format!("{name}_output_{i}")).collect();
         let output_refs: Vec<&str> = outputs.iter().map(String::as_str).collect();
-        self.graph
-            .node
-            .push(node(op_type, &name, inputs, &output_refs, attrs));
+        self.graph.node.push(node(op_type, &name, inputs, &output_refs, attrs));
         outputs
     }
 
     /// Appends a single-output node and returns its output's name.
-    fn op(
-        &mut self,
-        scope: &str,
-        op_type: &str,
-        inputs: &[&str],
-        attrs: Vec<AttributeProto>,
-    ) -> String {
+    fn op(&mut self, scope: &str, op_type: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
         self.node(scope, op_type, inputs, 1, attrs).remove(0)
     }
 
     fn conv(&mut self, scope: &str, x: &str, c: Conv) -> String {
         let prefix = param_prefix(scope);
         let fan_in = c.cin / c.group * c.k * c.k;
-        let weight = self.param(
-            &format!("{prefix}.weight"),
-            &[c.cout, c.cin / c.group, c.k, c.k],
-            fan_in,
-        );
-        let bias = c
-            .bias
-            .then(|| self.param(&format!("{prefix}.bias"), &[c.cout], fan_in));
+        let weight = self.param(&format!("{prefix}.weight"), &[c.cout, c.cin / c.group, c.k, c.k], fan_in);
+        let bias = c.bias.then(|| self.param(&format!("{prefix}.bias"), &[c.cout], fan_in));
         let mut inputs = vec![x, weight.as_str()];
         inputs.extend(bias.as_deref());
         let pad = c.k / 2;
@@ -599,22 +467,13 @@ impl GraphBuilder {
         let mean = self.random(&format!("{prefix}.running_mean"), c, -0.1, 0.1);
         let var = self.random(&format!("{prefix}.running_var"), c, 0.5, 1.5);
         let attrs = vec![attr_float("epsilon", 1e-5), attr_float("momentum", 0.9)];
-        self.op(
-            scope,
-            "BatchNormalization",
-            &[x, &scale, &bias, &mean, &var],
-            attrs,
-        )
+        self.op(scope, "BatchNormalization", &[x, &scale, &bias, &mean, &var], attrs)
     }
 
     /// `x · W` with `W` stored as [fan_in, fan_out], the layout exporters give `nn.Linear` when
     /// the input has more than two dimensions.
     fn matmul(&mut self, scope: &str, x: &str, fan_in: i64, fan_out: i64) -> String {
-        let weight = self.param(
-            &format!("{}.weight", param_prefix(scope)),
-            &[fan_in, fan_out],
-            fan_in,
-        );
+        let weight = self.param(&format!("{}.weight", param_prefix(scope)), &[fan_in, fan_out], fan_in);
         self.op(scope, "MatMul", &[x, &weight], vec![])
     }
 
@@ -630,11 +489,7 @@ impl GraphBuilder {
         let prefix = param_prefix(scope);
         let weight = self.param(&format!("{prefix}.weight"), &[fan_out, fan_in], fan_in);
         let bias = self.param(&format!("{prefix}.bias"), &[fan_out], fan_in);
-        let attrs = vec![
-            attr_float("alpha", 1.0),
-            attr_float("beta", 1.0),
-            attr_int("transB", 1),
-        ];
+        let attrs = vec![attr_float("alpha", 1.0), attr_float("beta", 1.0), attr_int("transB", 1)];
         self.op(scope, "Gemm", &[x, &weight, &bias], attrs)
     }
 
@@ -652,11 +507,7 @@ impl GraphBuilder {
         let mut seen = BTreeSet::new();
         for n in &self.graph.node {
             let name = n.name();
-            ensure!(
-                !name.is_empty() && seen.insert(name),
-                "graph `{}`: node name `{name}` is empty or repeated",
-                self.graph.name()
-            );
+            ensure!(!name.is_empty() && seen.insert(name), "graph `{}`: node name `{name}` is empty or repeated", self.graph.name());
         }
         Ok(self.graph)
     }
@@ -670,11 +521,7 @@ fn param_prefix(scope: &str) -> String {
 /// Wraps a main graph into a model importing the default domain at [`OPSET`] plus `extra_opsets`.
 fn model(graph: GraphProto, extra_opsets: &[(&str, i64)]) -> ModelProto {
     let mut opset_import = vec![opset("", OPSET)];
-    opset_import.extend(
-        extra_opsets
-            .iter()
-            .map(|&(domain, version)| opset(domain, version)),
-    );
+    opset_import.extend(extra_opsets.iter().map(|&(domain, version)| opset(domain, version)));
     ModelProto {
         ir_version: Some(IR_VERSION),
         opset_import,
@@ -688,13 +535,7 @@ fn model(graph: GraphProto, extra_opsets: &[(&str, i64)]) -> ModelProto {
 // Protobuf helpers
 // ---------------------------------------------------------------------------------------------
 
-fn node(
-    op_type: &str,
-    name: &str,
-    inputs: &[&str],
-    outputs: &[&str],
-    attrs: Vec<AttributeProto>,
-) -> NodeProto {
+fn node(op_type: &str, name: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<AttributeProto>) -> NodeProto {
     NodeProto {
         input: inputs.iter().map(|&s| s.into()).collect(),
         output: outputs.iter().map(|&s| s.into()).collect(),
@@ -706,60 +547,35 @@ fn node(
 }
 
 fn opset(domain: &str, version: i64) -> OperatorSetIdProto {
-    OperatorSetIdProto {
-        domain: Some(domain.into()),
-        version: Some(version),
-    }
+    OperatorSetIdProto { domain: Some(domain.into()), version: Some(version) }
 }
 
 fn entry(key: &str, value: &str) -> StringStringEntryProto {
-    StringStringEntryProto {
-        key: Some(key.into()),
-        value: Some(value.into()),
-    }
+    StringStringEntryProto { key: Some(key.into()), value: Some(value.into()) }
 }
 
 fn attr(name: &str, ty: AttributeType) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(ty as i32),
-        ..Default::default()
-    }
+    AttributeProto { name: Some(name.into()), r#type: Some(ty as i32), ..Default::default() }
 }
 
 fn attr_int(name: &str, i: i64) -> AttributeProto {
-    AttributeProto {
-        i: Some(i),
-        ..attr(name, AttributeType::Int)
-    }
+    AttributeProto { i: Some(i), ..attr(name, AttributeType::Int) }
 }
 
 fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
-    AttributeProto {
-        ints: ints.to_vec(),
-        ..attr(name, AttributeType::Ints)
-    }
+    AttributeProto { ints: ints.to_vec(), ..attr(name, AttributeType::Ints) }
 }
 
 fn attr_float(name: &str, f: f32) -> AttributeProto {
-    AttributeProto {
-        f: Some(f),
-        ..attr(name, AttributeType::Float)
-    }
+    AttributeProto { f: Some(f), ..attr(name, AttributeType::Float) }
 }
 
 fn attr_tensor(name: &str, t: TensorProto) -> AttributeProto {
-    AttributeProto {
-        t: Some(t),
-        ..attr(name, AttributeType::Tensor)
-    }
+    AttributeProto { t: Some(t), ..attr(name, AttributeType::Tensor) }
 }
 
 fn attr_graph(name: &str, g: GraphProto) -> AttributeProto {
-    AttributeProto {
-        g: Some(g),
-        ..attr(name, AttributeType::Graph)
-    }
+    AttributeProto { g: Some(g), ..attr(name, AttributeType::Graph) }
 }
 
 /// A tensor stored as little-endian `raw_data`, the encoding exporters use for weights.
@@ -774,28 +590,15 @@ fn tensor_raw(name: &str, dims: &[i64], data_type: DataType, raw: Vec<u8>) -> Te
 }
 
 fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
-    tensor_raw(
-        name,
-        dims,
-        DataType::Float,
-        data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    )
+    tensor_raw(name, dims, DataType::Float, data.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
 fn tensor_i64(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
-    tensor_raw(
-        name,
-        dims,
-        DataType::Int64,
-        data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    )
+    tensor_raw(name, dims, DataType::Int64, data.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
 fn dim(value: i64) -> Dimension {
-    Dimension {
-        denotation: None,
-        value: Some(dimension::Value::DimValue(value)),
-    }
+    Dimension { denotation: None, value: Some(dimension::Value::DimValue(value)) }
 }
 
 fn tensor_type(elem: DataType, dims: Vec<Dimension>) -> TypeProto {
@@ -809,11 +612,7 @@ fn tensor_type(elem: DataType, dims: Vec<Dimension>) -> TypeProto {
 }
 
 fn value_info(name: &str, ty: TypeProto) -> ValueInfoProto {
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(ty),
-        ..Default::default()
-    }
+    ValueInfoProto { name: Some(name.into()), r#type: Some(ty), ..Default::default() }
 }
 
 /// splitmix64: tiny, seedable and the same on every platform, so the weights never change.
@@ -823,9 +622,7 @@ impl Rng {
     /// Seeds from a label (FNV-1a), so each graph draws its own stream and adding a model does
     /// not shift the weights of the others.
     fn seeded(label: &str) -> Rng {
-        Rng(label.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        }))
+        Rng(label.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)))
     }
 
     fn next_u64(&mut self) -> u64 {
