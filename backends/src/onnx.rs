@@ -108,9 +108,58 @@ pub fn write_model(model: &Model, path: &Path, options: &WriteOptions) -> Result
         })?;
         Some(data_path)
     };
-    let encoded = proto.encode_to_vec();
-    atomic_write(path, |w| w.write_all(&encoded))?;
-    Ok(Written { model: path.to_path_buf(), data: data_written, model_bytes: encoded.len() as u64, data_bytes: data.len })
+    atomic_write(path, |w| encode_streaming(&proto, w))?;
+    Ok(Written { model: path.to_path_buf(), data: data_written, model_bytes: encoded_len, data_bytes: data.len })
+}
+
+/// Encodes straight into the writer through a small buffer: the model is never held twice in
+/// memory (its weights are views of the input's memory map until they reach the file).
+fn encode_streaming(proto: &proto::ModelProto, w: &mut impl Write) -> std::io::Result<()> {
+    let mut sink = StreamSink { buf: vec![0; 1 << 16], filled: 0, out: w, error: None };
+    proto.encode(&mut sink).map_err(|e| std::io::Error::other(e.to_string()))?;
+    if let Some(e) = sink.error.take() {
+        return Err(e);
+    }
+    sink.flush()
+}
+
+/// A `BufMut` that spills into a writer whenever its buffer is full.
+struct StreamSink<'a, W: Write> {
+    buf: Vec<u8>,
+    filled: usize,
+    out: &'a mut W,
+    /// The first write error; prost's `BufMut` cannot report one, so it is checked at the end.
+    error: Option<std::io::Error>,
+}
+
+impl<W: Write> StreamSink<'_, W> {
+    fn flush(&mut self) -> std::io::Result<()> {
+        let result = self.out.write_all(&self.buf[..self.filled]);
+        self.filled = 0;
+        result
+    }
+}
+
+// SAFETY: `chunk_mut` hands out only the unfilled, initialised tail of `buf`, and
+// `advance_mut` moves `filled` forward by at most that tail's length.
+unsafe impl<W: Write> bytes::BufMut for StreamSink<'_, W> {
+    fn remaining_mut(&self) -> usize {
+        usize::MAX - self.filled
+    }
+
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        self.filled = (self.filled + cnt).min(self.buf.len());
+    }
+
+    fn chunk_mut(&mut self) -> &mut bytes::buf::UninitSlice {
+        if self.filled == self.buf.len()
+            && let Err(e) = self.flush()
+        {
+            self.error.get_or_insert(e);
+        }
+        let filled = self.filled;
+        bytes::buf::UninitSlice::new(&mut self.buf[filled..])
+    }
 }
 
 fn atomic_write(path: &Path, fill: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::io::Result<()>) -> Result<(), WriteError> {

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 pub trait Pass {
     /// The kebab-case name used in `--passes`.
     fn name(&self) -> &'static str;
+    /// Whether the pass reads value shapes, so the reader must run shape inference first
+    /// (which costs a copy of the weights inside tract).
+    fn needs_shapes(&self) -> bool;
     /// Rewrites the model.
     fn run(&self, model: &mut Model) -> Result<PassReport, PassError>;
 }

@@ -62,7 +62,8 @@ fn compile(a: &CompileArgs) -> Result<()> {
     };
     // Parse the pipeline before reading: a typo should not cost a model load.
     let passes = prunec::passes::parse_pipeline(&a.passes)?;
-    let mut loaded = load(model_path, &[])?;
+    let infer_shapes = passes.iter().any(|p| p.needs_shapes());
+    let mut loaded = read_model(model_path, &ReadOptions { infer_shapes }).with_context(|| format!("reading `{}`", model_path.display()))?;
     let before = model_stats(&loaded.model);
     let runs =
         prunec::passes::run_pipeline(&mut loaded.model, &passes).with_context(|| format!("optimising `{}`", model_path.display()))?;

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-/// GNU time: the one portable way here to get one child's peak RSS without unsafe `wait4` calls.
+/// GNU time reports one child's own peak RSS, which spares an unsafe `wait4` and a libc dependency.
 const GNU_TIME: &str = "/usr/bin/time";
 
 const DEFAULT_RUNS: usize = 10;
@@ -76,12 +76,22 @@ struct Row {
 }
 
 fn roundtrip(root: &Path, args: &RoundtripArgs) -> Result<()> {
-    ensure!(Path::new(GNU_TIME).is_file(), "{GNU_TIME} not found: the bench needs GNU time for per-process peak RSS (Debian package `time`)");
+    ensure!(
+        Path::new(GNU_TIME).is_file(),
+        "{GNU_TIME} not found: the bench needs GNU time for per-process peak RSS (Debian package `time`)"
+    );
     let shared_models = shared_dir(root).join("models");
+    // Canonical paths so the table can name shared models relative to the shared folder, however
+    // they were given (`../shared/models/...` from the checkout, or absolute).
+    let shared_models = fs::canonicalize(&shared_models).unwrap_or(shared_models);
     let models = if args.models.is_empty() { vec![largest_onnx(&shared_models)?] } else { args.models.clone() };
-    for m in &models {
-        ensure!(m.is_file(), "model `{}` not found", m.display());
-    }
+    let models = models
+        .iter()
+        .map(|m| {
+            ensure!(m.is_file(), "model `{}` not found", m.display());
+            fs::canonicalize(m).with_context(|| format!("resolving `{}`", m.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
 
     let prunec = build_prunec(root)?;
     let tmp = TempDir::new()?;
@@ -159,6 +169,9 @@ fn bench_model(prunec: &Path, model: &Path, shared_models: &Path, tmp: &Path, ru
         p.push(measure(prunec_cmd(), &rusage).with_context(|| format!("prunec run {}", i + 1))?);
         c.push(measure(copy_cmd(), &rusage).with_context(|| format!("cp run {}", i + 1))?);
     }
+    // The table keeps median and min; the spread goes to stderr to judge how noisy the run was.
+    let list = |v: &[Sample]| v.iter().map(|x| format!("{:.0}", ms(x.wall))).collect::<Vec<_>>().join(" ");
+    eprintln!("bench:   prunec ms: {}\nbench:   cp ms:     {}", list(&p), list(&c));
     let size = |path: &Path| fs::metadata(path).map(|m| m.len()).with_context(|| format!("reading `{}`", path.display()));
     let label = model.strip_prefix(shared_models).unwrap_or(model).display().to_string();
     Ok(Row { label, model_bytes: size(model)?, output_bytes: size(&out)?, prunec: p, copy: c })
@@ -226,7 +239,10 @@ fn report(rows: &[Row], runs: usize) -> Result<String> {
     writeln!(s, "Date: {} (UTC)", today_utc())?;
     writeln!(s, "Runs: {runs} of each, alternating, after one untimed warm-up of each.")?;
     writeln!(s)?;
-    writeln!(s, "| model | size MiB | output MiB | prunec median ms | prunec min ms | cp median ms | cp min ms | time ratio (median) | prunec peak RSS MiB | cp peak RSS MiB | RSS ratio |")?;
+    writeln!(
+        s,
+        "| model | size MiB | prunec output MiB | prunec median ms | prunec min ms | cp median ms | cp min ms | time ratio (median) | prunec peak RSS MiB | cp peak RSS MiB | RSS ratio |"
+    )?;
     writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")?;
     for r in rows {
         let (mut pw, mut cw): (Vec<_>, Vec<_>) = (r.prunec.iter().map(|x| x.wall).collect(), r.copy.iter().map(|x| x.wall).collect());

@@ -16,6 +16,10 @@ impl Pass for DeadCodeElimination {
         "dce"
     }
 
+    fn needs_shapes(&self) -> bool {
+        false
+    }
+
     fn run(&self, model: &mut Model) -> Result<PassReport, PassError> {
         let graph = &mut model.graph;
         let mut live_values = HashSet::new();
