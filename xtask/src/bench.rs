@@ -27,9 +27,10 @@ const DEFAULT_RUNS: usize = 10;
 /// Runs `cargo xtask bench SUBCOMMAND [ARGS]`; `roundtrip` is the only subcommand so far.
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
-        Some("roundtrip") => roundtrip(root, &RoundtripArgs::parse(&args[1..])?),
-        Some(other) => bail!("unknown bench `{other}`; expected `roundtrip`"),
-        None => bail!("usage: cargo xtask bench roundtrip [--runs N] [--model PATH]..."),
+        Some("roundtrip") => roundtrip(root, &RoundtripArgs::parse(&args[1..])?, Kind::Roundtrip),
+        Some("groups") => roundtrip(root, &RoundtripArgs::parse(&args[1..])?, Kind::Groups),
+        Some(other) => bail!("unknown bench `{other}`; expected `roundtrip` or `groups`"),
+        None => bail!("usage: cargo xtask bench <roundtrip|groups> [--runs N] [--model PATH]..."),
     }
 }
 
@@ -59,6 +60,25 @@ impl RoundtripArgs {
     }
 }
 
+/// What is measured against what.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// `prunec MODEL -o OUT --passes none` against `cp MODEL COPY`.
+    Roundtrip,
+    /// `prunec groups MODEL` against `prunec inspect MODEL` (the same read and shape inference,
+    /// without the group analysis), so the ratio isolates the analysis.
+    Groups,
+}
+
+impl Kind {
+    fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            Kind::Roundtrip => ("prunec", "cp"),
+            Kind::Groups => ("groups", "inspect"),
+        }
+    }
+}
+
 /// One measured child process.
 struct Sample {
     wall: Duration,
@@ -75,7 +95,7 @@ struct Row {
     copy: Vec<Sample>,
 }
 
-fn roundtrip(root: &Path, args: &RoundtripArgs) -> Result<()> {
+fn roundtrip(root: &Path, args: &RoundtripArgs, kind: Kind) -> Result<()> {
     ensure!(
         Path::new(GNU_TIME).is_file(),
         "{GNU_TIME} not found: the bench needs GNU time for per-process peak RSS (Debian package `time`)"
@@ -98,9 +118,9 @@ fn roundtrip(root: &Path, args: &RoundtripArgs) -> Result<()> {
     let mut rows = Vec::new();
     for model in &models {
         eprintln!("bench: {} ({} runs each)", model.display(), args.runs);
-        rows.push(bench_model(&prunec, model, &shared_models, &tmp.0, args.runs)?);
+        rows.push(bench_model(&prunec, model, &shared_models, &tmp.0, args.runs, kind)?);
     }
-    print!("{}", report(&rows, args.runs)?);
+    print!("{}", report(&rows, args.runs, kind)?);
     Ok(())
 }
 
@@ -144,19 +164,29 @@ fn build_prunec(root: &Path) -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn bench_model(prunec: &Path, model: &Path, shared_models: &Path, tmp: &Path, runs: usize) -> Result<Row> {
+fn bench_model(prunec: &Path, model: &Path, shared_models: &Path, tmp: &Path, runs: usize, kind: Kind) -> Result<Row> {
     let out = tmp.join("out.onnx");
     let copy = tmp.join("copy.onnx");
     let rusage = tmp.join("rusage.txt");
     let prunec_cmd = || {
         let mut c = Command::new(prunec);
-        c.arg(model).arg("-o").arg(&out).args(["--passes", "none"]);
+        match kind {
+            Kind::Roundtrip => c.arg(model).arg("-o").arg(&out).args(["--passes", "none"]),
+            Kind::Groups => c.arg("groups").arg(model),
+        };
         c
     };
-    let copy_cmd = || {
-        let mut c = Command::new("cp");
-        c.arg(model).arg(&copy);
-        c
+    let copy_cmd = || match kind {
+        Kind::Roundtrip => {
+            let mut c = Command::new("cp");
+            c.arg(model).arg(&copy);
+            c
+        }
+        Kind::Groups => {
+            let mut c = Command::new(prunec);
+            c.arg("inspect").arg(model);
+            c
+        }
     };
 
     // One untimed run of each first: the first read of the model and the first exec of the binary
@@ -174,7 +204,8 @@ fn bench_model(prunec: &Path, model: &Path, shared_models: &Path, tmp: &Path, ru
     eprintln!("bench:   prunec ms: {}\nbench:   cp ms:     {}", list(&p), list(&c));
     let size = |path: &Path| fs::metadata(path).map(|m| m.len()).with_context(|| format!("reading `{}`", path.display()));
     let label = model.strip_prefix(shared_models).unwrap_or(model).display().to_string();
-    Ok(Row { label, model_bytes: size(model)?, output_bytes: size(&out)?, prunec: p, copy: c })
+    let output_bytes = if matches!(kind, Kind::Roundtrip) { size(&out)? } else { 0 };
+    Ok(Row { label, model_bytes: size(model)?, output_bytes, prunec: p, copy: c })
 }
 
 /// Runs `cmd` under GNU time, which writes its report to `rusage`, and returns its wall time and
@@ -233,7 +264,8 @@ fn mib(bytes: u64) -> f64 {
 }
 
 /// The Markdown block: machine, date, table.
-fn report(rows: &[Row], runs: usize) -> Result<String> {
+fn report(rows: &[Row], runs: usize, kind: Kind) -> Result<String> {
+    let (a, b) = kind.labels();
     let mut s = String::new();
     writeln!(s, "Machine: {}", machine_line())?;
     writeln!(s, "Date: {} (UTC)", today_utc())?;
@@ -241,7 +273,7 @@ fn report(rows: &[Row], runs: usize) -> Result<String> {
     writeln!(s)?;
     writeln!(
         s,
-        "| model | size MiB | prunec output MiB | prunec median ms | prunec min ms | cp median ms | cp min ms | time ratio (median) | prunec peak RSS MiB | cp peak RSS MiB | RSS ratio |"
+        "| model | size MiB | output MiB | {a} median ms | {a} min ms | {b} median ms | {b} min ms | time ratio (median) | {a} peak RSS MiB | {b} peak RSS MiB | RSS ratio |"
     )?;
     writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")?;
     for r in rows {
