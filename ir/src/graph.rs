@@ -297,6 +297,15 @@ impl Graph {
         Ok(id)
     }
 
+    /// Makes input `slot` of `op` read `value` instead of what it read before.
+    pub fn set_op_input(&mut self, op: OpId, slot: usize, value: ValueId) {
+        let old = self.dag.edges_directed(op.0, Direction::Incoming).find(|e| *e.weight() == Edge::Input(slot)).map(|e| e.id());
+        if let Some(edge) = old {
+            self.dag.remove_edge(edge);
+        }
+        self.dag.add_edge(value.0, op.0, Edge::Input(slot));
+    }
+
     /// Links `value` to `op` as read by one of the op's subgraphs.
     pub fn add_capture(&mut self, op: OpId, value: ValueId) {
         self.dag.add_edge(value.0, op.0, Edge::Captured);

@@ -42,6 +42,9 @@ pub struct Group {
     pub weights: Vec<WeightSlice>,
     /// Number of tensor axes in the group.
     pub dims: usize,
+    /// Every tensor axis of the group, with each channel's indices: what a rewrite slices.
+    #[serde(skip)]
+    pub axes: Vec<GroupAxis>,
 }
 
 /// A weight axis that carries a group's channels.
@@ -57,6 +60,22 @@ pub struct WeightSlice {
     pub role: Role,
     /// Indices of the axis per channel: 1, or a block size (`C·H·W` flattening, head width).
     pub width: usize,
+    /// For each channel of the group, in group order, its indices along the axis.
+    #[serde(skip)]
+    pub indices: Vec<Vec<usize>>,
+}
+
+/// A tensor axis of a group (weights and activations alike), with each channel's indices.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupAxis {
+    /// The tensor.
+    pub value: ValueId,
+    /// The axis.
+    pub axis: usize,
+    /// For a constant, the op whose use of it this is (constants are sliced per use).
+    pub user: Option<crate::ids::OpId>,
+    /// For each channel of the group, its indices along the axis.
+    pub indices: Vec<Vec<usize>>,
 }
 
 /// The text listing of `prunec groups`: one header line per group, one line per weight slice.
@@ -115,6 +134,7 @@ const MAX_TRACKED: u64 = 1 << 16;
 /// One tensor axis as a run of elements of the union-find.
 #[derive(Clone, Debug)]
 struct DimInfo {
+    key: (ValueId, usize, Option<crate::ids::OpId>),
     first: usize,
     len: usize,
     /// Size not known (or too large): the axis is one element, and only whole-axis couplings apply.
@@ -141,7 +161,7 @@ impl Dims {
                 Dim::Known(n) if n > 0 && n <= MAX_TRACKED => (n as usize, false),
                 _ => (1, true),
             };
-            self.infos.push(DimInfo { first: self.elements, len, opaque, size });
+            self.infos.push(DimInfo { key: (v, axis, user), first: self.elements, len, opaque, size });
             self.elements += len;
         }
         Some(id)
@@ -245,7 +265,14 @@ pub fn analyse(graph: &Graph) -> Groups {
             }
             Fact::Weight { dim, role, op } => {
                 if let Some(i) = dims.get(graph, *dim, Some(*op)) {
-                    let slice = WeightSlice { node: graph.op(*op).name.clone(), weight: name(dim.0), axis: dim.1, role: *role, width: 0 };
+                    let slice = WeightSlice {
+                        node: graph.op(*op).name.clone(),
+                        weight: name(dim.0),
+                        axis: dim.1,
+                        role: *role,
+                        width: 0,
+                        indices: Vec::new(),
+                    };
                     weights.push((i, slice));
                 }
             }
@@ -271,13 +298,14 @@ pub fn analyse(graph: &Graph) -> Groups {
     // Each class of elements is one channel; channels touching the same axes form a group.
     #[derive(Default)]
     struct Class {
-        dims: BTreeMap<usize, usize>,
+        /// Indices along each dim.
+        dims: BTreeMap<usize, Vec<usize>>,
         reasons: Vec<String>,
     }
     let mut classes: BTreeMap<usize, Class> = BTreeMap::new();
     for (d, info) in dims.infos.iter().enumerate() {
-        for e in info.first..info.first + info.len {
-            *classes.entry(uf.find(e)).or_default().dims.entry(d).or_default() += 1;
+        for (i, e) in (info.first..info.first + info.len).enumerate() {
+            classes.entry(uf.find(e)).or_default().dims.entry(d).or_default().push(i);
         }
     }
     for (d, reason) in frozen {
@@ -300,23 +328,25 @@ pub fn analyse(graph: &Graph) -> Groups {
         key: Vec<usize>,
         channels: u64,
         reasons: Vec<String>,
-        weights: BTreeSet<WeightSlice>,
+        /// Weight slices (with `indices` empty) and the dim each is an axis of.
+        weights: BTreeMap<WeightSlice, usize>,
+        indices: BTreeMap<usize, Vec<Vec<usize>>>,
     }
     let mut pending: Vec<Pending> = Vec::new();
     let mut by_key: HashMap<Vec<usize>, usize> = HashMap::new();
     for class in classes.into_values() {
-        let touched: Vec<WeightSlice> = class
+        let touched: Vec<(WeightSlice, usize)> = class
             .dims
             .iter()
-            .flat_map(|(d, &count)| slices_of.get(d).into_iter().flatten().map(move |w| WeightSlice { width: count, ..w.clone() }))
+            .flat_map(|(&d, idx)| slices_of.get(&d).into_iter().flatten().map(move |w| (WeightSlice { width: idx.len(), ..w.clone() }, d)))
             .collect();
-        if !touched.iter().any(|w| w.role != Role::Param && is_float(w)) {
+        if !touched.iter().any(|(w, _)| w.role != Role::Param && is_float(w)) {
             continue;
         }
         let key: Vec<usize> = class.dims.keys().copied().collect();
         let opaque = key.iter().any(|&d| dims.infos[d].opaque);
         let at = *by_key.entry(key.clone()).or_insert_with(|| {
-            pending.push(Pending { key, channels: 0, reasons: Vec::new(), weights: BTreeSet::new() });
+            pending.push(Pending { key, channels: 0, reasons: Vec::new(), weights: BTreeMap::new(), indices: BTreeMap::new() });
             pending.len() - 1
         });
         let group = &mut pending[at];
@@ -330,16 +360,19 @@ pub fn analyse(graph: &Graph) -> Groups {
             group.reasons.push("the channel count is not known".into());
         }
         group.weights.extend(touched);
+        for (d, idx) in class.dims {
+            group.indices.entry(d).or_default().push(idx);
+        }
     }
 
     let position: HashMap<&str, usize> = order.iter().enumerate().map(|(i, &op)| (graph.op(op).name.as_str(), i)).collect();
-    let first_use = |g: &Pending| (g.weights.iter().filter_map(|w| position.get(w.node.as_str()).copied()).min(), g.key.first().copied());
+    let first_use = |g: &Pending| (g.weights.keys().filter_map(|w| position.get(w.node.as_str()).copied()).min(), g.key.first().copied());
     pending.sort_by_key(first_use);
     let mut groups = Vec::new();
     for g in pending {
         let members: BTreeSet<String> = g
             .weights
-            .iter()
+            .keys()
             .filter_map(|w| match w.role {
                 Role::Producer => Some(format!("{}:out", w.node)),
                 Role::Consumer => Some(format!("{}:in", w.node)),
@@ -347,7 +380,7 @@ pub fn analyse(graph: &Graph) -> Groups {
             })
             .collect();
         let mut reasons = g.reasons;
-        if !g.weights.iter().any(|w| w.role == Role::Producer) {
+        if !g.weights.keys().any(|w| w.role == Role::Producer) {
             reasons.push("no weight produces these channels".into());
         }
         let opaque = g.key.iter().any(|&d| dims.infos[d].opaque);
@@ -358,8 +391,16 @@ pub fn analyse(graph: &Graph) -> Groups {
             frozen_reason: reasons.first().cloned(),
             frozen_reasons: reasons,
             members: members.into_iter().collect(),
-            weights: g.weights.into_iter().collect(),
+            weights: g.weights.iter().map(|(w, d)| WeightSlice { indices: g.indices[d].clone(), ..w.clone() }).collect(),
             dims: g.key.len(),
+            axes: g
+                .indices
+                .iter()
+                .map(|(&d, idx)| {
+                    let (value, axis, user) = dims.infos[d].key;
+                    GroupAxis { value, axis, user, indices: idx.clone() }
+                })
+                .collect(),
         });
     }
     Groups { groups }

@@ -34,7 +34,7 @@ mod tensor;
 pub use dump::dump;
 pub use error::IrError;
 pub use graph::{Attribute, Edge, Graph, Model, NodeMeta, Op, Value, ValueInfoMeta, ValueKind, captured_names};
-pub use groups::{Group, Groups, WeightSlice, analyse as analyse_groups, constant_tensor};
+pub use groups::{Group, GroupAxis, Groups, WeightSlice, analyse as analyse_groups, constant_tensor};
 pub use ids::{OpId, ValueId};
 pub use ops::Role;
 pub use shape::{DType, Dim, Shape};
