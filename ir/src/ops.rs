@@ -659,24 +659,8 @@ fn concat(cx: &mut RuleCx) {
     let Some(y) = cx.output(0) else { return };
     let Some(rank) = cx.rank(y) else { return cx.freeze_all("has an output of unknown rank") };
     let Some(axis) = cx.attr_int("axis").and_then(|a| normalize_axis(a, rank)) else { return cx.freeze_all("has an invalid axis") };
-    let inputs: Vec<ValueId> = cx.inputs.iter().flatten().copied().collect();
-    let mut start = Some(0usize);
-    for x in inputs {
-        for a in (0..rank).filter(|&a| a != axis) {
-            cx.couple((x, a), (y, a));
-        }
-        match (start, cx.known_size((x, axis))) {
-            (Some(s), Some(n)) => {
-                cx.offset((x, axis), (y, axis), s, 1);
-                start = Some(s + n as usize);
-            }
-            _ => {
-                start = None;
-                cx.freeze(x, Some(axis), "concatenates along this axis with sizes that are not known");
-                cx.freeze(y, Some(axis), "concatenates along this axis with sizes that are not known");
-            }
-        }
-    }
+    let parts: Vec<ValueId> = cx.inputs.iter().flatten().copied().collect();
+    windows(cx, y, &parts, rank, axis, "concatenates");
 }
 
 /// Split: other axes pass through to every output; along the axis, output `k` is the window of
@@ -688,21 +672,27 @@ fn split(cx: &mut RuleCx) {
     if let Some(sizes) = cx.input(1) {
         cx.freeze(sizes, None, "reads it as split sizes");
     }
-    let outputs: Vec<ValueId> = cx.outputs.iter().flatten().copied().collect();
+    let parts: Vec<ValueId> = cx.outputs.iter().flatten().copied().collect();
+    windows(cx, x, &parts, rank, axis, "splits");
+}
+
+/// `parts` laid end to end along `axis` make `whole`; every other axis is shared.
+fn windows(cx: &mut RuleCx, whole: ValueId, parts: &[ValueId], rank: usize, axis: usize, verb: &str) {
     let mut start = Some(0usize);
-    for y in outputs {
+    for &part in parts {
         for a in (0..rank).filter(|&a| a != axis) {
-            cx.couple((x, a), (y, a));
+            cx.couple((part, a), (whole, a));
         }
-        match (start, cx.known_size((y, axis))) {
+        match (start, cx.known_size((part, axis))) {
             (Some(s), Some(n)) => {
-                cx.offset((y, axis), (x, axis), s, 1);
+                cx.offset((part, axis), (whole, axis), s, 1);
                 start = Some(s + n as usize);
             }
             _ => {
                 start = None;
-                cx.freeze(x, Some(axis), "splits along this axis with sizes that are not known");
-                cx.freeze(y, Some(axis), "splits along this axis with sizes that are not known");
+                let why = format!("{verb} along this axis with sizes that are not known");
+                cx.freeze(part, Some(axis), &why);
+                cx.freeze(whole, Some(axis), &why);
             }
         }
     }
