@@ -1,7 +1,7 @@
 //! The `prunec` command line.
 //!
 //! Exit codes: 0 on success, 1 on any error (the message names the file and what is wrong),
-//! 2 on a usage error.
+//! 2 on a usage error (clap's, or a `--passes` list naming an unknown pass).
 
 mod cli;
 
@@ -13,7 +13,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            // A pass list naming no pass is a usage error, like the ones clap reports.
+            let usage = matches!(e.downcast_ref(), Some(prunec::passes::PassError::UnknownPass { .. }));
+            ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }

@@ -523,12 +523,12 @@ fn an_unknown_flag_is_a_usage_error() {
 
 #[test]
 fn an_unknown_pass_is_refused_before_reading_the_model_listing_the_known_passes() {
-    // An unknown pass name is really a usage error (exit code 2 would fit), but `--passes` is
-    // parsed by prunec, not clap: it exits with 1. The message must list what is accepted.
+    // An unknown pass name is a usage error: exit code 2, as for clap's own usage errors. The
+    // message must list what is accepted.
     let s = Scratch::new();
     let model = s.model_dir().join("not_read.onnx");
     let r = run([model.as_os_str(), OsStr::new("-o"), s.output().as_os_str(), OsStr::new("--passes"), OsStr::new("dce,bogus")]);
-    assert_eq!(r.code, Some(1), "stderr:\n{}", r.stderr);
+    assert_eq!(r.code, Some(2), "stderr:\n{}", r.stderr);
     assert!(r.stderr.starts_with("error: unknown pass `bogus`; known passes: "), "stderr:\n{}", r.stderr);
     for pass in prunec::passes::REGISTRY {
         assert!(r.stderr.contains(pass.name), "known pass `{}` not listed:\n{}", pass.name, r.stderr);
