@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! input  %x: f32[1,4]
-//! weight %w: f32[4,8] mean=1.2000e-2 std=3.4000e-1 absmax=9.9000e-1
+//! weight %w: f32[4,8] mean=1.200e-2 std=3.400e-1 absmax=9.900e-1
 //! op     %h: f32[1,8] = MatMul "/fc/MatMul" (%x, %w)
 //! output %h
 //! ```

@@ -74,6 +74,7 @@ pub struct Op {
     /// The node's other fields, kept verbatim.
     pub meta: NodeMeta,
     /// Position in the original node list; the writer keeps this order where the graph allows.
+    /// `u64::MAX` asks [`Graph::add_op`] to place a new op after all others.
     pub seq: u64,
 }
 
