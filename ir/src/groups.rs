@@ -250,11 +250,11 @@ pub fn analyse(graph: &Graph) -> Groups {
                     frozen.push((iw, reason));
                 }
             }
-            Fact::Block { fine, coarse, block, op } => {
+            Fact::Block { fine, coarse, stride, op } => {
                 let (Some(i_f), Some(i_c)) = both(&mut dims, graph, *fine, *coarse, *op, &mut frozen, &name) else { continue };
                 let (df, dc) = (dims.infos[i_f].clone(), dims.infos[i_c].clone());
-                if !df.opaque && !dc.opaque && *block > 0 && df.len == dc.len * block {
-                    links.extend((0..df.len).map(|f| (df.first + f, dc.first + f / block)));
+                if !df.opaque && !dc.opaque && *stride > 0 && df.len % (dc.len * stride) == 0 {
+                    links.extend((0..df.len).map(|f| (df.first + f, dc.first + (f / stride) % dc.len)));
                 } else if df.opaque && dc.opaque {
                     links.push((df.first, dc.first));
                 } else {

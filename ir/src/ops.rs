@@ -50,12 +50,14 @@ pub(crate) enum Fact {
         step: usize,
         op: OpId,
     },
-    /// `fine[f]` is `coarse[f / block]`: the coarse axis was merged with inner axes of total size
-    /// `block` (Flatten, heads `H·D`); removing a coarse channel removes a block of fine ones.
+    /// `fine[f]` is `coarse[(f / stride) % len(coarse)]`: the coarse axis is one factor of the
+    /// fine one, `stride` being the size of the factors inside it. For the outer factor (Flatten,
+    /// heads `H·D`) a coarse channel owns a block of fine ones; for the inner factor (a channel
+    /// shuffle's groups) it owns one index in each outer block.
     Block {
         fine: DimRef,
         coarse: DimRef,
-        block: usize,
+        stride: usize,
         op: OpId,
     },
     Weight {
@@ -128,8 +130,8 @@ impl RuleCx<'_> {
         self.facts.push(Fact::Offset { part, whole, start, step, op: self.op });
     }
 
-    fn block(&mut self, fine: DimRef, coarse: DimRef, block: usize) {
-        self.facts.push(Fact::Block { fine, coarse, block, op: self.op });
+    fn block(&mut self, fine: DimRef, coarse: DimRef, stride: usize) {
+        self.facts.push(Fact::Block { fine, coarse, stride, op: self.op });
     }
 
     fn known_size(&self, (v, axis): DimRef) -> Option<u64> {
@@ -917,15 +919,17 @@ fn reshape(cx: &mut RuleCx) {
     for (run_x, run_y) in runs {
         match (run_x.as_slice(), run_y.as_slice()) {
             ([a], [b]) => cx.couple((x, *a), (y, *b)),
-            // One axis split into several, or several merged into one: the outermost factor
-            // keeps its channels, each owning a contiguous block of the single axis; the
-            // inner factors are frozen (their channels are strided, not blocks).
+            // One axis split into several, or several merged into one: one factor keeps its
+            // channels and the others are frozen. Normally the outermost (each channel owns a
+            // contiguous block: flattening, attention heads); for a channel shuffle's split the
+            // innermost, which the transpose makes outermost when the axis is merged back.
             ([single], factors) | (factors, [single]) => {
                 let (one, many) = if run_x.len() == 1 { ((x, *single), y) } else { ((y, *single), x) };
-                let inner: u64 = factors[1..].iter().map(|&f| size(many, f)).product();
-                cx.block(one, (many, factors[0]), inner as usize);
-                for &f in &factors[1..] {
-                    cx.freeze(many, Some(f), "is an inner factor of a reshape (only whole outer blocks are removed)");
+                let keep = if many == y && is_shuffle_split(cx.graph, y, factors) { factors.len() - 1 } else { 0 };
+                let stride: u64 = factors[keep + 1..].iter().map(|&f| size(many, f)).product();
+                cx.block(one, (many, factors[keep]), stride as usize);
+                for (_, &f) in factors.iter().enumerate().filter(|&(i, _)| i != keep) {
+                    cx.freeze(many, Some(f), "is a factor of a reshape whose channels are not kept whole");
                 }
             }
             _ => {
@@ -938,6 +942,24 @@ fn reshape(cx: &mut RuleCx) {
             }
         }
     }
+}
+
+/// Whether `split`, a reshape output whose `factors` came from one axis, feeds a channel
+/// shuffle: one Transpose that swaps two adjacent factors, then one Reshape that merges them back.
+fn is_shuffle_split(graph: &Graph, split: ValueId, factors: &[usize]) -> bool {
+    let [outer, inner] = factors else { return false };
+    let [(transpose, _)] = graph.consumers(split)[..] else { return false };
+    let t = graph.op(transpose);
+    if t.op_type != "Transpose" {
+        return false;
+    }
+    let Some(perm) = t.attr_ints("perm") else { return false };
+    let swapped = perm.get(*outer) == Some(&(*inner as i64)) && perm.get(*inner) == Some(&(*outer as i64));
+    let Some(shuffled) = graph.op_output(transpose, 0) else { return false };
+    let [(merge, _)] = graph.consumers(shuffled)[..] else { return false };
+    let merges_back = graph.op(merge).op_type == "Reshape"
+        && graph.value(graph.op_output(merge, 0).unwrap_or(shuffled)).shape.as_ref().map(|s| s.rank()) == graph.value(split).shape.as_ref().map(|s| s.rank() - 1);
+    swapped && merges_back
 }
 
 /// Pairs the axes of two shapes into the shortest runs with equal size products, left to right,
