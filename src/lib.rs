@@ -9,3 +9,5 @@ pub use prunec_backends as backends;
 pub use prunec_frontend as frontend;
 pub use prunec_ir as ir;
 pub use prunec_passes as passes;
+
+pub mod verify;

@@ -197,6 +197,31 @@ impl Value {
         self.info = Some(info);
     }
 
+    /// Sets the size of one axis, in the shape and in the recorded `ValueInfoProto` (which the
+    /// writer emits as is), after a pass changed it.
+    pub fn set_dim(&mut self, axis: usize, size: u64) {
+        if let Some(d) = self.shape.as_mut().and_then(|s| s.0.get_mut(axis)) {
+            *d = crate::shape::Dim::Known(size);
+        }
+        let recorded = self.info.as_mut().and_then(|i| i.r#type.as_mut()).and_then(|t| match &mut t.value {
+            Some(proto::type_proto::Value::TensorType(tt)) => tt.shape.as_mut(),
+            _ => None,
+        });
+        if let Some(d) = recorded.and_then(|s| s.dim.get_mut(axis)) {
+            d.value = Some(proto::tensor_shape_proto::dimension::Value::DimValue(size as i64));
+        }
+    }
+
+    /// Sets every axis size (a resliced constant), in the shape and the recorded info.
+    pub fn set_dims(&mut self, dims: &[u64]) {
+        if self.shape.as_ref().is_none_or(|s| s.rank() != dims.len()) {
+            self.shape = Some(Shape::known(dims));
+        }
+        for (axis, &d) in dims.iter().enumerate() {
+            self.set_dim(axis, d);
+        }
+    }
+
     /// The weight behind this value, if it is an initializer.
     pub fn initializer(&self) -> Option<&Tensor> {
         match &self.kind {
@@ -298,8 +323,12 @@ impl Graph {
         Ok(id)
     }
 
-    /// Makes input `slot` of `op` read `value` instead of what it read before.
+    /// Makes input `slot` of `op` read `value` instead of what it read before (a slot past the
+    /// last one adds an input, leaving any slots between them omitted).
     pub fn set_op_input(&mut self, op: OpId, slot: usize, value: ValueId) {
+        if let Node::Op { n_inputs, .. } = &mut self.dag[op.0] {
+            *n_inputs = (*n_inputs).max(slot + 1);
+        }
         let old = self.dag.edges_directed(op.0, Direction::Incoming).find(|e| *e.weight() == Edge::Input(slot)).map(|e| e.id());
         if let Some(edge) = old {
             self.dag.remove_edge(edge);

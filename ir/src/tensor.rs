@@ -153,6 +153,132 @@ impl Tensor {
     }
 }
 
+impl Tensor {
+    /// The data packed little-endian, as `raw_data` stores it: borrowed when the tensor already
+    /// is raw or external, packed from the typed fields otherwise. `None` for strings and
+    /// sub-byte types stored in typed fields.
+    pub fn packed(&self) -> Option<std::borrow::Cow<'_, [u8]>> {
+        if let Some(raw) = self.raw_bytes().filter(|r| !r.is_empty() || self.numel() == 0) {
+            return Some(std::borrow::Cow::Borrowed(raw.as_ref()));
+        }
+        use DataType as T;
+        let p = &self.0.proto;
+        let bytes: Vec<u8> = match self.dtype().known()? {
+            T::Float => p.float_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            T::Double => p.double_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            T::Int64 => p.int64_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            T::Uint64 => p.uint64_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            T::Uint32 => p.uint64_data.iter().flat_map(|&v| (v as u32).to_le_bytes()).collect(),
+            T::Int32 => p.int32_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            T::Int16 | T::Uint16 | T::Float16 | T::Bfloat16 => p.int32_data.iter().flat_map(|&v| (v as u16).to_le_bytes()).collect(),
+            T::Int8 | T::Uint8 | T::Bool | T::Float8e4m3fn | T::Float8e4m3fnuz | T::Float8e5m2 | T::Float8e5m2fnuz | T::Float8e8m0 => {
+                p.int32_data.iter().map(|&v| v as u8).collect()
+            }
+            _ => return None,
+        };
+        (bytes.len() as u64 == self.nbytes()).then_some(std::borrow::Cow::Owned(bytes))
+    }
+
+    /// A tensor like this one (name, type, doc string, external placement) with new dims and
+    /// packed data.
+    pub fn with_data(&self, dims: &[u64], data: Vec<u8>) -> Tensor {
+        let mut proto = self.0.proto.clone();
+        proto.dims = dims.iter().map(|&d| d as i64).collect();
+        proto.float_data.clear();
+        proto.double_data.clear();
+        proto.int32_data.clear();
+        proto.int64_data.clear();
+        proto.uint64_data.clear();
+        let numel = dims.iter().product();
+        let data = Bytes::from(data);
+        if self.is_external() {
+            proto.raw_data = None;
+            Tensor(Arc::new(Inner { proto, external: Some(data), numel }))
+        } else {
+            proto.raw_data = Some(data);
+            Tensor(Arc::new(Inner { proto, external: None, numel }))
+        }
+    }
+
+    /// A new inline int64 tensor stored as `raw_data`.
+    pub fn from_i64(name: &str, dims: &[u64], data: &[i64]) -> Tensor {
+        let proto = proto::TensorProto {
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: Some(DataType::Int64 as i32),
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        Tensor(Arc::new(Inner { proto, external: None, numel: 0 })).with_data(dims, data.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
+    /// The same tensor under another name (the data is shared).
+    pub fn renamed(&self, name: &str) -> Tensor {
+        let mut proto = self.0.proto.clone();
+        proto.name = Some(name.to_string());
+        Tensor(Arc::new(Inner { proto, external: self.0.external.clone(), numel: self.0.numel }))
+    }
+
+    /// A copy without the given indices of `axis` (sorted, distinct, in range).
+    pub fn remove_indices(&self, axis: usize, removed: &[usize]) -> Result<Tensor, IrError> {
+        let dims = self.dims();
+        let (outer, n, inner) = self.axis_layout(axis)?;
+        let bytes = self.packed().ok_or_else(|| tensor_error(self.proto(), format!("has element type {} that cannot be sliced", self.dtype())))?;
+        let mut keep = vec![true; n];
+        for &i in removed {
+            *keep.get_mut(i).ok_or_else(|| tensor_error(self.proto(), format!("has no index {i} on axis {axis}")))? = false;
+        }
+        let kept = keep.iter().filter(|&&k| k).count();
+        let mut out = Vec::with_capacity(outer * kept * inner);
+        for o in 0..outer {
+            for (i, _) in keep.iter().enumerate().filter(|(_, k)| **k) {
+                let at = (o * n + i) * inner;
+                out.extend_from_slice(&bytes[at..at + inner]);
+            }
+        }
+        let mut new_dims = dims;
+        new_dims[axis] = kept as u64;
+        Ok(self.with_data(&new_dims, out))
+    }
+
+    /// A copy with the given indices of `axis` set to zero (all-zero bytes: 0 for every
+    /// numeric type prunec slices).
+    pub fn zero_indices(&self, axis: usize, indices: &[usize]) -> Result<Tensor, IrError> {
+        let (outer, n, inner) = self.axis_layout(axis)?;
+        let mut bytes = self.packed().ok_or_else(|| tensor_error(self.proto(), format!("has element type {} that cannot be masked", self.dtype())))?.into_owned();
+        for o in 0..outer {
+            for &i in indices.iter().filter(|&&i| i < n) {
+                let at = (o * n + i) * inner;
+                bytes[at..at + inner].fill(0);
+            }
+        }
+        Ok(self.with_data(&self.dims(), bytes))
+    }
+
+    /// `(elements before the axis, axis size, bytes of one step along the axis)`.
+    fn axis_layout(&self, axis: usize) -> Result<(usize, usize, usize), IrError> {
+        let dims = self.dims();
+        let Some(&n) = dims.get(axis) else { return Err(tensor_error(self.proto(), format!("has no axis {axis}"))) };
+        let width = self.dtype().bit_width().filter(|w| w % 8 == 0).ok_or_else(|| tensor_error(self.proto(), format!("has element type {} that cannot be sliced", self.dtype())))?;
+        let outer: u64 = dims[..axis].iter().product();
+        let inner: u64 = dims[axis + 1..].iter().product::<u64>() * width / 8;
+        Ok((outer as usize, n as usize, inner as usize))
+    }
+
+    /// For each index of `axis`, `f` summed over the values at that index (the reduction over
+    /// every other axis). `None` for a type without numeric values.
+    pub fn axis_sums(&self, axis: usize, f: impl Fn(f64) -> f64) -> Option<Vec<f64>> {
+        let dims = self.dims();
+        let n = *dims.get(axis)? as usize;
+        let inner: u64 = dims[axis + 1..].iter().product();
+        let values = self.to_f64_vec()?;
+        let mut sums = vec![0.0; n];
+        for (k, v) in values.into_iter().enumerate() {
+            sums[(k / inner.max(1) as usize) % n.max(1)] += f(v);
+        }
+        Some(sums)
+    }
+}
+
 fn decode_raw(dtype: DType, raw: &[u8], n: usize) -> Option<Vec<f64>> {
     use DataType as T;
     fn chunks<const W: usize>(raw: &[u8], n: usize, f: impl Fn([u8; W]) -> f64) -> Option<Vec<f64>> {

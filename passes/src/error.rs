@@ -21,4 +21,10 @@ pub enum PassError {
         /// What is wrong.
         source: IrError,
     },
+    /// A pass option is out of range or malformed.
+    #[error("{0}")]
+    BadOption(String),
+    /// The chosen channels cannot be removed consistently.
+    #[error("cannot remove the chosen channels: {0}")]
+    Rewrite(#[source] crate::prune::RewriteError),
 }

@@ -6,6 +6,7 @@
 
 mod cleanup;
 mod error;
+pub mod prune;
 
 pub use error::PassError;
 
@@ -30,6 +31,8 @@ pub struct PassReport {
     pub ops_removed: usize,
     /// Values removed (weights included).
     pub values_removed: usize,
+    /// What channel pruning chose and changed.
+    pub prune: Option<prune::PruneReport>,
 }
 
 /// One registered pass.
@@ -38,29 +41,44 @@ pub struct Registration {
     pub name: &'static str,
     /// One line for `--list-passes`.
     pub summary: &'static str,
-    /// Builds the pass with its default options.
-    pub build: fn() -> Box<dyn Pass>,
+    /// Builds the pass with the pipeline's options.
+    pub build: fn(&PipelineOptions) -> Box<dyn Pass>,
+}
+
+/// Options of the passes that take any.
+#[derive(Clone, Debug, Default)]
+pub struct PipelineOptions {
+    /// Options of `prune`.
+    pub prune: prune::PruneOptions,
 }
 
 /// Every pass prunec knows, by name.
-pub const REGISTRY: &[Registration] = &[Registration {
-    name: "dce",
-    summary: "remove ops and weights that no graph output depends on",
-    build: || Box::new(cleanup::DeadCodeElimination),
-}];
+pub const REGISTRY: &[Registration] = &[
+    Registration {
+        name: "dce",
+        summary: "remove ops and weights that no graph output depends on",
+        build: |_| Box::new(cleanup::DeadCodeElimination),
+    },
+    Registration {
+        name: "prune",
+        summary: "remove the weakest channels of every prunable dependency group (--ratio, --criterion, --target)",
+        build: |o| Box::new(prune::ChannelPruning { options: o.prune.clone() }),
+    },
+];
 
-/// The pipeline of a bare `prunec MODEL -o OUT`.
-pub const DEFAULT_PIPELINE: &str = "dce";
+/// The pipeline of a bare `prunec MODEL -o OUT`: cleanup, then channel pruning at
+/// [`prune::DEFAULT_RATIO`] with the `l2` criterion (which cleans up after itself).
+pub const DEFAULT_PIPELINE: &str = "dce,prune";
 
 /// Parses a comma-separated pass list; `none` is the empty pipeline.
-pub fn parse_pipeline(list: &str) -> Result<Vec<Box<dyn Pass>>, PassError> {
+pub fn parse_pipeline(list: &str, options: &PipelineOptions) -> Result<Vec<Box<dyn Pass>>, PassError> {
     if list.trim() == "none" {
         return Ok(Vec::new());
     }
     list.split(',')
         .map(str::trim)
         .map(|name| {
-            REGISTRY.iter().find(|r| r.name == name).map(|r| (r.build)()).ok_or_else(|| PassError::UnknownPass {
+            REGISTRY.iter().find(|r| r.name == name).map(|r| (r.build)(options)).ok_or_else(|| PassError::UnknownPass {
                 name: name.to_string(),
                 known: REGISTRY.iter().map(|r| r.name).collect::<Vec<_>>().join(", "),
             })

@@ -32,6 +32,132 @@ pub struct CompileArgs {
     /// such as `1024`, `64KB`, `16MB`: tensors at least that large go to `<OUT>.data`.
     #[arg(long, default_value = "keep", value_parser = parse_external_data)]
     pub external_data: prunec::backends::onnx::ExternalData,
+    #[command(flatten)]
+    pub prune: PruneArgs,
+    /// Skip the check that runs the original, pruned and masked models in tract.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Inputs for verification (`.npz`, arrays named like the graph inputs); inputs not in it
+    /// get seeded random values.
+    #[arg(long, value_name = "FILE.npz")]
+    pub inputs: Option<PathBuf>,
+    /// Concrete shape of an input for verification and shape inference, as for `inspect`.
+    #[arg(long = "input-shape", value_name = "NAME=DIMS")]
+    pub input_shapes: Vec<String>,
+    /// Write the report (sizes before and after, groups, verification, timings) as JSON.
+    #[arg(long, value_name = "FILE.json")]
+    pub report: Option<PathBuf>,
+    /// Plan and report, but write no model.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Options of the `prune` pass.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Share of each group's channels to remove (of all prunable channels with `--global`).
+    #[arg(long, default_value_t = prunec::passes::prune::DEFAULT_RATIO)]
+    pub ratio: f64,
+    /// Rank channels across groups (scores normalised per group) instead of within each group.
+    #[arg(long)]
+    pub global: bool,
+    /// Remove a share of the model instead of a channel ratio: `params=0.5` or `flops=0.3`
+    /// (the channel ratio is found by bisection).
+    #[arg(long, value_parser = parse_target)]
+    pub target: Option<prunec::passes::prune::Target>,
+    /// Channel score: l1, l2, random, bn-scale or lamp.
+    #[arg(long, default_value = "l2", value_parser = parse_criterion)]
+    pub criterion: prunec::passes::prune::Criterion,
+    /// How the scores of a group's weights combine: mean, sum, max or first.
+    #[arg(long, default_value = "mean", value_parser = parse_reduction)]
+    pub reduction: prunec::passes::prune::Reduction,
+    /// Scaling of group scores for `--global`: none, mean, max, sum, standardization or lamp
+    /// (default: mean; none for the lamp criterion).
+    #[arg(long, value_parser = parse_normalizer)]
+    pub normalizer: Option<prunec::passes::prune::Normalizer>,
+    /// Keep channel counts a multiple of N.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub round_to: usize,
+    /// Keep at least N channels in every group.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub min_keep: usize,
+    /// Do not prune groups with a node whose name matches this glob (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Another ratio for groups with a node matching the glob, as `GLOB=R` (repeatable).
+    #[arg(long, value_name = "GLOB=R", value_parser = parse_node_ratio)]
+    pub node_ratio: Vec<(String, f64)>,
+    /// Seed of the random criterion and of random verification inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl PruneArgs {
+    /// The pass options these arguments ask for.
+    pub fn options(&self) -> prunec::passes::prune::PruneOptions {
+        prunec::passes::prune::PruneOptions {
+            criterion: self.criterion,
+            reduction: self.reduction,
+            normalizer: self.normalizer,
+            ratio: self.ratio,
+            global: self.global,
+            target: self.target,
+            round_to: self.round_to,
+            min_keep: self.min_keep,
+            exclude: self.exclude.clone(),
+            node_ratios: self.node_ratio.clone(),
+            seed: self.seed,
+        }
+    }
+}
+
+fn parse_criterion(s: &str) -> Result<prunec::passes::prune::Criterion, String> {
+    use prunec::passes::prune::Criterion;
+    Criterion::ALL.iter().find(|(n, _)| *n == s).map(|(_, c)| *c).ok_or_else(|| {
+        format!("unknown criterion `{s}`; expected one of {}", Criterion::ALL.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "))
+    })
+}
+
+fn parse_reduction(s: &str) -> Result<prunec::passes::prune::Reduction, String> {
+    use prunec::passes::prune::Reduction::*;
+    Ok(match s {
+        "mean" => Mean,
+        "sum" => Sum,
+        "max" => Max,
+        "first" => First,
+        _ => return Err(format!("unknown reduction `{s}`; expected mean, sum, max or first")),
+    })
+}
+
+fn parse_normalizer(s: &str) -> Result<prunec::passes::prune::Normalizer, String> {
+    use prunec::passes::prune::Normalizer::*;
+    Ok(match s {
+        "none" => None,
+        "mean" => Mean,
+        "max" => Max,
+        "sum" => Sum,
+        "standardization" => Standardization,
+        "lamp" => Lamp,
+        _ => return Err(format!("unknown normalizer `{s}`; expected none, mean, max, sum, standardization or lamp")),
+    })
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    s.trim().parse::<f64>().ok().filter(|r| (0.0..1.0).contains(r)).ok_or_else(|| format!("`{s}` is not a share in [0, 1)"))
+}
+
+fn parse_target(s: &str) -> Result<prunec::passes::prune::Target, String> {
+    use prunec::passes::prune::Target;
+    match s.split_once('=') {
+        Some(("params", v)) => parse_share(v).map(Target::Params),
+        Some(("flops" | "macs", v)) => parse_share(v).map(Target::Flops),
+        _ => Err(format!("`{s}` is not `params=SHARE` or `flops=SHARE`")),
+    }
+}
+
+fn parse_node_ratio(s: &str) -> Result<(String, f64), String> {
+    let (glob, r) = s.rsplit_once('=').ok_or_else(|| format!("`{s}` is not `GLOB=RATIO`"))?;
+    Ok((glob.to_string(), parse_share(r)?))
 }
 
 #[derive(Debug, Subcommand)]

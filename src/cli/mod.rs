@@ -2,6 +2,7 @@
 
 pub mod args;
 mod inspect;
+mod report;
 
 use anyhow::{Context, Result};
 use args::{Cli, Command, CompileArgs};
@@ -61,33 +62,60 @@ fn compile(a: &CompileArgs) -> Result<()> {
         unreachable!("clap requires MODEL and --output without a subcommand");
     };
     // Parse the pipeline before reading: a typo should not cost a model load.
-    let passes = prunec::passes::parse_pipeline(&a.passes)?;
+    let options = prunec::passes::PipelineOptions { prune: a.prune.options() };
+    let passes = prunec::passes::parse_pipeline(&a.passes, &options)?;
     let infer_shapes = passes.iter().any(|p| p.needs_shapes());
-    let mut loaded = read_model(model_path, &ReadOptions { infer_shapes }).with_context(|| format!("reading `{}`", model_path.display()))?;
+    let mut loaded = if infer_shapes {
+        load(model_path, &a.input_shapes)?
+    } else {
+        read_model(model_path, &ReadOptions { infer_shapes }).with_context(|| format!("reading `{}`", model_path.display()))?
+    };
+    let original = loaded.model.clone();
     let before = model_stats(&loaded.model);
     let runs =
         prunec::passes::run_pipeline(&mut loaded.model, &passes).with_context(|| format!("optimising `{}`", model_path.display()))?;
     let after = model_stats(&loaded.model);
+    let prune = runs.iter().rev().find_map(|r| r.report.prune.as_ref());
+
+    let verification = if a.no_verify || passes.is_empty() {
+        None
+    } else {
+        let feed = verification_feed(&original, a)?;
+        match prunec::verify::verify(&original, &loaded.model, prune, &loaded.dir, &feed, prunec::verify::MASKING_TOLERANCE) {
+            Ok(v) => Some(v),
+            Err(e @ prunec::verify::VerifyError::OriginalNotRunnable(_)) => {
+                eprintln!("verification skipped: {e}");
+                None
+            }
+            Err(e) => return Err(e).context(format!("verifying the result for `{}`; nothing was written", model_path.display())),
+        }
+    };
+
+    report::print(&runs, prune, &before, &after, verification.as_ref(), a);
+    if let Some(path) = &a.report {
+        report::write_json(path, &runs, prune, &before, &after, verification.as_ref(), a)?;
+    }
+    if a.dry_run {
+        eprintln!("dry run: nothing written");
+        return Ok(());
+    }
     let written = write_model(&loaded.model, output, &WriteOptions { external_data: a.external_data })
         .with_context(|| format!("writing `{}`", output.display()))?;
-    for run in &runs {
-        eprintln!(
-            "pass {:<12} removed {} ops, {} values in {:.1} ms",
-            run.name,
-            run.report.ops_removed,
-            run.report.values_removed,
-            run.elapsed.as_secs_f64() * 1e3
-        );
-    }
     let data = written.data.as_ref().map(|d| format!(" + {} ({} bytes)", d.display(), written.data_bytes)).unwrap_or_default();
-    eprintln!(
-        "wrote {} ({} bytes){data}: {} ops, {} parameters (was {} ops, {} parameters)",
-        written.model.display(),
-        written.model_bytes,
-        after.op_histogram.values().sum::<u64>(),
-        after.parameters,
-        before.op_histogram.values().sum::<u64>(),
-        before.parameters
-    );
+    eprintln!("wrote {} ({} bytes){data}", written.model.display(), written.model_bytes);
     Ok(())
+}
+
+/// Inputs for verification: `--inputs`, then seeded random values at `--input-shape` or the
+/// recorded shapes.
+fn verification_feed(model: &prunec::ir::Model, a: &CompileArgs) -> Result<prunec::backends::tract::Feed> {
+    use prunec::backends::tract::{Feed, load_npz, random_feed};
+    let given = match &a.inputs {
+        Some(path) => load_npz(path, model).with_context(|| format!("reading inputs `{}`", path.display()))?,
+        None => Feed::default(),
+    };
+    let graph = &model.graph;
+    let names: Vec<String> = graph.inputs.iter().filter(|&&v| graph.value(v).initializer().is_none()).map(|&v| graph.value(v).name.clone()).collect();
+    let shapes = args::input_shapes(&a.input_shapes, &names)?;
+    Ok(random_feed(model, given, &shapes, a.prune.seed)?)
 }

@@ -1,0 +1,182 @@
+//! Channel importance: any per-weight criterion becomes a group criterion (the SPA idea) by
+//! scoring each weight slice of the group per channel and reducing over the slices.
+
+use prunec_ir::{Graph, Group, Role, constant_tensor};
+use rayon::prelude::*;
+use std::collections::{BTreeSet, HashMap};
+
+/// How a channel's weights are scored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Criterion {
+    /// Sum of absolute values of the channel's weight slices.
+    L1,
+    /// Sum of squares of the channel's weight slices (Torch-Pruning's `MagnitudeImportance(p=2)`).
+    L2,
+    /// Uniform random scores from `--seed`: the baseline any criterion must beat.
+    Random,
+    /// |γ| of the BatchNormalization scales in the group; groups without one are not pruned.
+    BnScale,
+    /// L2 with LAMP normalisation: a channel's score over the sum of the scores not below it.
+    Lamp,
+}
+
+impl Criterion {
+    /// Every criterion with its command-line name.
+    pub const ALL: &[(&str, Criterion)] = &[
+        ("l1", Criterion::L1),
+        ("l2", Criterion::L2),
+        ("random", Criterion::Random),
+        ("bn-scale", Criterion::BnScale),
+        ("lamp", Criterion::Lamp),
+    ];
+}
+
+/// How the scores of a group's weight slices become one score per channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reduction {
+    /// Mean over slices (Torch-Pruning's default).
+    Mean,
+    /// Sum over slices.
+    Sum,
+    /// Largest slice score.
+    Max,
+    /// The score of the group's first producer in graph order.
+    First,
+}
+
+/// How a group's scores are scaled before channels of different groups are compared
+/// (`--global`); ranking inside one group does not depend on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Normalizer {
+    /// Scores as they are.
+    None,
+    /// Divided by the group mean (Torch-Pruning's default).
+    Mean,
+    /// Divided by the group maximum.
+    Max,
+    /// Divided by the group sum.
+    Sum,
+    /// Standardised: minus the mean, over the standard deviation.
+    Standardization,
+    /// LAMP: a score over the sum of the scores not below it.
+    Lamp,
+}
+
+/// Scores every channel of each group (`None` where the criterion has nothing to score).
+/// Weight slices shared between groups are reduced once.
+pub(crate) fn score_groups(graph: &Graph, groups: &[&Group], criterion: Criterion, reduction: Reduction, seed: u64, order: &HashMap<String, usize>) -> Vec<Option<Vec<f64>>> {
+    let wanted: BTreeSet<(String, usize)> = groups.iter().flat_map(|g| scored_slices(graph, g, criterion)).map(|w| (w.weight.clone(), w.axis)).collect();
+    let power: fn(f64) -> f64 = match criterion {
+        Criterion::L1 | Criterion::BnScale => f64::abs,
+        _ => |x| x * x,
+    };
+    let sums: HashMap<(String, usize), Vec<f64>> = wanted
+        .into_par_iter()
+        .filter_map(|(weight, axis)| {
+            let t = constant_tensor(graph, graph.value_by_name(&weight)?)?;
+            let sums = t.axis_sums(axis, power)?;
+            Some(((weight, axis), sums))
+        })
+        .collect();
+    groups
+        .iter()
+        .map(|g| {
+            let channels = g.channels? as usize;
+            if criterion == Criterion::Random {
+                let mut rng = seed ^ (g.id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                return Some((0..channels).map(|_| splitmix(&mut rng)).collect());
+            }
+            let mut slices: Vec<&prunec_ir::WeightSlice> = scored_slices(graph, g, criterion).collect();
+            if reduction == Reduction::First {
+                slices.retain(|w| w.role == Role::Producer);
+                slices.sort_by_key(|w| order.get(&w.node).copied().unwrap_or(usize::MAX));
+                slices.truncate(1);
+            }
+            let per_slice: Vec<Vec<f64>> = slices
+                .iter()
+                .filter_map(|w| {
+                    let sums = sums.get(&(w.weight.clone(), w.axis))?;
+                    Some(w.indices.iter().map(|idx| idx.iter().map(|&i| sums.get(i).copied().unwrap_or(0.0)).sum()).collect())
+                })
+                .collect();
+            if per_slice.is_empty() {
+                return None;
+            }
+            let n = per_slice.len() as f64;
+            let scores = (0..channels).map(|c| {
+                let column = per_slice.iter().map(|s| s[c]);
+                match reduction {
+                    Reduction::Mean => column.sum::<f64>() / n,
+                    Reduction::Sum | Reduction::First => column.sum(),
+                    Reduction::Max => column.fold(f64::MIN, f64::max),
+                }
+            });
+            let scores: Vec<f64> = scores.collect();
+            Some(if criterion == Criterion::Lamp { normalize(&scores, Normalizer::Lamp) } else { scores })
+        })
+        .collect()
+}
+
+/// The slices a criterion reads: producer and consumer weights of a float type (biases and other
+/// per-channel parameters are not counted), or the BatchNormalization scales for `bn-scale`.
+fn scored_slices<'g>(graph: &'g Graph, group: &'g Group, criterion: Criterion) -> impl Iterator<Item = &'g prunec_ir::WeightSlice> + 'g {
+    group.weights.iter().filter(move |w| {
+        let Some(v) = graph.value_by_name(&w.weight) else { return false };
+        let is_float = constant_tensor(graph, v).is_some_and(|t| t.dtype().is_float());
+        match criterion {
+            Criterion::BnScale => {
+                w.role == Role::Param
+                    && graph.consumers(v).iter().any(|&(op, edge)| {
+                        let op = graph.op(op);
+                        op.name == w.node && op.op_type == "BatchNormalization" && edge == prunec_ir::Edge::Input(1)
+                    })
+            }
+            _ => is_float && w.role != Role::Param,
+        }
+    })
+}
+
+/// Scales a group's scores for comparison with other groups.
+pub(crate) fn normalize(scores: &[f64], how: Normalizer) -> Vec<f64> {
+    let n = scores.len().max(1) as f64;
+    let sum: f64 = scores.iter().sum();
+    let safe = |d: f64| if d.abs() > f64::EPSILON { d } else { 1.0 };
+    match how {
+        Normalizer::None => scores.to_vec(),
+        Normalizer::Mean => scores.iter().map(|s| s / safe(sum / n)).collect(),
+        Normalizer::Max => {
+            let max = scores.iter().copied().fold(f64::MIN, f64::max);
+            scores.iter().map(|s| s / safe(max)).collect()
+        }
+        Normalizer::Sum => scores.iter().map(|s| s / safe(sum)).collect(),
+        Normalizer::Standardization => {
+            let mean = sum / n;
+            let std = (scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / n).sqrt();
+            scores.iter().map(|s| (s - mean) / safe(std)).collect()
+        }
+        Normalizer::Lamp => {
+            let mut order: Vec<usize> = (0..scores.len()).collect();
+            order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+            let mut out = vec![0.0; scores.len()];
+            let mut tail = 0.0;
+            for &i in order.iter().rev() {
+                tail += scores[i];
+                out[i] = scores[i] / safe(tail);
+            }
+            out
+        }
+    }
+}
+
+/// A uniform number in `[0, 1)` from a SplitMix64 state; stable across versions, unlike a
+/// crate's default generator, so `--criterion random --seed N` is reproducible.
+pub(crate) fn splitmix(state: &mut u64) -> f64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+}
