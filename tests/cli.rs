@@ -586,3 +586,55 @@ fn the_valid_model_compiles_and_inspects() {
     assert_eq!(summary["parameters"], 16, "inspect --json: {summary:#}");
     assert_eq!(summary["ops"], 2, "inspect --json: {summary:#}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pruning from the command line.
+
+#[test]
+fn a_dry_run_plans_verifies_and_reports_but_writes_no_model() {
+    let s = Scratch::new();
+    let model = common::root().join("testdata/models/conv_residual.onnx");
+    let report = s.out_dir().join("report.json");
+    let r = run([model.as_os_str(), OsStr::new("-o"), s.output().as_os_str(), OsStr::new("--ratio"), OsStr::new("0.5")]
+        .into_iter()
+        .chain([OsStr::new("--dry-run"), OsStr::new("--report"), report.as_os_str()]));
+    assert_eq!(r.code, Some(0), "stderr:\n{}", r.stderr);
+    assert!(!s.output().exists(), "a dry run wrote the model");
+    for phrase in ["parameters", "MACs", "tract time", "equals the masked original", "dry run: nothing written"] {
+        assert!(r.stderr.contains(phrase), "stderr does not say {phrase:?}:\n{}", r.stderr);
+    }
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).expect("report written")).expect("JSON");
+    assert!(json["after"]["parameters"].as_u64() < json["before"]["parameters"].as_u64(), "{json:#}");
+    assert_eq!(json["verification"]["masking_expected"], true, "{json:#}");
+    assert_eq!(json["prune"]["channels_removed"], 16, "{json:#}");
+    assert_eq!(json["options"]["criterion"], "l2", "{json:#}");
+}
+
+#[test]
+fn the_default_command_prunes_and_the_output_is_smaller() {
+    let s = Scratch::new();
+    let model = common::root().join("testdata/models/conv_residual.onnx");
+    let r = run([model.as_os_str(), OsStr::new("-o"), s.output().as_os_str()]);
+    assert_eq!(r.code, Some(0), "stderr:\n{}", r.stderr);
+    assert!(r.stderr.contains("ratio 0.3 per group"), "stderr:\n{}", r.stderr);
+    let (before, after) = (common::inspect_json(&model), common::inspect_json(&s.output()));
+    assert!(after["parameters"].as_u64() < before["parameters"].as_u64(), "{before:#} vs {after:#}");
+}
+
+#[test]
+fn pruning_options_out_of_range_are_usage_errors() {
+    let s = Scratch::new();
+    let model = s.model_dir().join("not_read.onnx");
+    for (flag, value, says) in [
+        ("--ratio", "1.5", "is not a share in [0, 1)"),
+        ("--target", "params=2", "is not a share in [0, 1)"),
+        ("--target", "bytes=0.5", "is not `params=SHARE` or `flops=SHARE`"),
+        ("--criterion", "l3", "unknown criterion `l3`; expected one of l1, l2, random, bn-scale, lamp"),
+        ("--node-ratio", "conv", "is not `GLOB=RATIO`"),
+    ] {
+        let r = run([model.as_os_str(), OsStr::new("-o"), s.output().as_os_str(), OsStr::new(flag), OsStr::new(value)]);
+        assert_eq!(r.code, Some(2), "{flag} {value}: stderr:\n{}", r.stderr);
+        assert!(r.stderr.contains(says), "{flag} {value}: stderr does not say {says:?}:\n{}", r.stderr);
+    }
+    assert_eq!(s.out_entries(), Vec::<String>::new());
+}

@@ -46,6 +46,10 @@ impl Plan {
     }
 
     fn from_bytes(bytes: &[u8], dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
+        prunec_ir::catch_quietly(|| Plan::build(bytes, dir, feed)).map_err(|m| RunError::Tract(format!("internal failure: {m}")))?
+    }
+
+    fn build(bytes: &[u8], dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
         let pb = tract_onnx::pb::ModelProto::decode(bytes).map_err(|e| RunError::Tract(e.to_string()))?;
         let parsed = tract_onnx::onnx().parse(&pb, dir.to_str())?;
         let mut model = parsed.model;
@@ -69,7 +73,7 @@ impl Plan {
             .map(|n| feed.0.get(n).cloned().map(TValue::from).ok_or_else(|| RunError::Inputs(format!("no value for input `{n}`"))))
             .collect::<Result<_, _>>()?;
         let start = Instant::now();
-        let out = self.plan.run(inputs)?;
+        let out = prunec_ir::catch_quietly(|| self.plan.run(inputs)).map_err(|m| RunError::Tract(format!("internal failure: {m}")))??;
         let elapsed = start.elapsed();
         let values = self.output_names.iter().cloned().zip(out.into_iter().map(|v| v.into_tensor())).collect();
         Ok(Outputs { values, elapsed })

@@ -7,10 +7,8 @@
 
 use prost::Message;
 use prunec_ir::{DType, Dim, Model, Shape};
-use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Once;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::{Factoid, GenericFactoid, InferenceModelExt, ShapeFactoid};
 
@@ -41,7 +39,7 @@ pub(crate) fn infer_shapes(model: &mut Model, bytes: &[u8], dir: &Path, input_sh
         }
     }
     // tract is third-party code fed arbitrary models; a panic there must not take prunec down.
-    let analysed = catch_quietly(|| analyse(bytes, dir, input_shapes));
+    let analysed = prunec_ir::catch_quietly(|| analyse(bytes, dir, input_shapes));
     let mut report = InferenceReport { ran: true, ..Default::default() };
     let facts = match analysed {
         Ok(Ok((facts, problem))) => {
@@ -72,36 +70,6 @@ pub(crate) fn infer_shapes(model: &mut Model, bytes: &[u8], dir: &Path, input_sh
     }
     report.unknown.sort();
     report
-}
-
-thread_local! {
-    /// Whether this thread is inside [`catch_quietly`].
-    static CATCHING: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Runs `f`, turning a panic into its message. The panic is not printed: the default hook would
-/// write `thread 'main' panicked at ...` (and a backtrace) for a failure prunec handles. Panics
-/// elsewhere still reach the previous hook.
-fn catch_quietly<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    static HOOK: Once = Once::new();
-    HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if !CATCHING.with(Cell::get) {
-                previous(info);
-            }
-        }));
-    });
-    let was_catching = CATCHING.with(|c| c.replace(true));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    CATCHING.with(|c| c.set(was_catching));
-    result.map_err(|payload| {
-        payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "no message".into())
-    })
 }
 
 type Facts = BTreeMap<String, (Option<DType>, Option<Shape>)>;

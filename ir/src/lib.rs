@@ -23,6 +23,7 @@ pub mod proto;
 
 mod dump;
 mod error;
+mod guard;
 mod graph;
 mod groups;
 mod ids;
@@ -32,6 +33,7 @@ mod stats;
 mod tensor;
 
 pub use dump::dump;
+pub use guard::catch_quietly;
 pub use error::IrError;
 pub use graph::{Attribute, Edge, Graph, Model, NodeMeta, Op, Value, ValueInfoMeta, ValueKind, captured_names};
 pub use groups::{Group, GroupAxis, Groups, WeightSlice, analyse as analyse_groups, constant_tensor};

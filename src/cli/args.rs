@@ -56,7 +56,7 @@ pub struct CompileArgs {
 #[derive(Debug, Args)]
 pub struct PruneArgs {
     /// Share of each group's channels to remove (of all prunable channels with `--global`).
-    #[arg(long, default_value_t = prunec::passes::prune::DEFAULT_RATIO)]
+    #[arg(long, default_value_t = prunec::passes::prune::DEFAULT_RATIO, value_parser = parse_share)]
     pub ratio: f64,
     /// Rank channels across groups (scores normalised per group) instead of within each group.
     #[arg(long)]

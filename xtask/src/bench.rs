@@ -7,6 +7,11 @@
 //! neighbour on a small machine slows both rather than one, and the prunec/copy ratios are the
 //! figures to compare across machines; the absolute times are only meaningful next to them.
 //!
+//! `cargo xtask bench prune [--runs N] [--model PATH]...` measures `prunec MODEL -o OUT --ratio
+//! 0.5` (read, shape inference, groups, pruning, verification in tract, write) against `cp`, and
+//! then, from one `--report` of the same command, the model's parameters, MACs and tract latency
+//! before and after pruning.
+//!
 //! The release binary is rebuilt first so the figures always describe the code in the tree.
 //! Everything the bench reports (the Markdown table, the machine, the date) goes to stdout, ready
 //! to paste; progress goes to stderr.
@@ -29,8 +34,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("roundtrip") => roundtrip(root, &RoundtripArgs::parse(&args[1..])?, Kind::Roundtrip),
         Some("groups") => roundtrip(root, &RoundtripArgs::parse(&args[1..])?, Kind::Groups),
-        Some(other) => bail!("unknown bench `{other}`; expected `roundtrip` or `groups`"),
-        None => bail!("usage: cargo xtask bench <roundtrip|groups> [--runs N] [--model PATH]..."),
+        Some("prune") => roundtrip(root, &RoundtripArgs::parse(&args[1..])?, Kind::Prune),
+        Some(other) => bail!("unknown bench `{other}`; expected `roundtrip`, `groups` or `prune`"),
+        None => bail!("usage: cargo xtask bench <roundtrip|groups|prune> [--runs N] [--model PATH]..."),
     }
 }
 
@@ -68,12 +74,17 @@ enum Kind {
     /// `prunec groups MODEL` against `prunec inspect MODEL` (the same read and shape inference,
     /// without the group analysis), so the ratio isolates the analysis.
     Groups,
+    /// `prunec MODEL -o OUT --ratio 0.5` against `cp MODEL COPY`.
+    Prune,
 }
+
+/// The ratio of the prune bench.
+const PRUNE_RATIO: &str = "0.5";
 
 impl Kind {
     fn labels(self) -> (&'static str, &'static str) {
         match self {
-            Kind::Roundtrip => ("prunec", "cp"),
+            Kind::Roundtrip | Kind::Prune => ("prunec", "cp"),
             Kind::Groups => ("groups", "inspect"),
         }
     }
@@ -93,6 +104,8 @@ struct Row {
     output_bytes: u64,
     prunec: Vec<Sample>,
     copy: Vec<Sample>,
+    /// For the prune bench: the `--report` of one run.
+    report: Option<serde_json::Value>,
 }
 
 fn roundtrip(root: &Path, args: &RoundtripArgs, kind: Kind) -> Result<()> {
@@ -173,11 +186,12 @@ fn bench_model(prunec: &Path, model: &Path, shared_models: &Path, tmp: &Path, ru
         match kind {
             Kind::Roundtrip => c.arg(model).arg("-o").arg(&out).args(["--passes", "none"]),
             Kind::Groups => c.arg("groups").arg(model),
+            Kind::Prune => c.arg(model).arg("-o").arg(&out).args(["--ratio", PRUNE_RATIO]),
         };
         c
     };
     let copy_cmd = || match kind {
-        Kind::Roundtrip => {
+        Kind::Roundtrip | Kind::Prune => {
             let mut c = Command::new("cp");
             c.arg(model).arg(&copy);
             c
@@ -204,8 +218,17 @@ fn bench_model(prunec: &Path, model: &Path, shared_models: &Path, tmp: &Path, ru
     eprintln!("bench:   prunec ms: {}\nbench:   cp ms:     {}", list(&p), list(&c));
     let size = |path: &Path| fs::metadata(path).map(|m| m.len()).with_context(|| format!("reading `{}`", path.display()));
     let label = model.strip_prefix(shared_models).unwrap_or(model).display().to_string();
-    let output_bytes = if matches!(kind, Kind::Roundtrip) { size(&out)? } else { 0 };
-    Ok(Row { label, model_bytes: size(model)?, output_bytes, prunec: p, copy: c })
+    let output_bytes = if matches!(kind, Kind::Groups) { 0 } else { size(&out)? };
+    let report = match kind {
+        Kind::Prune => {
+            let json = tmp.join("report.json");
+            let status = prunec_cmd().arg("--report").arg(&json).stderr(Stdio::null()).status().context("running prunec --report")?;
+            ensure!(status.success(), "prunec --report failed on `{}`", model.display());
+            Some(serde_json::from_str(&fs::read_to_string(&json).context("reading the report")?).context("parsing the report")?)
+        }
+        _ => None,
+    };
+    Ok(Row { label, model_bytes: size(model)?, output_bytes, prunec: p, copy: c, report })
 }
 
 /// Runs `cmd` under GNU time, which writes its report to `rusage`, and returns its wall time and
@@ -297,6 +320,32 @@ fn report(rows: &[Row], runs: usize, kind: Kind) -> Result<String> {
             crss as f64 / 1024.0,
             prss as f64 / crss.max(1) as f64,
         )?;
+    }
+    if matches!(kind, Kind::Prune) {
+        writeln!(s)?;
+        writeln!(s, "The pruned models, from `--report` of one more run (tract latency: fastest of 3 runs after a warm-up, original and pruned in the same process):")?;
+        writeln!(s)?;
+        writeln!(s, "| model | parameters before | after | MACs before | after | tract ms before | after | latency ratio | cosine to original |")?;
+        writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--:|")?;
+        for r in rows {
+            let Some(j) = &r.report else { continue };
+            let f = |p: &str| j.pointer(p).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
+            let cosine = j.pointer("/verification/outputs").and_then(|o| o.as_array()).map_or(String::from("-"), |o| {
+                o.iter().map(|x| format!("{:.4}", x["cosine"].as_f64().unwrap_or(f64::NAN))).collect::<Vec<_>>().join(", ")
+            });
+            writeln!(
+                s,
+                "| `{}` | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2}× | {cosine} |",
+                r.label,
+                f("/before/parameters"),
+                f("/after/parameters"),
+                f("/before/macs"),
+                f("/after/macs"),
+                f("/verification/original_ms"),
+                f("/verification/pruned_ms"),
+                f("/verification/pruned_ms") / f("/verification/original_ms"),
+            )?;
+        }
     }
     Ok(s)
 }
