@@ -45,6 +45,8 @@ pub struct OutputCheck {
     pub max_abs: f64,
     /// `max_abs` over the original output's largest absolute value.
     pub rel: f64,
+    /// The original output's largest absolute value.
+    pub scale: f64,
     /// Cosine similarity to the original.
     pub cosine: f64,
     /// Largest difference to the masked original, relative to its scale (when pruned).
@@ -118,7 +120,14 @@ pub fn verify(original: &Model, pruned: &Model, report: Option<&PruneReport>, di
             }
             None => None,
         };
-        outputs.push(OutputCheck { name: name.clone(), max_abs: d.max_abs, rel: d.max_abs / d.ref_max_abs.max(f64::MIN_POSITIVE), cosine: d.cosine, masked_rel });
+        outputs.push(OutputCheck {
+            name: name.clone(),
+            max_abs: d.max_abs,
+            rel: d.max_abs / d.ref_max_abs.max(f64::MIN_POSITIVE),
+            scale: d.ref_max_abs,
+            cosine: d.cosine,
+            masked_rel,
+        });
     }
     let masking_expected = masked.is_some() && masking_not_expected.is_empty();
     if masking_expected

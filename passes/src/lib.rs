@@ -60,15 +60,26 @@ pub const REGISTRY: &[Registration] = &[
         build: |_| Box::new(cleanup::DeadCodeElimination),
     },
     Registration {
+        name: "identity",
+        summary: "make the readers of an Identity read its input, and drop it",
+        build: |_| Box::new(cleanup::IdentityElimination),
+    },
+    Registration {
+        name: "fold-bn",
+        summary: "fold inference BatchNormalization into the Conv or Gemm before it",
+        build: |_| Box::new(cleanup::FoldBatchNorm),
+    },
+    Registration {
         name: "prune",
         summary: "remove the weakest channels of every prunable dependency group (--ratio, --criterion, --target)",
         build: |o| Box::new(prune::ChannelPruning { options: o.prune.clone() }),
     },
 ];
 
-/// The pipeline of a bare `prunec MODEL -o OUT`: cleanup, then channel pruning at
-/// [`prune::DEFAULT_RATIO`] with the `l2` criterion (which cleans up after itself).
-pub const DEFAULT_PIPELINE: &str = "dce,prune";
+/// The pipeline of a bare `prunec MODEL -o OUT`: cleanup, channel pruning at
+/// [`prune::DEFAULT_RATIO`] with the `l2` criterion (which removes the code it leaves dead),
+/// then identity elimination.
+pub const DEFAULT_PIPELINE: &str = "dce,prune,identity";
 
 /// Parses a comma-separated pass list; `none` is the empty pipeline.
 pub fn parse_pipeline(list: &str, options: &PipelineOptions) -> Result<Vec<Box<dyn Pass>>, PassError> {

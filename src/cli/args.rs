@@ -34,6 +34,10 @@ pub struct CompileArgs {
     pub external_data: prunec::backends::onnx::ExternalData,
     #[command(flatten)]
     pub prune: PruneArgs,
+    /// Also fold inference BatchNormalization into the Conv or Gemm before it (adds `fold-bn`
+    /// to the end of the pipeline).
+    #[arg(long)]
+    pub fold_bn: bool,
     /// Skip the check that runs the original, pruned and masked models in tract.
     #[arg(long)]
     pub no_verify: bool,

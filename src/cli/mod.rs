@@ -63,7 +63,12 @@ fn compile(a: &CompileArgs) -> Result<()> {
     };
     // Parse the pipeline before reading: a typo should not cost a model load.
     let options = prunec::passes::PipelineOptions { prune: a.prune.options() };
-    let passes = prunec::passes::parse_pipeline(&a.passes, &options)?;
+    let list = match (a.fold_bn, a.passes.trim()) {
+        (false, _) => a.passes.clone(),
+        (true, "none") => "fold-bn".to_string(),
+        (true, list) => format!("{list},fold-bn"),
+    };
+    let passes = prunec::passes::parse_pipeline(&list, &options)?;
     let infer_shapes = passes.iter().any(|p| p.needs_shapes());
     let mut loaded = if infer_shapes {
         load(model_path, &a.input_shapes)?

@@ -44,11 +44,13 @@ struct RoundtripArgs {
     runs: usize,
     /// Empty means the default model.
     models: Vec<PathBuf>,
+    /// Extra arguments for the measured prunec command (`--prunec-arg`, repeatable).
+    prunec_args: Vec<String>,
 }
 
 impl RoundtripArgs {
     fn parse(args: &[String]) -> Result<Self> {
-        let mut parsed = Self { runs: DEFAULT_RUNS, models: Vec::new() };
+        let mut parsed = Self { runs: DEFAULT_RUNS, models: Vec::new(), prunec_args: Vec::new() };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             let mut value = || it.next().with_context(|| format!("`{arg}` needs a value"));
@@ -59,7 +61,8 @@ impl RoundtripArgs {
                     ensure!(parsed.runs > 0, "--runs must be at least 1");
                 }
                 "--model" => parsed.models.push(PathBuf::from(value()?)),
-                other => bail!("unknown argument `{other}`; expected --runs N or --model PATH"),
+                "--prunec-arg" => parsed.prunec_args.push(value()?.clone()),
+                other => bail!("unknown argument `{other}`; expected --runs N, --model PATH or --prunec-arg ARG"),
             }
         }
         Ok(parsed)
@@ -131,7 +134,7 @@ fn roundtrip(root: &Path, args: &RoundtripArgs, kind: Kind) -> Result<()> {
     let mut rows = Vec::new();
     for model in &models {
         eprintln!("bench: {} ({} runs each)", model.display(), args.runs);
-        rows.push(bench_model(&prunec, model, &shared_models, &tmp.0, args.runs, kind)?);
+        rows.push(bench_model(&prunec, model, &shared_models, &tmp.0, args, kind)?);
     }
     print!("{}", report(&rows, args.runs, kind)?);
     Ok(())
@@ -177,7 +180,8 @@ fn build_prunec(root: &Path) -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn bench_model(prunec: &Path, model: &Path, shared_models: &Path, tmp: &Path, runs: usize, kind: Kind) -> Result<Row> {
+fn bench_model(prunec: &Path, model: &Path, shared_models: &Path, tmp: &Path, args: &RoundtripArgs, kind: Kind) -> Result<Row> {
+    let runs = args.runs;
     let out = tmp.join("out.onnx");
     let copy = tmp.join("copy.onnx");
     let rusage = tmp.join("rusage.txt");
@@ -188,6 +192,7 @@ fn bench_model(prunec: &Path, model: &Path, shared_models: &Path, tmp: &Path, ru
             Kind::Groups => c.arg("groups").arg(model),
             Kind::Prune => c.arg(model).arg("-o").arg(&out).args(["--ratio", PRUNE_RATIO]),
         };
+        c.args(&args.prunec_args);
         c
     };
     let copy_cmd = || match kind {

@@ -1,5 +1,9 @@
 //! Cleanup passes: rewrites that shrink a graph without changing what it computes.
 
 mod dce;
+mod fold_bn;
+mod identity;
 
 pub(crate) use dce::DeadCodeElimination;
+pub(crate) use fold_bn::FoldBatchNorm;
+pub(crate) use identity::IdentityElimination;
