@@ -7,8 +7,8 @@ use prunec::frontend::{ReadOptions, read_model};
 use prunec::passes::{PipelineOptions, parse_pipeline, run_pipeline};
 
 #[test]
-fn identity_elimination_and_batchnorm_folding_keep_the_outputs() {
-    let passes = parse_pipeline("identity,fold-bn", &PipelineOptions::default()).expect("registered");
+fn folding_identity_elimination_and_batchnorm_folding_keep_the_outputs() {
+    let passes = parse_pipeline("fold,identity,fold-bn", &PipelineOptions::default()).expect("registered");
     let mut folded = Vec::new();
     for case in all_cases().iter().filter(|c| c.tract_unsupported.is_none()) {
         let loaded = read_model(&case.path, &ReadOptions::default()).expect("the model reads");
@@ -29,7 +29,9 @@ fn identity_elimination_and_batchnorm_folding_keep_the_outputs() {
         }
     }
     eprintln!("{}", folded.join("\n"));
-    assert!(folded.iter().any(|f| f.starts_with("conv_residual")), "nothing folded in conv_residual: {folded:?}");
+    for name in ["conv_residual", "shufflenet_v2_x0_5", "tiny_flux"] {
+        assert!(folded.iter().any(|f| f.starts_with(name)), "nothing folded in {name}: {folded:?}");
+    }
 }
 
 #[test]
@@ -38,4 +40,34 @@ fn batchnorm_folding_is_snapshotted() {
     let mut model = read_model(&path, &ReadOptions::default()).expect("the model reads").model;
     run_pipeline(&mut model, &parse_pipeline("fold-bn", &PipelineOptions::default()).expect("registered")).expect("the pass runs");
     insta::assert_snapshot!(prunec::ir::dump(&model));
+}
+
+#[test]
+fn folding_shape_arithmetic_unfreezes_the_groups_it_read() {
+    // ShuffleNetV2 splits its channels with Slice bounds computed from Shape at run time, which
+    // freezes both halves; the sizes are fixed, so folding makes the bounds constants.
+    let path = common::shared().join("models/zoo/shufflenet_v2_x0_5.onnx");
+    let mut model = read_model(&path, &ReadOptions::default()).expect("the model reads").model;
+    let prunable = |m: &prunec::ir::Model| prunec::ir::analyse_groups(&m.graph).groups.iter().filter(|g| g.prunable).count();
+    let before = prunable(&model);
+    run_pipeline(&mut model, &parse_pipeline("fold", &PipelineOptions::default()).expect("registered")).expect("the pass runs");
+    let after = prunable(&model);
+    assert!(after > before, "folding left {before} prunable groups");
+    assert!(model.graph.op_ids().all(|op| model.graph.op(op).op_type != "Shape"), "a Shape of fixed sizes is left");
+}
+
+#[test]
+fn cleaned_models_pass_the_checker_and_compute_the_same_in_onnxruntime() {
+    // Every model, the ones tract cannot run included: ONNX Runtime is the judge here.
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let mut manifest = Vec::new();
+    for case in all_cases() {
+        for (tag, passes, max_abs) in [("exact", "dce,fold,identity", 0.0), ("bn", "fold-bn", 1e-4)] {
+            let out = scratch.path().join(format!("{}_{tag}.onnx", case.name));
+            let run = common::prunec().arg(&case.path).arg("-o").arg(&out).args(["--passes", passes, "--no-verify"]).output().expect("running prunec");
+            assert!(run.status.success(), "{} {passes}: {}", case.name, String::from_utf8_lossy(&run.stderr));
+            manifest.push(serde_json::json!({ "original": case.path, "output": out, "feed": common::feed_json(&case), "max_abs": max_abs }));
+        }
+    }
+    common::validate_with_python(&manifest, scratch.path());
 }

@@ -16,9 +16,12 @@ fn load(path: &Path) -> Loaded {
     read_model(path, &ReadOptions::default()).expect("the model reads")
 }
 
-/// Prunes a copy of `original`; the pruned model and the pass's report.
+/// Prunes a copy of `original` as the default pipeline does (shape arithmetic folded first);
+/// the pruned model and the pass's report.
 fn prune(original: &Model, options: PruneOptions) -> (Model, PruneReport) {
     let mut model = original.clone();
+    let fold = prunec::passes::parse_pipeline("fold", &Default::default()).expect("registered");
+    prunec::passes::run_pipeline(&mut model, &fold).expect("folding succeeds");
     let report = ChannelPruning { options }.run(&mut model).expect("pruning succeeds");
     (model, report.prune.expect("the prune pass reports"))
 }

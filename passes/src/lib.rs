@@ -60,6 +60,11 @@ pub const REGISTRY: &[Registration] = &[
         build: |_| Box::new(cleanup::DeadCodeElimination),
     },
     Registration {
+        name: "fold",
+        summary: "fold shape arithmetic whose result is known (Shape of fixed axes, Gather, Concat...) into constants",
+        build: |_| Box::new(cleanup::FoldConstants),
+    },
+    Registration {
         name: "identity",
         summary: "make the readers of an Identity read its input, and drop it",
         build: |_| Box::new(cleanup::IdentityElimination),
@@ -76,10 +81,11 @@ pub const REGISTRY: &[Registration] = &[
     },
 ];
 
-/// The pipeline of a bare `prunec MODEL -o OUT`: cleanup, channel pruning at
+/// The pipeline of a bare `prunec MODEL -o OUT`: cleanup, folding of shape arithmetic (which
+/// unfreezes groups whose sizes were read at run time), channel pruning at
 /// [`prune::DEFAULT_RATIO`] with the `l2` criterion (which removes the code it leaves dead),
 /// then identity elimination.
-pub const DEFAULT_PIPELINE: &str = "dce,prune,identity";
+pub const DEFAULT_PIPELINE: &str = "dce,fold,prune,identity";
 
 /// Parses a comma-separated pass list; `none` is the empty pipeline.
 pub fn parse_pipeline(list: &str, options: &PipelineOptions) -> Result<Vec<Box<dyn Pass>>, PassError> {

@@ -194,8 +194,8 @@ fn evaluate(graph: &Graph, op_id: OpId, values: &mut HashMap<ValueId, Partial>) 
         }
         "Add" | "Sub" | "Mul" | "Div" => {
             let (a, b) = (input(0)?, input(1)?);
-            let dims = if a.data.len() >= b.data.len() { a.dims.clone() } else { b.dims.clone() };
-            let n = a.data.len().max(b.data.len());
+            let dims = broadcast(&a.dims, &b.dims)?;
+            let n = dims.iter().product::<u64>() as usize;
             if (a.data.len() != n && a.data.len() != 1) || (b.data.len() != n && b.data.len() != 1) {
                 return None;
             }
@@ -215,4 +215,18 @@ fn evaluate(graph: &Graph, op_id: OpId, values: &mut HashMap<ValueId, Partial>) 
         }
         _ => None,
     }
+}
+
+/// The broadcast shape of two shapes (numpy rules), if they broadcast.
+fn broadcast(a: &[u64], b: &[u64]) -> Option<Vec<u64>> {
+    let rank = a.len().max(b.len());
+    let at = |d: &[u64], i: usize| if i + d.len() >= rank { d[i + d.len() - rank] } else { 1 };
+    (0..rank)
+        .map(|i| match (at(a, i), at(b, i)) {
+            (x, y) if x == y => Some(x),
+            (1, y) => Some(y),
+            (x, 1) => Some(x),
+            _ => None,
+        })
+        .collect()
 }

@@ -2,8 +2,10 @@
 
 mod dce;
 mod fold_bn;
+mod fold_constants;
 mod identity;
 
 pub(crate) use dce::DeadCodeElimination;
 pub(crate) use fold_bn::FoldBatchNorm;
+pub(crate) use fold_constants::FoldConstants;
 pub(crate) use identity::IdentityElimination;
