@@ -94,6 +94,10 @@ pub struct PruneArgs {
     /// Seed of the random criterion and of random verification inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Do not prune groups whose channels a normalisation mixes (LayerNorm over a residual
+    /// stream); the rest of the model stays checkable by masking equivalence.
+    #[arg(long)]
+    pub keep_normalized: bool,
 }
 
 impl PruneArgs {
@@ -111,6 +115,7 @@ impl PruneArgs {
             exclude: self.exclude.clone(),
             node_ratios: self.node_ratio.clone(),
             seed: self.seed,
+            keep_normalized: self.keep_normalized,
         }
     }
 }

@@ -192,6 +192,33 @@ fn evaluate(graph: &Graph, op_id: OpId, values: &mut HashMap<ValueId, Partial>) 
             }
             one(Partial { dims: vec![picked.len() as u64], data: picked })
         }
+        "ConstantOfShape" => {
+            let dims: Vec<u64> = input(0)?.known()?.into_iter().map(|d| u64::try_from(d).ok()).collect::<Option<_>>()?;
+            let n = dims.iter().product::<u64>() as usize;
+            let fill = match op.attr_tensor("value") {
+                Some(t) => *t.to_i64_vec()?.first()?,
+                // The default fill is a float zero: not shape arithmetic.
+                None => return None,
+            };
+            (n <= MAX_ELEMENTS).then(|| vec![Partial { dims, data: vec![Some(fill); n] }])
+        }
+        "Equal" | "Where" => {
+            let operands: Vec<Partial> = (0..graph.op_inputs(op_id).len()).map(&mut input).collect::<Option<_>>()?;
+            let dims = operands.iter().try_fold(Vec::new(), |d, p| broadcast(&d, &p.dims))?;
+            let n = dims.iter().product::<u64>() as usize;
+            if operands.iter().any(|p| p.data.len() != n && p.data.len() != 1) {
+                return None;
+            }
+            let at = |p: &Partial, i: usize| if p.data.len() == 1 { p.data[0] } else { p.data[i] };
+            let data = (0..n)
+                .map(|i| match operands.as_slice() {
+                    [a, b] => Some(i64::from(at(a, i)? == at(b, i)?)),
+                    [c, x, y] => if at(c, i)? != 0 { at(x, i) } else { at(y, i) },
+                    _ => None,
+                })
+                .collect();
+            one(Partial { dims, data })
+        }
         "Add" | "Sub" | "Mul" | "Div" => {
             let (a, b) = (input(0)?, input(1)?);
             let dims = broadcast(&a.dims, &b.dims)?;

@@ -45,6 +45,9 @@ pub struct PruneOptions {
     pub node_ratios: Vec<(String, f64)>,
     /// Seed of the `random` criterion.
     pub seed: u64,
+    /// Leave whole the groups whose channels a normalisation mixes (a LayerNorm'd residual
+    /// stream): their removal changes every other channel, which no masking check can vouch for.
+    pub keep_normalized: bool,
 }
 
 impl Default for PruneOptions {
@@ -61,6 +64,7 @@ impl Default for PruneOptions {
             exclude: Vec::new(),
             node_ratios: Vec::new(),
             seed: 0,
+            keep_normalized: false,
         }
     }
 }
@@ -208,6 +212,8 @@ pub fn plan(graph: &Graph, options: &PruneOptions, opset: i64) -> Result<(Remova
             report.frozen.push(frozen(g.frozen_reason.clone().unwrap_or_default()));
         } else if let Some(node) = nodes().find(|n| exclude.iter().any(|p| p.matches(n))) {
             report.frozen.push(frozen(format!("`{node}` is excluded")));
+        } else if let Some(why) = crosses_normalization(graph, g).filter(|_| options.keep_normalized) {
+            report.frozen.push(frozen(format!("is kept whole (--keep-normalized): {why}")));
         } else if g.channels.unwrap_or(0) <= options.min_keep as u64 {
             report.frozen.push(frozen(format!("has no more than the {} channels kept per group", options.min_keep)));
         } else {
