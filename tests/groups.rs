@@ -136,7 +136,7 @@ fn groups_list_every_reader_of_their_channels() {
     let cases: Vec<common::Case> = common::all_cases()
         .into_iter()
         .filter(|c| {
-            ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "conv_residual", "depthwise", "concat_split", "attention"]
+            ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "conv_residual", "depthwise", "grouped_conv", "concat_split", "attention"]
                 .contains(&c.name.as_str())
         })
         .collect();

@@ -20,6 +20,7 @@ fn dumps_of_testdata_models() {
         "conv_residual.onnx",
         "dead_code.onnx",
         "depthwise.onnx",
+        "grouped_conv.onnx",
         "exotic.onnx",
         "external_data/model.onnx",
         "if_subgraph.onnx",

@@ -263,6 +263,20 @@ pub fn analyse(graph: &Graph) -> Groups {
                     frozen.push((i_c, reason));
                 }
             }
+            Fact::Groups { a, b, groups, op } => {
+                let (Some(ia), Some(ib)) = both(&mut dims, graph, *a, *b, *op, &mut frozen, &name) else { continue };
+                let (da, db) = (dims.infos[ia].clone(), dims.infos[ib].clone());
+                if !da.opaque && !db.opaque && *groups > 0 && da.len % groups == 0 && db.len % groups == 0 {
+                    let (wa, wb) = (da.len / groups, db.len / groups);
+                    links.extend((0..da.len).map(|e| (da.first + e, da.first + (e / wa) * wa)));
+                    links.extend((0..db.len).map(|e| (db.first + e, db.first + (e / wb) * wb)));
+                    links.extend((0..*groups).map(|j| (da.first + j * wa, db.first + j * wb)));
+                } else {
+                    let reason = format!("{} and {} cannot be cut into {groups} groups", describe(*a, &da), describe(*b, &db));
+                    frozen.push((ia, reason.clone()));
+                    frozen.push((ib, reason));
+                }
+            }
             Fact::Weight { dim, role, op } => {
                 if let Some(i) = dims.get(graph, *dim, Some(*op)) {
                     let slice = WeightSlice {

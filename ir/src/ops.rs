@@ -13,6 +13,8 @@
 //!   (Concat inputs in their output, Split and Slice outputs in their input);
 //! - `block(fine, coarse, n)`: an axis merged from a coarse axis and inner axes of size `n`
 //!   (Flatten's `C·H·W`, attention's `H·D`): each coarse channel owns a block of `n`;
+//! - `groups(a, b, n)`: both axes are cut into `n` blocks and block `j` of one only meets block
+//!   `j` of the other (a grouped convolution): a channel is a whole block;
 //! - `freeze(dim, reason)`: these channels must not change, and why.
 //!
 //! There is no default rule: an op missing from the table freezes every axis it touches, and
@@ -58,6 +60,14 @@ pub(crate) enum Fact {
         fine: DimRef,
         coarse: DimRef,
         stride: usize,
+        op: OpId,
+    },
+    /// `a` and `b` are each cut into `groups` equal blocks, and block `j` of one goes with block
+    /// `j` of the other only (a grouped convolution): a channel is a whole block.
+    Groups {
+        a: DimRef,
+        b: DimRef,
+        groups: usize,
         op: OpId,
     },
     Weight {
@@ -132,6 +142,10 @@ impl RuleCx<'_> {
 
     fn block(&mut self, fine: DimRef, coarse: DimRef, stride: usize) {
         self.facts.push(Fact::Block { fine, coarse, stride, op: self.op });
+    }
+
+    fn groups(&mut self, a: DimRef, b: DimRef, groups: usize) {
+        self.facts.push(Fact::Groups { a, b, groups, op: self.op });
     }
 
     fn known_size(&self, (v, axis): DimRef) -> Option<u64> {
@@ -344,9 +358,13 @@ fn conv(cx: &mut RuleCx) {
     } else if group as u64 == c && m == c {
         // Depthwise: output channel i reads input channel i only, so both sides are one set.
         cx.couple((x, 1), (y, 1));
+    } else if group > 1 && c % group as u64 == 0 && m % group as u64 == 0 {
+        // Grouped: output group j reads input group j only, so channels go a whole group at a
+        // time (the weight's input axis, within one group, keeps its size).
+        cx.groups((x, 1), (y, 1), group as usize);
     } else {
-        cx.freeze(x, Some(1), "is a grouped convolution (groups other than 1 or depthwise are not pruned yet)");
-        cx.freeze(y, Some(1), "is a grouped convolution (groups other than 1 or depthwise are not pruned yet)");
+        cx.freeze(x, Some(1), "has a `group` that does not divide its channels");
+        cx.freeze(y, Some(1), "has a `group` that does not divide its channels");
     }
     cx.couple((y, 1), (w, 0));
     cx.weight((w, 0), Role::Producer);

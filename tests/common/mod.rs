@@ -89,6 +89,7 @@ pub fn testdata_cases() -> Vec<Case> {
         case("conv_residual", "conv_residual.onnx", vec![], None),
         case("dead_code", "dead_code.onnx", vec![], None),
         case("depthwise", "depthwise.onnx", vec![], None),
+        case("grouped_conv", "grouped_conv.onnx", vec![], None),
         case(
             "exotic",
             "exotic.onnx",

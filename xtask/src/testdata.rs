@@ -1,7 +1,7 @@
 //! Builds the synthetic test models under `testdata/models/`.
 //!
 //! Each model is tiny and exercises one structure the pruner must get right: a residual add, a
-//! depthwise convolution, split/concat, attention heads, an `If` whose branches read outer-scope
+//! depthwise convolution, a grouped convolution, split/concat, attention heads, an `If` whose branches read outer-scope
 //! values, dead code, schema corners that must survive a round trip unchanged, and external data.
 //!
 //! The output is byte-identical on every run, so the committed models only change when this file
@@ -37,7 +37,7 @@ const EXTERNAL_MIN_ELEMS: i64 = 32;
 /// Writes every synthetic test model to `<root>/testdata/models/`.
 pub fn run(root: &Path) -> Result<()> {
     let dir = root.join("testdata/models");
-    let builders: [fn() -> Result<ModelProto>; 7] = [conv_residual, depthwise, concat_split, attention, if_subgraph, dead_code, exotic];
+    let builders: [fn() -> Result<ModelProto>; 8] = [conv_residual, depthwise, grouped_conv, concat_split, attention, if_subgraph, dead_code, exotic];
     for build in builders {
         let model = build()?;
         let graph = model.graph.as_ref().expect("every builder sets a graph");
@@ -109,6 +109,20 @@ fn depthwise() -> Result<ModelProto> {
 }
 
 /// A conv whose channels are split between two branches and concatenated again.
+/// A ResNeXt bottleneck: 1x1 reduce, 3x3 convolution in 2 groups, 1x1 expand, add.
+fn grouped_conv() -> Result<ModelProto> {
+    let mut g = GraphBuilder::new("grouped_conv");
+    let x = g.input("input", DataType::Float, &[1, 4, 8, 8]);
+    let h = g.conv("/reduce/conv", &x, Conv::new(4, 8, 1));
+    let h = g.op("/reduce/relu", "Relu", &[&h], vec![]);
+    let h = g.conv("/grouped/conv", &h, Conv::new(8, 8, 3).groups(2));
+    let h = g.op("/grouped/relu", "Relu", &[&h], vec![]);
+    let h = g.conv("/expand/conv", &h, Conv::new(8, 4, 1));
+    let y = g.op("", "Add", &[&h, &x], vec![]);
+    g.output(&y, "output", DataType::Float, &[1, 4, 8, 8]);
+    Ok(model(g.finish()?, &[]))
+}
+
 fn concat_split() -> Result<ModelProto> {
     let mut g = GraphBuilder::new("concat_split");
     let x = g.input("input", DataType::Float, &[1, 3, 8, 8]);
@@ -363,6 +377,10 @@ impl Conv {
 
     fn depthwise(self) -> Conv {
         Conv { group: self.cin, ..self }
+    }
+
+    fn groups(self, group: i64) -> Conv {
+        Conv { group, ..self }
     }
 
     fn without_bias(self) -> Conv {

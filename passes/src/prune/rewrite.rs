@@ -218,10 +218,12 @@ fn op_edits(graph: &Graph, removal: &Removal, op_id: OpId, opset: i64) -> Result
                 && let Some((old, new)) = sizes(graph, removal, x, 1)
                 && old != new
             {
-                if group as u64 != old {
-                    return Err(fail(format!("is a grouped convolution ({group} groups of {} channels)", old / group as u64)));
+                // Depthwise: one channel per group. Grouped: whole groups of `old / group` go.
+                let per_group = old / group as u64;
+                if (old - new) % per_group != 0 {
+                    return Err(fail(format!("would lose part of a group ({group} groups of {per_group} channels)")));
                 }
-                edits.push(Edit::Int { op: op_id, name: "group", value: new as i64 });
+                edits.push(Edit::Int { op: op_id, name: "group", value: (new / per_group) as i64 });
             }
         }
         "LSTM" | "GRU" | "RNN" => {
