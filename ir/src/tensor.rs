@@ -272,8 +272,11 @@ impl Tensor {
         let inner: u64 = dims[axis + 1..].iter().product();
         let values = self.to_f64_vec()?;
         let mut sums = vec![0.0; n];
+        if n == 0 {
+            return Some(sums);
+        }
         for (k, v) in values.into_iter().enumerate() {
-            sums[(k / inner.max(1) as usize) % n.max(1)] += f(v);
+            sums[(k / inner.max(1) as usize) % n] += f(v);
         }
         Some(sums)
     }

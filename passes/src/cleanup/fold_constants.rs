@@ -142,7 +142,7 @@ fn evaluate(graph: &Graph, op_id: OpId, values: &mut HashMap<ValueId, Partial>) 
         "Unsqueeze" | "Squeeze" | "Reshape" | "Flatten" => {
             let x = input(0)?;
             let dims = out_dims(0)?;
-            (dims.iter().product::<u64>() as usize == x.data.len()).then(|| vec![Partial { dims, data: x.data }])
+            (numel(&dims)? == x.data.len()).then(|| vec![Partial { dims, data: x.data }])
         }
         "Concat" => {
             let parts: Vec<Partial> = (0..graph.op_inputs(op_id).len()).map(&mut input).collect::<Option<_>>()?;
@@ -194,7 +194,7 @@ fn evaluate(graph: &Graph, op_id: OpId, values: &mut HashMap<ValueId, Partial>) 
         }
         "ConstantOfShape" => {
             let dims: Vec<u64> = input(0)?.known()?.into_iter().map(|d| u64::try_from(d).ok()).collect::<Option<_>>()?;
-            let n = dims.iter().product::<u64>() as usize;
+            let n = numel(&dims)?;
             let fill = match op.attr_tensor("value") {
                 Some(t) => *t.to_i64_vec()?.first()?,
                 // The default fill is a float zero: not shape arithmetic.
@@ -205,7 +205,7 @@ fn evaluate(graph: &Graph, op_id: OpId, values: &mut HashMap<ValueId, Partial>) 
         "Equal" | "Where" => {
             let operands: Vec<Partial> = (0..graph.op_inputs(op_id).len()).map(&mut input).collect::<Option<_>>()?;
             let dims = operands.iter().try_fold(Vec::new(), |d, p| broadcast(&d, &p.dims))?;
-            let n = dims.iter().product::<u64>() as usize;
+            let n = numel(&dims)?;
             if operands.iter().any(|p| p.data.len() != n && p.data.len() != 1) {
                 return None;
             }
@@ -222,7 +222,7 @@ fn evaluate(graph: &Graph, op_id: OpId, values: &mut HashMap<ValueId, Partial>) 
         "Add" | "Sub" | "Mul" | "Div" => {
             let (a, b) = (input(0)?, input(1)?);
             let dims = broadcast(&a.dims, &b.dims)?;
-            let n = dims.iter().product::<u64>() as usize;
+            let n = numel(&dims)?;
             if (a.data.len() != n && a.data.len() != 1) || (b.data.len() != n && b.data.len() != 1) {
                 return None;
             }
@@ -256,4 +256,10 @@ fn broadcast(a: &[u64], b: &[u64]) -> Option<Vec<u64>> {
             _ => None,
         })
         .collect()
+}
+
+/// Elements of a shape, if it has no more than [`MAX_ELEMENTS`] (hostile shapes overflow).
+fn numel(dims: &[u64]) -> Option<usize> {
+    let n = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d))?;
+    (n <= MAX_ELEMENTS as u64).then_some(n as usize)
 }

@@ -173,6 +173,9 @@ fn op_edits(graph: &Graph, removal: &Removal, op_id: OpId, opset: i64) -> Result
                 None => (0..starts.len()).collect(),
             };
             let steps = if legacy { vec![1; starts.len()] } else { const_ints(4).map_or(vec![1; starts.len()], |c| c.1) };
+            if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+                return Err(fail("has starts, ends, axes and steps of different lengths".into()));
+            }
             for a in touched {
                 let i = axes.iter().position(|&s| s == a);
                 let Some(i) = i else { continue };
