@@ -174,3 +174,29 @@ fn pruning_rewrites_are_snapshotted() {
         insta::assert_snapshot!(format!("pruned_{}", case.name), text);
     }
 }
+
+#[test]
+fn a_packed_qkv_projection_loses_whole_heads_of_q_k_and_v_together() {
+    // torchvision's ViT projects q, k and v with one in_proj weight viewed as [.., 3, E] and
+    // picked apart by Gather. The zoo model's classifier is all zeros (torchvision's init), which
+    // would make any output comparison vacuous: give it weights first.
+    let loaded = load(&common::shared().join("models/zoo/tiny_vit.onnx"));
+    let mut model = loaded.model.clone();
+    for name in ["heads.head.weight", "heads.head.bias"] {
+        let v = model.graph.value_by_name(name).expect("the classifier");
+        let t = model.graph.value(v).initializer().expect("an initializer").clone();
+        let values: Vec<f32> = (0..t.numel()).map(|i| ((i * 7919) % 201) as f32 / 100.0 - 1.0).collect();
+        model.graph.value_mut(v).kind = prunec::ir::ValueKind::Initializer(prunec::ir::Tensor::from_f32(name, &t.dims(), &values));
+    }
+    let (pruned, report) = prune(&model, PruneOptions { keep_normalized: true, ..at_ratio(0.5) });
+    let heads: Vec<_> = report.groups.iter().filter(|g| g.channels == 4).collect();
+    assert_eq!(heads.len(), 4, "one head group per layer: {:?}", report.groups);
+    for g in &heads {
+        assert_eq!(g.removed.len(), 2, "group {} keeps {} of 4 heads", g.id, g.kept);
+        let in_proj = g.kept_by_producer.values().next().expect("the in_proj producer");
+        assert_eq!(in_proj.len(), 2 * 3 * 32, "q, k and v each keep two heads of 32");
+    }
+    let inputs = feed(&common::all_cases().into_iter().find(|c| c.name == "tiny_vit").expect("case"), &model);
+    let v = prunec::verify::verify(&model, &pruned, Some(&report), &loaded.dir, &inputs, 1e-5).expect("masking equivalence holds");
+    assert!(v.masking_expected && v.outputs.iter().all(|o| o.scale > 0.1), "the check is not vacuous: {v:?}");
+}

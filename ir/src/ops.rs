@@ -943,7 +943,8 @@ fn reshape(cx: &mut RuleCx) {
             // innermost, which the transpose makes outermost when the axis is merged back.
             ([single], factors) | (factors, [single]) => {
                 let (one, many) = if run_x.len() == 1 { ((x, *single), y) } else { ((y, *single), x) };
-                let keep = if many == y && is_shuffle_split(cx.graph, y, factors) { factors.len() - 1 } else { 0 };
+                let inner_kept = many == y && (is_shuffle_split(cx.graph, y, factors) || is_packed_split(cx.graph, y, factors));
+                let keep = if inner_kept { factors.len() - 1 } else { 0 };
                 let stride: u64 = factors[keep + 1..].iter().map(|&f| size(many, f)).product();
                 cx.block(one, (many, factors[keep]), stride as usize);
                 for (_, &f) in factors.iter().enumerate().filter(|&(i, _)| i != keep) {
@@ -978,6 +979,69 @@ fn is_shuffle_split(graph: &Graph, split: ValueId, factors: &[usize]) -> bool {
     let merges_back = graph.op(merge).op_type == "Reshape"
         && graph.value(graph.op_output(merge, 0).unwrap_or(shuffled)).shape.as_ref().map(|s| s.rank()) == graph.value(split).shape.as_ref().map(|s| s.rank() - 1);
     swapped && merges_back
+}
+
+/// Whether `split`, a reshape output whose `factors` came from one axis, unpacks a packed
+/// projection (`in_proj` of q, k and v as one `[.., 3·E]` axis viewed as `[.., 3, E]`): the outer
+/// factor only moves (Unsqueeze, Transpose, Squeeze) until Gathers pick its entries by constant
+/// index. The parts then share the inner axis element by element (q's channel `i` is k's and
+/// v's channel `i`), which is how the inner factor keeps its channels.
+fn is_packed_split(graph: &Graph, split: ValueId, factors: &[usize]) -> bool {
+    let [outer, _] = factors else { return false };
+    let (mut value, mut axis) = (split, *outer);
+    loop {
+        let readers = graph.consumers(value);
+        if readers.is_empty() {
+            return false;
+        }
+        let rank_of = |v: ValueId| graph.value(v).shape.as_ref().map(|s| s.rank());
+        let all_gather = readers.iter().all(|&(op, edge)| {
+            let o = graph.op(op);
+            let rank = rank_of(value).unwrap_or(0);
+            let indices = graph.op_input(op, 1).and_then(|i| crate::groups::constant_tensor(graph, i));
+            o.op_type == "Gather"
+                && edge == crate::Edge::Input(0)
+                && normalize_axis(o.attr_int("axis").unwrap_or(0), rank) == Some(axis)
+                && indices.is_some_and(|t| t.dims().is_empty())
+        });
+        if all_gather {
+            return true;
+        }
+        let [(op, crate::Edge::Input(0))] = readers[..] else { return false };
+        let o = graph.op(op);
+        let Some(next) = graph.op_output(op, 0) else { return false };
+        let (Some(rank_in), Some(rank_out)) = (rank_of(value), rank_of(next)) else { return false };
+        let axes = || -> Option<Vec<usize>> {
+            let raw = o.attr_ints("axes").map(<[i64]>::to_vec).or_else(|| crate::groups::constant_tensor(graph, graph.op_input(op, 1)?)?.to_i64_vec())?;
+            let rank = if o.op_type == "Unsqueeze" { rank_out } else { rank_in };
+            raw.iter().map(|&a| normalize_axis(a, rank)).collect()
+        };
+        axis = match o.op_type.as_str() {
+            "Transpose" => match o.attr_ints("perm") {
+                Some(perm) => match perm.iter().position(|&p| p == axis as i64) {
+                    Some(j) => j,
+                    None => return false,
+                },
+                None => rank_in - 1 - axis,
+            },
+            "Unsqueeze" => {
+                let Some(inserted) = axes() else { return false };
+                match (0..rank_out).filter(|a| !inserted.contains(a)).nth(axis) {
+                    Some(a) => a,
+                    None => return false,
+                }
+            }
+            "Squeeze" => {
+                let Some(removed) = axes() else { return false };
+                if removed.contains(&axis) {
+                    return false;
+                }
+                axis - removed.iter().filter(|&&a| a < axis).count()
+            }
+            _ => return false,
+        };
+        value = next;
+    }
 }
 
 /// Pairs the axes of two shapes into the shortest runs with equal size products, left to right,

@@ -219,7 +219,7 @@ fn evaluate(graph: &Graph, op_id: OpId, values: &mut HashMap<ValueId, Partial>) 
                 .collect();
             one(Partial { dims, data })
         }
-        "Add" | "Sub" | "Mul" | "Div" => {
+        "Add" | "Sub" | "Mul" | "Div" | "Mod" => {
             let (a, b) = (input(0)?, input(1)?);
             let dims = broadcast(&a.dims, &b.dims)?;
             let n = numel(&dims)?;
@@ -234,7 +234,10 @@ fn evaluate(graph: &Graph, op_id: OpId, values: &mut HashMap<ValueId, Partial>) 
                         "Add" => x.checked_add(y),
                         "Sub" => x.checked_sub(y),
                         "Mul" => x.checked_mul(y),
-                        _ => x.checked_div(y),
+                        "Div" => x.checked_div(y),
+                        // Integer Mod takes the divisor's sign unless `fmod` asks for C's.
+                        _ if op.attr_int("fmod").unwrap_or(0) != 0 => x.checked_rem(y),
+                        _ => x.checked_rem(y).and_then(|r| if r != 0 && (r < 0) != (y < 0) { r.checked_add(y) } else { Some(r) }),
                     }
                 })
                 .collect();
