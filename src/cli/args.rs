@@ -207,6 +207,10 @@ pub struct DumpArgs {
 pub struct GroupsArgs {
     /// The ONNX model.
     pub model: PathBuf,
+    /// Analyse the model as given; by default shape arithmetic of known sizes is folded first
+    /// (the `fold` pass), as the default pipeline does before pruning.
+    #[arg(long)]
+    pub no_fold: bool,
     /// Print JSON (`{"groups": [{"id", "channels", "prunable", "frozen_reason", "members", ...}]}`).
     #[arg(long)]
     pub json: bool,

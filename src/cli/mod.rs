@@ -20,7 +20,11 @@ pub fn run(cli: Cli) -> Result<()> {
             emit(&prunec::ir::dump(&loaded.model))
         }
         Some(Command::Groups(a)) => {
-            let loaded = load(&a.model, &a.input_shapes)?;
+            let mut loaded = load(&a.model, &a.input_shapes)?;
+            if !a.no_fold {
+                let fold = prunec::passes::parse_pipeline("fold", &Default::default())?;
+                prunec::passes::run_pipeline(&mut loaded.model, &fold).with_context(|| format!("folding `{}`", a.model.display()))?;
+            }
             let groups = prunec::ir::analyse_groups(&loaded.model.graph);
             if a.json { emit(&format!("{}\n", serde_json::to_string_pretty(&groups)?)) } else { emit(&groups.to_string()) }
         }
