@@ -6,8 +6,8 @@
 //! rewrite sliced every weight and shape consistently. Its distance to the original is the
 //! price of pruning, reported but not judged.
 
-use crate::backends::tract::{Feed, Plan, compare};
 use crate::backends::RunError;
+use crate::backends::tract::{Feed, Plan, compare};
 use crate::ir::Model;
 use crate::passes::prune::{PruneReport, mask_consumers};
 use serde::Serialize;
@@ -91,7 +91,14 @@ fn timed(plan: &Plan, feed: &Feed, runs: usize) -> Result<(crate::backends::trac
 /// Compares `pruned` with `original` (and with the masked original when `report` says what was
 /// removed) on `feed`. `dir` is where external data of both models is found; `tolerance` bounds
 /// the difference to the masked original relative to each output's scale.
-pub fn verify(original: &Model, pruned: &Model, report: Option<&PruneReport>, dir: &Path, feed: &Feed, tolerance: f64) -> Result<Verification, VerifyError> {
+pub fn verify(
+    original: &Model,
+    pruned: &Model,
+    report: Option<&PruneReport>,
+    dir: &Path,
+    feed: &Feed,
+    tolerance: f64,
+) -> Result<Verification, VerifyError> {
     const RUNS: usize = 3;
     let plan = Plan::from_model(original, dir, feed).map_err(VerifyError::OriginalNotRunnable)?;
     let (reference, original_time) = timed(&plan, feed, RUNS).map_err(VerifyError::OriginalNotRunnable)?;
@@ -111,7 +118,8 @@ pub fn verify(original: &Model, pruned: &Model, report: Option<&PruneReport>, di
     let masking_not_expected = report.map(|r| r.normalized.clone()).unwrap_or_default();
     let mut outputs = Vec::new();
     for (i, (name, want)) in reference.values.iter().enumerate() {
-        let have = &got.values.get(i).ok_or_else(|| VerifyError::PrunedNotRunnable(RunError::Inputs(format!("output `{name}` is missing"))))?.1;
+        let have =
+            &got.values.get(i).ok_or_else(|| VerifyError::PrunedNotRunnable(RunError::Inputs(format!("output `{name}` is missing"))))?.1;
         let d = compare(want, have).map_err(|e| VerifyError::PrunedNotRunnable(RunError::Inputs(format!("output `{name}`: {e}"))))?;
         let masked_rel = match &masked {
             Some(m) => {
@@ -130,9 +138,7 @@ pub fn verify(original: &Model, pruned: &Model, report: Option<&PruneReport>, di
         });
     }
     let masking_expected = masked.is_some() && masking_not_expected.is_empty();
-    if masking_expected
-        && let Some(bad) = outputs.iter().find(|o| o.masked_rel.is_some_and(|r| !(r <= tolerance)))
-    {
+    if masking_expected && let Some(bad) = outputs.iter().find(|o| o.masked_rel.is_some_and(|r| !(r <= tolerance))) {
         return Err(VerifyError::MaskingMismatch { output: bad.name.clone(), rel: bad.masked_rel.unwrap_or(f64::NAN), tolerance });
     }
     Ok(Verification {

@@ -20,12 +20,19 @@ fn folding_identity_elimination_and_batchnorm_folding_keep_the_outputs() {
         }
         folded.push(format!("{}: {removed} ops removed", case.name));
         let inputs = feed(case, &loaded.model);
-        let v = prunec::verify::verify(&loaded.model, &model, None, &loaded.dir, &inputs, 0.0)
-            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let v =
+            prunec::verify::verify(&loaded.model, &model, None, &loaded.dir, &inputs, 0.0).unwrap_or_else(|e| panic!("{}: {e}", case.name));
         for o in &v.outputs {
             // Folding reassociates float products: 1e-5 of the output's scale, or 1e-5 absolute
             // for outputs near zero (a sigmoid map of a random image).
-            assert!(o.max_abs <= 1e-5 * o.scale.max(1.0), "{}: output `{}` moved by {:.3e} (scale {:.3e})", case.name, o.name, o.max_abs, o.scale);
+            assert!(
+                o.max_abs <= 1e-5 * o.scale.max(1.0),
+                "{}: output `{}` moved by {:.3e} (scale {:.3e})",
+                case.name,
+                o.name,
+                o.max_abs,
+                o.scale
+            );
         }
     }
     eprintln!("{}", folded.join("\n"));
@@ -64,9 +71,16 @@ fn cleaned_models_pass_the_checker_and_compute_the_same_in_onnxruntime() {
     for case in all_cases() {
         for (tag, passes, max_abs) in [("exact", "dce,fold,identity", 0.0), ("bn", "fold-bn", 1e-4)] {
             let out = scratch.path().join(format!("{}_{tag}.onnx", case.name));
-            let run = common::prunec().arg(&case.path).arg("-o").arg(&out).args(["--passes", passes, "--no-verify"]).output().expect("running prunec");
+            let run = common::prunec()
+                .arg(&case.path)
+                .arg("-o")
+                .arg(&out)
+                .args(["--passes", passes, "--no-verify"])
+                .output()
+                .expect("running prunec");
             assert!(run.status.success(), "{} {passes}: {}", case.name, String::from_utf8_lossy(&run.stderr));
-            manifest.push(serde_json::json!({ "original": case.path, "output": out, "feed": common::feed_json(&case), "max_abs": max_abs }));
+            manifest
+                .push(serde_json::json!({ "original": case.path, "output": out, "feed": common::feed_json(&case), "max_abs": max_abs }));
         }
     }
     common::validate_with_python(&manifest, scratch.path());

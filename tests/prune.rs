@@ -34,7 +34,8 @@ fn at_ratio(ratio: f64) -> PruneOptions {
 fn pruned_models_equal_their_masked_originals() {
     // Models whose groups are all free of normalisations over the channel axis: masking
     // equivalence must be checked there, not waved through.
-    let must_mask = ["conv_residual", "depthwise", "grouped_conv", "concat_split", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "ppocr_cls"];
+    let must_mask =
+        ["conv_residual", "depthwise", "grouped_conv", "concat_split", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "ppocr_cls"];
     let mut table = String::new();
     for case in all_cases().iter().filter(|c| c.tract_unsupported.is_none()) {
         let loaded = load(&case.path);
@@ -48,11 +49,20 @@ fn pruned_models_equal_their_masked_originals() {
                 .unwrap_or_else(|e| panic!("{} at ratio {ratio}: {e}", case.name));
             let (before, after) = (model_stats(&loaded.model).parameters, model_stats(&pruned).parameters);
             if report.channels_removed > 0 {
-                assert!(after < before, "{}: {} channels removed but parameters went from {before} to {after}", case.name, report.channels_removed);
+                assert!(
+                    after < before,
+                    "{}: {} channels removed but parameters went from {before} to {after}",
+                    case.name,
+                    report.channels_removed
+                );
             }
             // (A group of 2 channels loses none at 0.3: floor(0.6) = 0.)
             if must_mask.contains(&case.name.as_str()) && (ratio == 0.5 || report.channels_removed > 0) {
-                assert!(report.channels_removed > 0 && v.masking_expected, "{} at {ratio}: nothing checked by masking ({report:?})", case.name);
+                assert!(
+                    report.channels_removed > 0 && v.masking_expected,
+                    "{} at {ratio}: nothing checked by masking ({report:?})",
+                    case.name
+                );
             }
             // Where a normalised group was pruned, prune again without it: every other group
             // must still be checked by masking.
@@ -107,8 +117,9 @@ fn pruned_models_pass_the_checker_and_run_in_onnxruntime() {
 fn l2_keeps_the_channels_of_the_reference() {
     for name in ["resnet18", "mobilenet_v2", "mobilenet_v3_small"] {
         let shared = common::shared();
-        let reference: Json = serde_json::from_slice(&std::fs::read(shared.join(format!("reference/{name}.l2_kept.json"))).expect("reference"))
-            .expect("reference is JSON");
+        let reference: Json =
+            serde_json::from_slice(&std::fs::read(shared.join(format!("reference/{name}.l2_kept.json"))).expect("reference"))
+                .expect("reference is JSON");
         let loaded = load(&shared.join(format!("models/zoo/{name}.onnx")));
         let (_, report) = prune(&loaded.model, at_ratio(0.5));
         let ours: BTreeMap<&str, &Vec<usize>> =
@@ -166,10 +177,14 @@ fn targets_rounding_and_exclusions_do_what_they_say() {
 
 #[test]
 fn pruning_rewrites_are_snapshotted() {
-    for case in common::testdata_cases().iter().filter(|c| ["conv_residual", "depthwise", "grouped_conv", "concat_split", "attention"].contains(&c.name.as_str())) {
+    for case in common::testdata_cases()
+        .iter()
+        .filter(|c| ["conv_residual", "depthwise", "grouped_conv", "concat_split", "attention"].contains(&c.name.as_str()))
+    {
         let loaded = load(&case.path);
         let (pruned, report) = prune(&loaded.model, at_ratio(0.5));
-        let summary: Vec<String> = report.groups.iter().map(|g| format!("group {}: removed {:?} of {}", g.id, g.removed, g.channels)).collect();
+        let summary: Vec<String> =
+            report.groups.iter().map(|g| format!("group {}: removed {:?} of {}", g.id, g.removed, g.channels)).collect();
         let text = format!("{}\n\n{}", summary.join("\n"), prunec::ir::dump(&pruned));
         insta::assert_snapshot!(format!("pruned_{}", case.name), text);
     }

@@ -32,4 +32,3 @@ pub fn catch_quietly<T>(f: impl FnOnce() -> T) -> Result<T, String> {
             .unwrap_or_else(|| "no message".into())
     })
 }
-

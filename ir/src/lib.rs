@@ -23,9 +23,9 @@ pub mod proto;
 
 mod dump;
 mod error;
-mod guard;
 mod graph;
 mod groups;
+mod guard;
 mod ids;
 mod ops;
 mod shape;
@@ -33,10 +33,10 @@ mod stats;
 mod tensor;
 
 pub use dump::dump;
-pub use guard::catch_quietly;
 pub use error::IrError;
 pub use graph::{Attribute, Edge, Graph, Model, NodeMeta, Op, Value, ValueInfoMeta, ValueKind, captured_names};
 pub use groups::{Group, GroupAxis, Groups, WeightSlice, analyse as analyse_groups, constant_tensor};
+pub use guard::catch_quietly;
 pub use ids::{OpId, ValueId};
 pub use ops::Role;
 pub use shape::{DType, Dim, Shape};

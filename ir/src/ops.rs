@@ -977,7 +977,8 @@ fn is_shuffle_split(graph: &Graph, split: ValueId, factors: &[usize]) -> bool {
     let Some(shuffled) = graph.op_output(transpose, 0) else { return false };
     let [(merge, _)] = graph.consumers(shuffled)[..] else { return false };
     let merges_back = graph.op(merge).op_type == "Reshape"
-        && graph.value(graph.op_output(merge, 0).unwrap_or(shuffled)).shape.as_ref().map(|s| s.rank()) == graph.value(split).shape.as_ref().map(|s| s.rank() - 1);
+        && graph.value(graph.op_output(merge, 0).unwrap_or(shuffled)).shape.as_ref().map(|s| s.rank())
+            == graph.value(split).shape.as_ref().map(|s| s.rank() - 1);
     swapped && merges_back
 }
 
@@ -1012,7 +1013,10 @@ fn is_packed_split(graph: &Graph, split: ValueId, factors: &[usize]) -> bool {
         let Some(next) = graph.op_output(op, 0) else { return false };
         let (Some(rank_in), Some(rank_out)) = (rank_of(value), rank_of(next)) else { return false };
         let axes = || -> Option<Vec<usize>> {
-            let raw = o.attr_ints("axes").map(<[i64]>::to_vec).or_else(|| crate::groups::constant_tensor(graph, graph.op_input(op, 1)?)?.to_i64_vec())?;
+            let raw = o
+                .attr_ints("axes")
+                .map(<[i64]>::to_vec)
+                .or_else(|| crate::groups::constant_tensor(graph, graph.op_input(op, 1)?)?.to_i64_vec())?;
             let rank = if o.op_type == "Unsqueeze" { rank_out } else { rank_in };
             raw.iter().map(|&a| normalize_axis(a, rank)).collect()
         };

@@ -222,7 +222,8 @@ impl Tensor {
     pub fn remove_indices(&self, axis: usize, removed: &[usize]) -> Result<Tensor, IrError> {
         let dims = self.dims();
         let (outer, n, inner) = self.axis_layout(axis)?;
-        let bytes = self.packed().ok_or_else(|| tensor_error(self.proto(), format!("has element type {} that cannot be sliced", self.dtype())))?;
+        let bytes =
+            self.packed().ok_or_else(|| tensor_error(self.proto(), format!("has element type {} that cannot be sliced", self.dtype())))?;
         let mut keep = vec![true; n];
         for &i in removed {
             *keep.get_mut(i).ok_or_else(|| tensor_error(self.proto(), format!("has no index {i} on axis {axis}")))? = false;
@@ -244,7 +245,10 @@ impl Tensor {
     /// numeric type prunec slices).
     pub fn zero_indices(&self, axis: usize, indices: &[usize]) -> Result<Tensor, IrError> {
         let (outer, n, inner) = self.axis_layout(axis)?;
-        let mut bytes = self.packed().ok_or_else(|| tensor_error(self.proto(), format!("has element type {} that cannot be masked", self.dtype())))?.into_owned();
+        let mut bytes = self
+            .packed()
+            .ok_or_else(|| tensor_error(self.proto(), format!("has element type {} that cannot be masked", self.dtype())))?
+            .into_owned();
         for o in 0..outer {
             for &i in indices.iter().filter(|&&i| i < n) {
                 let at = (o * n + i) * inner;
@@ -258,7 +262,11 @@ impl Tensor {
     fn axis_layout(&self, axis: usize) -> Result<(usize, usize, usize), IrError> {
         let dims = self.dims();
         let Some(&n) = dims.get(axis) else { return Err(tensor_error(self.proto(), format!("has no axis {axis}"))) };
-        let width = self.dtype().bit_width().filter(|w| w % 8 == 0).ok_or_else(|| tensor_error(self.proto(), format!("has element type {} that cannot be sliced", self.dtype())))?;
+        let width = self
+            .dtype()
+            .bit_width()
+            .filter(|w| w % 8 == 0)
+            .ok_or_else(|| tensor_error(self.proto(), format!("has element type {} that cannot be sliced", self.dtype())))?;
         let outer: u64 = dims[..axis].iter().product();
         let inner: u64 = dims[axis + 1..].iter().product::<u64>() * width / 8;
         Ok((outer as usize, n as usize, inner as usize))

@@ -124,7 +124,8 @@ fn verification_feed(model: &prunec::ir::Model, a: &CompileArgs) -> Result<prune
         None => Feed::default(),
     };
     let graph = &model.graph;
-    let names: Vec<String> = graph.inputs.iter().filter(|&&v| graph.value(v).initializer().is_none()).map(|&v| graph.value(v).name.clone()).collect();
+    let names: Vec<String> =
+        graph.inputs.iter().filter(|&&v| graph.value(v).initializer().is_none()).map(|&v| graph.value(v).name.clone()).collect();
     let shapes = args::input_shapes(&a.input_shapes, &names)?;
     Ok(random_feed(model, given, &shapes, a.prune.seed)?)
 }

@@ -9,7 +9,14 @@ use prunec::verify::Verification;
 use std::path::Path;
 
 /// Prints the pass timings, the pruning summary, sizes before and after, and verification.
-pub fn print(runs: &[PassRun], prune: Option<&PruneReport>, before: &ModelStats, after: &ModelStats, verification: Option<&Verification>, a: &CompileArgs) {
+pub fn print(
+    runs: &[PassRun],
+    prune: Option<&PruneReport>,
+    before: &ModelStats,
+    after: &ModelStats,
+    verification: Option<&Verification>,
+    a: &CompileArgs,
+) {
     for run in runs {
         eprintln!(
             "pass {:<8} removed {} ops, {} values in {:.1} ms",
@@ -34,7 +41,10 @@ pub fn print(runs: &[PassRun], prune: Option<&PruneReport>, before: &ModelStats,
             p.channels_removed,
             p.channels_prunable
         );
-        eprintln!("       {} weights sliced ({} copied for differing uses), {} shape constants or attributes rewritten", p.weights_sliced, p.weights_copied, p.shape_edits);
+        eprintln!(
+            "       {} weights sliced ({} copied for differing uses), {} shape constants or attributes rewritten",
+            p.weights_sliced, p.weights_copied, p.shape_edits
+        );
     }
     let change = |b: u64, a: u64| if b == 0 { String::new() } else { format!("{:+.1}%", (a as f64 / b as f64 - 1.0) * 100.0) };
     eprintln!("{:<12} {:>16} {:>16} {:>8}", "", "before", "after", "change");
@@ -47,8 +57,17 @@ pub fn print(runs: &[PassRun], prune: Option<&PruneReport>, before: &ModelStats,
         eprintln!("{name:<12} {b:>16} {x:>16} {:>8}", change(b, x));
     }
     if let Some(v) = verification {
-        eprintln!("{:<12} {:>14.2}ms {:>14.2}ms {:>8}", "tract time", v.original_ms, v.pruned_ms, format!("{:.2}x", v.pruned_ms / v.original_ms));
-        let inputs = a.inputs.as_ref().map_or_else(|| format!("random inputs (seed {})", a.prune.seed), |p| format!("inputs from `{}`", p.display()));
+        eprintln!(
+            "{:<12} {:>14.2}ms {:>14.2}ms {:>8}",
+            "tract time",
+            v.original_ms,
+            v.pruned_ms,
+            format!("{:.2}x", v.pruned_ms / v.original_ms)
+        );
+        let inputs = a
+            .inputs
+            .as_ref()
+            .map_or_else(|| format!("random inputs (seed {})", a.prune.seed), |p| format!("inputs from `{}`", p.display()));
         eprintln!("verify in tract on {inputs}:");
         for o in &v.outputs {
             let masked = match o.masked_rel {

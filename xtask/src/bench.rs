@@ -328,9 +328,15 @@ fn report(rows: &[Row], runs: usize, kind: Kind) -> Result<String> {
     }
     if matches!(kind, Kind::Prune) {
         writeln!(s)?;
-        writeln!(s, "The pruned models, from `--report` of one more run (tract latency: fastest of 3 runs after a warm-up, original and pruned in the same process):")?;
+        writeln!(
+            s,
+            "The pruned models, from `--report` of one more run (tract latency: fastest of 3 runs after a warm-up, original and pruned in the same process):"
+        )?;
         writeln!(s)?;
-        writeln!(s, "| model | parameters before | after | MACs before | after | tract ms before | after | latency ratio | cosine to original |")?;
+        writeln!(
+            s,
+            "| model | parameters before | after | MACs before | after | tract ms before | after | latency ratio | cosine to original |"
+        )?;
         writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--:|")?;
         for r in rows {
             let Some(j) = &r.report else { continue };

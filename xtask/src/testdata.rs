@@ -37,7 +37,8 @@ const EXTERNAL_MIN_ELEMS: i64 = 32;
 /// Writes every synthetic test model to `<root>/testdata/models/`.
 pub fn run(root: &Path) -> Result<()> {
     let dir = root.join("testdata/models");
-    let builders: [fn() -> Result<ModelProto>; 8] = [conv_residual, depthwise, grouped_conv, concat_split, attention, if_subgraph, dead_code, exotic];
+    let builders: [fn() -> Result<ModelProto>; 8] =
+        [conv_residual, depthwise, grouped_conv, concat_split, attention, if_subgraph, dead_code, exotic];
     for build in builders {
         let model = build()?;
         let graph = model.graph.as_ref().expect("every builder sets a graph");

@@ -20,7 +20,8 @@ impl Pass for FoldBatchNorm {
     fn run(&self, model: &mut Model) -> Result<PassReport, PassError> {
         let graph = &mut model.graph;
         let mut report = PassReport::default();
-        let norms: Vec<OpId> = graph.op_ids().filter(|&op| graph.op(op).op_type == "BatchNormalization" && graph.op(op).domain.is_empty()).collect();
+        let norms: Vec<OpId> =
+            graph.op_ids().filter(|&op| graph.op(op).op_type == "BatchNormalization" && graph.op(op).domain.is_empty()).collect();
         for bn in norms {
             let Some(fold) = foldable(graph, bn) else { continue };
             let producer = graph.op(fold.producer).clone();
@@ -81,8 +82,15 @@ fn foldable(graph: &Graph, bn: OpId) -> Option<Fold> {
     // The axis of the weight that holds the output channels.
     let axis = match p.op_type.as_str() {
         "Conv" if graph.op_input(producer, 0).and_then(|x| graph.value(x).shape.as_ref().map(|s| s.rank())).is_none_or(|r| r >= 3) => 0,
-        "Gemm" if p.attr("alpha").and_then(|a| a.proto.f).unwrap_or(1.0) == 1.0 && p.attr("beta").and_then(|a| a.proto.f).unwrap_or(1.0) == 1.0 => {
-            if p.attr_int("transB").unwrap_or(0) != 0 { 0 } else { 1 }
+        "Gemm"
+            if p.attr("alpha").and_then(|a| a.proto.f).unwrap_or(1.0) == 1.0
+                && p.attr("beta").and_then(|a| a.proto.f).unwrap_or(1.0) == 1.0 =>
+        {
+            if p.attr_int("transB").unwrap_or(0) != 0 {
+                0
+            } else {
+                1
+            }
         }
         _ => return None,
     };
@@ -97,18 +105,15 @@ fn foldable(graph: &Graph, bn: OpId) -> Option<Fold> {
         None => vec![0.0; n],
     };
     let new_bias: Vec<f32> = (0..n).map(|c| (bias[c] - mean[c]) * scale[c] + beta[c]).collect();
-    Some(Fold {
-        producer,
-        weight: w.with_data(&dims, folded),
-        bias: Tensor::from_f32("", &[n as u64], &new_bias),
-    })
+    Some(Fold { producer, weight: w.with_data(&dims, folded), bias: Tensor::from_f32("", &[n as u64], &new_bias) })
 }
 
 /// Puts `tensor` where `old` was for the folded op: in place when nothing else reads `old`,
 /// else as a new initializer.
 fn replace_constant(graph: &mut Graph, old: ValueId, tensor: Tensor, suffix: &str) -> ValueId {
     let name = graph.value(old).name.clone();
-    if graph.value(old).initializer().is_some() && graph.consumers(old).len() == 1 && !graph.inputs.contains(&old) && !graph.is_output(old) {
+    if graph.value(old).initializer().is_some() && graph.consumers(old).len() == 1 && !graph.inputs.contains(&old) && !graph.is_output(old)
+    {
         let value = graph.value_mut(old);
         value.kind = ValueKind::Initializer(tensor.renamed(&name));
         return old;
@@ -117,7 +122,10 @@ fn replace_constant(graph: &mut Graph, old: ValueId, tensor: Tensor, suffix: &st
 }
 
 fn add_constant(graph: &mut Graph, base: &str, tensor: Tensor) -> ValueId {
-    let name = (1..).map(|i| if i == 1 { base.to_string() } else { format!("{base}_{i}") }).find(|n| graph.value_by_name(n).is_none()).expect("a free name");
+    let name = (1..)
+        .map(|i| if i == 1 { base.to_string() } else { format!("{base}_{i}") })
+        .find(|n| graph.value_by_name(n).is_none())
+        .expect("a free name");
     let id = graph.add_value(Value::new(name.clone(), ValueKind::Initializer(tensor.renamed(&name)))).expect("the name is free");
     graph.initializers.push(id);
     id

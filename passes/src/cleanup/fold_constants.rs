@@ -58,7 +58,11 @@ impl Pass for FoldConstants {
             }
             let is_source = graph.op(op).op_type == "Constant";
             let all_known = complete.len() == outputs.iter().flatten().count();
-            if !is_source && all_known && !complete.is_empty() && complete.iter().all(|(v, ..)| !graph.is_output(*v) && int_dtype(graph, *v).is_some()) {
+            if !is_source
+                && all_known
+                && !complete.is_empty()
+                && complete.iter().all(|(v, ..)| !graph.is_output(*v) && int_dtype(graph, *v).is_some())
+            {
                 folds.push((op, complete));
             }
         }
@@ -213,7 +217,13 @@ fn evaluate(graph: &Graph, op_id: OpId, values: &mut HashMap<ValueId, Partial>) 
             let data = (0..n)
                 .map(|i| match operands.as_slice() {
                     [a, b] => Some(i64::from(at(a, i)? == at(b, i)?)),
-                    [c, x, y] => if at(c, i)? != 0 { at(x, i) } else { at(y, i) },
+                    [c, x, y] => {
+                        if at(c, i)? != 0 {
+                            at(x, i)
+                        } else {
+                            at(y, i)
+                        }
+                    }
                     _ => None,
                 })
                 .collect();

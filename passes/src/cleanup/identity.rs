@@ -21,8 +21,10 @@ impl Pass for IdentityElimination {
     fn run(&self, model: &mut Model) -> Result<PassReport, PassError> {
         let graph = &mut model.graph;
         let mut report = PassReport::default();
-        let identities: Vec<_> =
-            graph.op_ids().filter(|&op| graph.op(op).op_type == "Identity" && (graph.op(op).domain.is_empty() || graph.op(op).domain == "ai.onnx")).collect();
+        let identities: Vec<_> = graph
+            .op_ids()
+            .filter(|&op| graph.op(op).op_type == "Identity" && (graph.op(op).domain.is_empty() || graph.op(op).domain == "ai.onnx"))
+            .collect();
         for op in identities {
             let (Some(input), Some(output)) = (graph.op_input(op, 0), graph.op_output(op, 0)) else { continue };
             let readers = graph.consumers(output);

@@ -67,8 +67,16 @@ pub enum Normalizer {
 
 /// Scores every channel of each group (`None` where the criterion has nothing to score).
 /// Weight slices shared between groups are reduced once.
-pub(crate) fn score_groups(graph: &Graph, groups: &[&Group], criterion: Criterion, reduction: Reduction, seed: u64, order: &HashMap<String, usize>) -> Vec<Option<Vec<f64>>> {
-    let wanted: BTreeSet<(String, usize)> = groups.iter().flat_map(|g| scored_slices(graph, g, criterion)).map(|w| (w.weight.clone(), w.axis)).collect();
+pub(crate) fn score_groups(
+    graph: &Graph,
+    groups: &[&Group],
+    criterion: Criterion,
+    reduction: Reduction,
+    seed: u64,
+    order: &HashMap<String, usize>,
+) -> Vec<Option<Vec<f64>>> {
+    let wanted: BTreeSet<(String, usize)> =
+        groups.iter().flat_map(|g| scored_slices(graph, g, criterion)).map(|w| (w.weight.clone(), w.axis)).collect();
     let power: fn(f64) -> f64 = match criterion {
         Criterion::L1 | Criterion::BnScale => f64::abs,
         _ => |x| x * x,

@@ -198,10 +198,17 @@ pub fn plan(graph: &Graph, options: &PruneOptions, opset: i64) -> Result<(Remova
         list.iter().map(|g| glob::Pattern::new(g).map_err(|e| PassError::BadOption(format!("glob `{g}`: {e}")))).collect()
     };
     let exclude = globs(&options.exclude)?;
-    let overrides: Vec<(glob::Pattern, f64)> =
-        globs(&options.node_ratios.iter().map(|(g, _)| g.clone()).collect::<Vec<_>>())?.into_iter().zip(options.node_ratios.iter().map(|(_, r)| *r)).collect();
-    let order: HashMap<String, usize> =
-        graph.topo_order().map_err(|source| PassError::BrokeGraph { pass: "prune", source })?.iter().enumerate().map(|(i, &op)| (graph.op(op).name.clone(), i)).collect();
+    let overrides: Vec<(glob::Pattern, f64)> = globs(&options.node_ratios.iter().map(|(g, _)| g.clone()).collect::<Vec<_>>())?
+        .into_iter()
+        .zip(options.node_ratios.iter().map(|(_, r)| *r))
+        .collect();
+    let order: HashMap<String, usize> = graph
+        .topo_order()
+        .map_err(|source| PassError::BrokeGraph { pass: "prune", source })?
+        .iter()
+        .enumerate()
+        .map(|(i, &op)| (graph.op(op).name.clone(), i))
+        .collect();
 
     let mut report = PruneReport::default();
     let mut eligible = Vec::new();
@@ -264,7 +271,13 @@ pub fn plan(graph: &Graph, options: &PruneOptions, opset: i64) -> Result<(Remova
                 (w.node.clone(), idx)
             })
             .collect();
-        report.groups.push(GroupOutcome { id: c.group.id, channels: c.channels as u64, kept: kept.len() as u64, removed: removed.clone(), kept_by_producer });
+        report.groups.push(GroupOutcome {
+            id: c.group.id,
+            channels: c.channels as u64,
+            kept: kept.len() as u64,
+            removed: removed.clone(),
+            kept_by_producer,
+        });
         if removed.is_empty() {
             continue;
         }
@@ -310,7 +323,8 @@ fn choose(candidates: &[Candidate], options: &PruneOptions, ratio: f64) -> Vec<V
     };
     let max_removed = |c: &Candidate| c.channels.saturating_sub(options.min_keep);
     let mut counts: Vec<usize> = if options.global {
-        let normalizer = options.normalizer.unwrap_or(if options.criterion == Criterion::Lamp { Normalizer::None } else { Normalizer::Mean });
+        let normalizer =
+            options.normalizer.unwrap_or(if options.criterion == Criterion::Lamp { Normalizer::None } else { Normalizer::Mean });
         let mut all: Vec<(f64, usize, usize)> = candidates
             .iter()
             .enumerate()
@@ -352,8 +366,9 @@ fn choose(candidates: &[Candidate], options: &PruneOptions, ratio: f64) -> Vec<V
 /// The smallest channel ratio whose estimated saving reaches the target (the largest possible
 /// ratio if none does).
 fn bisect_ratio(graph: &Graph, candidates: &[Candidate], options: &PruneOptions, target: Target) -> f64 {
+    let params = model_stats(&Model { shell: Default::default(), graph: graph.clone() }).parameters;
     let measure = |removal: &Removal| match target {
-        Target::Params(_) => estimate_params(graph, removal) as f64,
+        Target::Params(_) => estimate_params(graph, params, removal) as f64,
         Target::Flops(_) => estimate_macs(graph, removal) as f64,
     };
     let share = match target {
@@ -381,9 +396,9 @@ fn bisect_ratio(graph: &Graph, candidates: &[Candidate], options: &PruneOptions,
     hi
 }
 
-/// Parameters (float constants) after a removal, counting the copies that differing uses force.
-fn estimate_params(graph: &Graph, removal: &Removal) -> u64 {
-    let before = model_stats(&Model { shell: Default::default(), graph: graph.clone() }).parameters;
+/// Parameters (float constants) after a removal from a graph of `before` parameters, counting
+/// the copies that differing uses force.
+fn estimate_params(graph: &Graph, before: u64, removal: &Removal) -> u64 {
     let mut per_constant: BTreeMap<prunec_ir::ValueId, BTreeMap<prunec_ir::OpId, BTreeMap<usize, usize>>> = BTreeMap::new();
     for (&(v, axis, user), set) in &removal.axes {
         if let Some(op) = user.filter(|_| !set.is_empty()) {
@@ -394,7 +409,9 @@ fn estimate_params(graph: &Graph, removal: &Removal) -> u64 {
     for (v, uses) in per_constant {
         let Some(t) = constant_tensor(graph, v).filter(|t| t.dtype().is_float()) else { continue };
         let dims = t.dims();
-        let numel = |spec: &BTreeMap<usize, usize>| dims.iter().enumerate().map(|(a, &d)| d - *spec.get(&a).unwrap_or(&0) as u64).product::<u64>() as i64;
+        let numel = |spec: &BTreeMap<usize, usize>| {
+            dims.iter().enumerate().map(|(a, &d)| d - *spec.get(&a).unwrap_or(&0) as u64).product::<u64>() as i64
+        };
         let readers: BTreeSet<_> = graph.consumers(v).into_iter().map(|(op, _)| op).collect();
         let first = uses.values().next().expect("one use at least");
         if readers.iter().all(|op| uses.get(op) == Some(first)) {

@@ -164,7 +164,8 @@ fn op_edits(graph: &Graph, removal: &Removal, op_id: OpId, opset: i64) -> Result
             }
             let r = rank(Some(x));
             let legacy = opset < 10;
-            let ints = |slot: usize, attr: &str| if legacy { op.attr_ints(attr).map(<[i64]>::to_vec) } else { const_ints(slot).map(|c| c.1) };
+            let ints =
+                |slot: usize, attr: &str| if legacy { op.attr_ints(attr).map(<[i64]>::to_vec) } else { const_ints(slot).map(|c| c.1) };
             let (Some(mut starts), Some(mut ends)) = (ints(1, "starts"), ints(2, "ends")) else {
                 return Err(fail("has slice bounds that are not constant".into()));
             };
@@ -305,7 +306,9 @@ pub(crate) fn apply(graph: &mut Graph, removal: &Removal, opset: i64) -> Result<
     }
     let sliced: Vec<Result<Tensor, String>> = jobs
         .par_iter()
-        .map(|(_, _, t, spec)| spec.iter().try_fold(t.clone(), |t, (&axis, removed)| t.remove_indices(axis, removed)).map_err(|e| e.to_string()))
+        .map(|(_, _, t, spec)| {
+            spec.iter().try_fold(t.clone(), |t, (&axis, removed)| t.remove_indices(axis, removed)).map_err(|e| e.to_string())
+        })
         .collect();
     for ((v, place, _, _), t) in jobs.into_iter().zip(sliced) {
         let t = t.map_err(|why| RewriteError { node: graph.value(v).name.clone(), op_type: "weight".into(), why })?;
@@ -325,7 +328,8 @@ pub(crate) fn apply(graph: &mut Graph, removal: &Removal, opset: i64) -> Result<
             }
             Place::Use(op) => {
                 let name = unique_name(graph, &format!("{}_{}", graph.value(v).name, graph.op(op).name));
-                let slots: Vec<usize> = graph.op_inputs(op).iter().enumerate().filter(|(_, i)| **i == Some(v)).map(|(slot, _)| slot).collect();
+                let slots: Vec<usize> =
+                    graph.op_inputs(op).iter().enumerate().filter(|(_, i)| **i == Some(v)).map(|(slot, _)| slot).collect();
                 let t = t.renamed(&name);
                 let new = graph.add_value(prunec_ir::Value::new(name, ValueKind::Initializer(t))).expect("the name is new");
                 graph.initializers.push(new);
@@ -376,9 +380,12 @@ pub(crate) fn apply(graph: &mut Graph, removal: &Removal, opset: i64) -> Result<
                     value.kind = ValueKind::Initializer(tensor.renamed(&name));
                     continue;
                 }
-                let base = graph.op_input(op, slot).map_or_else(|| format!("{}_input{slot}", graph.op(op).name), |v| graph.value(v).name.clone());
+                let base =
+                    graph.op_input(op, slot).map_or_else(|| format!("{}_input{slot}", graph.op(op).name), |v| graph.value(v).name.clone());
                 let name = unique_name(graph, &format!("{base}_{}", graph.op(op).name));
-                let new = graph.add_value(prunec_ir::Value::new(name.clone(), ValueKind::Initializer(tensor.renamed(&name)))).expect("the name is new");
+                let new = graph
+                    .add_value(prunec_ir::Value::new(name.clone(), ValueKind::Initializer(tensor.renamed(&name))))
+                    .expect("the name is new");
                 graph.initializers.push(new);
                 graph.set_op_input(op, slot, new);
             }
@@ -430,7 +437,8 @@ pub fn mask_consumers(graph: &mut Graph, slices: &[super::MaskedSlice]) -> Resul
             masked = masked.zero_indices(axis, &indices.into_iter().collect::<Vec<_>>()).map_err(|e| fail(&e.to_string()))?;
         }
         let name = unique_name(graph, &format!("{weight}_masked"));
-        let new = graph.add_value(prunec_ir::Value::new(name.clone(), ValueKind::Initializer(masked.renamed(&name)))).expect("the name is new");
+        let new =
+            graph.add_value(prunec_ir::Value::new(name.clone(), ValueKind::Initializer(masked.renamed(&name)))).expect("the name is new");
         graph.initializers.push(new);
         let slots: Vec<usize> = graph.op_inputs(op).iter().enumerate().filter(|(_, i)| **i == Some(v)).map(|(slot, _)| slot).collect();
         for slot in slots {
