@@ -399,6 +399,40 @@ fn an_unknown_data_type_code_is_refused() {
     assert_rejected(&s, &model, &["tensor `W` has unknown element type code 999"]);
 }
 
+#[test]
+fn an_opset_that_does_not_exist_is_refused() {
+    let s = Scratch::new();
+    let mut m = valid_model();
+    m.opset_import[0].version = Some(999);
+    assert_rejected(&s, &s.model(&m), &["imports opset 999 of the default ONNX domain, which does not exist"]);
+}
+
+#[test]
+fn a_node_without_an_op_type_is_refused() {
+    let s = Scratch::new();
+    let model = s.model(&model_with(|g| g.node[1].op_type = Some(String::new())));
+    assert_rejected(&s, &model, &["node `relu` () has no op_type"]);
+}
+
+#[test]
+fn a_reshape_to_a_shape_of_another_size_is_refused() {
+    let s = Scratch::new();
+    let model = s.model(&model_with(|g| {
+        g.node[1] = node("reshape", "Reshape", &["h", "shape"], &["y"]);
+        let shape: Vec<u8> = [7i64, 7].iter().flat_map(|d| d.to_le_bytes()).collect();
+        g.initializer.push(TensorProto {
+            name: Some("shape".into()),
+            dims: vec![2],
+            data_type: Some(DataType::Int64 as i32),
+            raw_data: Some(Bytes::from(shape)),
+            ..Default::default()
+        });
+        g.value_info.push(f32_info("h", &[1, 4]));
+        g.output[0].r#type = None;
+    }));
+    assert_rejected(&s, &model, &["node `reshape` (Reshape) reshapes an input of shape [1, 4] to [7, 7]: the element counts differ"]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // External data: only files inside the model's folder, and only bytes they hold.
 

@@ -40,6 +40,9 @@ pub enum ReadError {
         /// What is wrong, as a phrase.
         what: String,
     },
+    /// A node or import that no ONNX runtime could accept.
+    #[error("{0}")]
+    Invalid(String),
     /// Something the reader does not handle yet.
     #[error("unsupported model: {0}")]
     Unsupported(String),
