@@ -10,4 +10,5 @@ pub use prunec_frontend as frontend;
 pub use prunec_ir as ir;
 pub use prunec_passes as passes;
 
+pub mod calibrate;
 pub mod verify;

@@ -215,3 +215,36 @@ fn a_packed_qkv_projection_loses_whole_heads_of_q_k_and_v_together() {
     let v = prunec::verify::verify(&model, &pruned, Some(&report), &loaded.dir, &inputs, 1e-5).expect("masking equivalence holds");
     assert!(v.masking_expected && v.outputs.iter().all(|o| o.scale > 0.1), "the check is not vacuous: {v:?}");
 }
+
+#[test]
+fn wanda_weighs_weights_by_the_activations_they_read() {
+    // Structured Wanda on resnet18 with its real inputs: the channels it removes are those whose
+    // weights times activations matter least, so the pruned model stays closer to the original
+    // on that data than magnitude alone (L2) keeps it.
+    let shared = common::shared();
+    let loaded = load(&shared.join("models/zoo/resnet18.onnx"));
+    let inputs = prunec::backends::tract::load_npz(&shared.join("models/zoo/resnet18.inputs.npz"), &loaded.model).expect("inputs");
+    let calibration = prunec::calibrate::collect(&loaded.model, &loaded.dir, &inputs, "resnet18.inputs.npz").expect("calibration runs");
+    assert!(calibration.second_moments.len() >= 20, "{:?}", calibration.second_moments.keys());
+    let conv1 = &calibration.second_moments["/layer1/layer1.0/conv1/Conv"];
+    assert_eq!(conv1.len(), 64);
+    assert!(conv1.iter().all(|m| m.is_finite() && *m >= 0.0));
+
+    let cosine = |options: PruneOptions| {
+        let (pruned, report) = prune(&loaded.model, options);
+        let v = prunec::verify::verify(&loaded.model, &pruned, Some(&report), &loaded.dir, &inputs, 1e-5).expect("verified");
+        v.outputs[0].cosine
+    };
+    let wanda = cosine(PruneOptions {
+        criterion: prunec::passes::prune::Criterion::Wanda,
+        calibration: Some(std::sync::Arc::new(calibration)),
+        ..at_ratio(0.3)
+    });
+    let l2 = cosine(at_ratio(0.3));
+    assert!(wanda > l2, "wanda cosine {wanda} is not above l2's {l2}");
+
+    let mut model = loaded.model.clone();
+    let missing =
+        ChannelPruning { options: PruneOptions { criterion: prunec::passes::prune::Criterion::Wanda, ..at_ratio(0.3) } }.run(&mut model);
+    assert!(missing.is_err_and(|e| e.to_string().contains("needs calibration inputs")));
+}

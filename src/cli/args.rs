@@ -69,7 +69,7 @@ pub struct PruneArgs {
     /// (the channel ratio is found by bisection).
     #[arg(long, value_parser = parse_target)]
     pub target: Option<prunec::passes::prune::Target>,
-    /// Channel score: l1, l2, random, bn-scale or lamp.
+    /// Channel score: l1, l2, random, bn-scale, lamp, or wanda (needs --inputs).
     #[arg(long, default_value = "l2", value_parser = parse_criterion)]
     pub criterion: prunec::passes::prune::Criterion,
     /// How the scores of a group's weights combine: mean, sum, max or first.
@@ -101,6 +101,11 @@ pub struct PruneArgs {
 }
 
 impl PruneArgs {
+    /// The command-line name of the criterion.
+    pub fn criterion_name(&self) -> &'static str {
+        prunec::passes::prune::Criterion::ALL.iter().find(|(_, c)| *c == self.criterion).map_or("?", |(n, _)| n)
+    }
+
     /// The pass options these arguments ask for.
     pub fn options(&self) -> prunec::passes::prune::PruneOptions {
         prunec::passes::prune::PruneOptions {
@@ -116,6 +121,7 @@ impl PruneArgs {
             node_ratios: self.node_ratio.clone(),
             seed: self.seed,
             keep_normalized: self.keep_normalized,
+            calibration: None,
         }
     }
 }

@@ -79,6 +79,21 @@ fn compile(a: &CompileArgs) -> Result<()> {
     } else {
         read_model(model_path, &ReadOptions { infer_shapes }).with_context(|| format!("reading `{}`", model_path.display()))?
     };
+    let passes = if a.prune.criterion.needs_calibration() && passes.iter().any(|p| p.name() == "prune") {
+        let Some(inputs) = &a.inputs else {
+            anyhow::bail!("the `{}` criterion needs calibration inputs: pass --inputs FILE.npz", a.prune.criterion_name());
+        };
+        let feed = verification_feed(&loaded.model, a)?;
+        let source = format!("`{}`", inputs.display());
+        let calibration = prunec::calibrate::collect(&loaded.model, &loaded.dir, &feed, &source)
+            .with_context(|| format!("running `{}` on the calibration inputs", model_path.display()))?;
+        let options = prunec::passes::PipelineOptions {
+            prune: prunec::passes::prune::PruneOptions { calibration: Some(std::sync::Arc::new(calibration)), ..options.prune.clone() },
+        };
+        prunec::passes::parse_pipeline(&list, &options)?
+    } else {
+        passes
+    };
     let original = loaded.model.clone();
     let before = model_stats(&loaded.model);
     let runs =

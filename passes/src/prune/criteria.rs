@@ -3,7 +3,7 @@
 
 use prunec_ir::{Graph, Group, Role, constant_tensor};
 use rayon::prelude::*;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// How a channel's weights are scored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -19,6 +19,10 @@ pub enum Criterion {
     BnScale,
     /// L2 with LAMP normalisation: a channel's score over the sum of the scores not below it.
     Lamp,
+    /// Activation-weighted magnitude (the structured Wanda form): for each consumer, the
+    /// channel's input-column |W| sums times the root mean square of the activation it reads,
+    /// from calibration inputs.
+    Wanda,
 }
 
 impl Criterion {
@@ -29,7 +33,13 @@ impl Criterion {
         ("random", Criterion::Random),
         ("bn-scale", Criterion::BnScale),
         ("lamp", Criterion::Lamp),
+        ("wanda", Criterion::Wanda),
     ];
+
+    /// Whether the criterion reads activation statistics from calibration inputs.
+    pub fn needs_calibration(self) -> bool {
+        self == Criterion::Wanda
+    }
 }
 
 /// How the scores of a group's weight slices become one score per channel.
@@ -65,6 +75,17 @@ pub enum Normalizer {
     Lamp,
 }
 
+/// Per-channel statistics of the activations that weighted ops read, measured on calibration
+/// inputs (the CLI runs the model in tract to collect them).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Calibration {
+    /// For each weighted op (by node name), the mean of x² of its activation input, per index of
+    /// the axis its weight's input columns read.
+    pub second_moments: BTreeMap<String, Vec<f64>>,
+    /// Where the statistics came from, for the report.
+    pub source: String,
+}
+
 /// Scores every channel of each group (`None` where the criterion has nothing to score).
 /// Weight slices shared between groups are reduced once.
 pub(crate) fn score_groups(
@@ -74,11 +95,12 @@ pub(crate) fn score_groups(
     reduction: Reduction,
     seed: u64,
     order: &HashMap<String, usize>,
+    calibration: Option<&Calibration>,
 ) -> Vec<Option<Vec<f64>>> {
     let wanted: BTreeSet<(String, usize)> =
         groups.iter().flat_map(|g| scored_slices(graph, g, criterion)).map(|w| (w.weight.clone(), w.axis)).collect();
     let power: fn(f64) -> f64 = match criterion {
-        Criterion::L1 | Criterion::BnScale => f64::abs,
+        Criterion::L1 | Criterion::BnScale | Criterion::Wanda => f64::abs,
         _ => |x| x * x,
     };
     let sums: HashMap<(String, usize), Vec<f64>> = wanted
@@ -107,7 +129,13 @@ pub(crate) fn score_groups(
                 .iter()
                 .filter_map(|w| {
                     let sums = sums.get(&(w.weight.clone(), w.axis))?;
-                    Some(w.indices.iter().map(|idx| idx.iter().map(|&i| sums.get(i).copied().unwrap_or(0.0)).sum()).collect())
+                    let rms: Option<Vec<f64>> = match criterion {
+                        Criterion::Wanda => Some(calibration?.second_moments.get(&w.node)?.iter().map(|m| m.sqrt()).collect()),
+                        _ => None,
+                    };
+                    let at =
+                        |i: usize| sums.get(i).copied().unwrap_or(0.0) * rms.as_ref().map_or(1.0, |r| r.get(i).copied().unwrap_or(0.0));
+                    Some(w.indices.iter().map(|idx| idx.iter().map(|&i| at(i)).sum()).collect())
                 })
                 .collect();
             if per_slice.is_empty() {
@@ -142,6 +170,8 @@ fn scored_slices<'g>(graph: &'g Graph, group: &'g Group, criterion: Criterion) -
                         op.name == w.node && op.op_type == "BatchNormalization" && edge == prunec_ir::Edge::Input(1)
                     })
             }
+            // Wanda weighs the input columns a consumer reads by the activations it reads.
+            Criterion::Wanda => is_float && w.role == Role::Consumer,
             _ => is_float && w.role != Role::Param,
         }
     })

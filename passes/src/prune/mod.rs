@@ -14,7 +14,7 @@ pub mod criteria;
 pub mod rewrite;
 
 use crate::{Pass, PassError, PassReport};
-pub use criteria::{Criterion, Normalizer, Reduction};
+pub use criteria::{Calibration, Criterion, Normalizer, Reduction};
 use prunec_ir::{Graph, Group, Model, Role, Shape, ValueKind, constant_tensor, model_stats, op_cost};
 pub use rewrite::{Removal, RewriteError, mask_consumers};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -48,6 +48,9 @@ pub struct PruneOptions {
     /// Leave whole the groups whose channels a normalisation mixes (a LayerNorm'd residual
     /// stream): their removal changes every other channel, which no masking check can vouch for.
     pub keep_normalized: bool,
+    /// Activation statistics for the calibration criteria.
+    #[serde(skip)]
+    pub calibration: Option<std::sync::Arc<Calibration>>,
 }
 
 impl Default for PruneOptions {
@@ -65,6 +68,7 @@ impl Default for PruneOptions {
             node_ratios: Vec::new(),
             seed: 0,
             keep_normalized: false,
+            calibration: None,
         }
     }
 }
@@ -232,7 +236,8 @@ pub fn plan(graph: &Graph, options: &PruneOptions, opset: i64) -> Result<(Remova
             }
         }
     }
-    let scores = criteria::score_groups(graph, &eligible, options.criterion, options.reduction, options.seed, &order);
+    let calibration = options.calibration.as_deref();
+    let scores = criteria::score_groups(graph, &eligible, options.criterion, options.reduction, options.seed, &order, calibration);
     let mut candidates = Vec::new();
     for (g, scores) in eligible.into_iter().zip(scores) {
         match scores {
@@ -243,7 +248,7 @@ pub fn plan(graph: &Graph, options: &PruneOptions, opset: i64) -> Result<(Remova
             None => report.frozen.push(FrozenGroup {
                 id: g.id,
                 channels: g.channels,
-                reason: format!("has no weights the `{:?}` criterion scores", options.criterion).to_lowercase(),
+                reason: format!("has no weights the `{}` criterion scores", criterion_name(options.criterion)),
             }),
         }
     }
@@ -306,6 +311,9 @@ fn check_options(o: &PruneOptions) -> Result<(), PassError> {
     }
     if let Some((g, r)) = o.node_ratios.iter().find(|(_, r)| !share(*r)) {
         return bad(format!("ratio {r} for `{g}` is not in [0, 1)"));
+    }
+    if o.criterion.needs_calibration() && o.calibration.is_none() {
+        return bad(format!("the `{}` criterion needs calibration inputs (--inputs FILE.npz)", criterion_name(o.criterion)));
     }
     if o.round_to == 0 || o.min_keep == 0 {
         return bad("round-to and min-keep must be at least 1".into());
@@ -477,4 +485,8 @@ fn crosses_normalization(graph: &Graph, group: &Group) -> Option<String> {
         }
     }
     None
+}
+
+fn criterion_name(c: Criterion) -> &'static str {
+    Criterion::ALL.iter().find(|(_, x)| *x == c).map_or("?", |(n, _)| n)
 }
