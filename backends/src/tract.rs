@@ -123,7 +123,7 @@ fn read_array(npz: &mut ndarray_npy::NpzReader<std::fs::File>, name: &str) -> Re
 /// uniform in [-1, 1); integers are 0 or 1 (valid indices for any table); booleans are random.
 pub fn random_feed(model: &Model, given: Feed, shapes: &BTreeMap<String, Vec<u64>>, seed: u64) -> Result<Feed, RunError> {
     let mut feed = given;
-    let mut rng = SplitMix64(seed);
+    let mut rng = prunec_ir::SplitMix64(seed);
     for &id in &model.graph.inputs {
         let v = model.graph.value(id);
         if v.initializer().is_some() || feed.0.contains_key(&v.name) {
@@ -140,33 +140,16 @@ pub fn random_feed(model: &Model, given: Feed, shapes: &BTreeMap<String, Vec<u64
         let n: usize = dims.iter().product();
         let dtype = v.dtype.unwrap_or(DType::F32);
         let tensor = match dtype.known() {
-            Some(DataType::Float) => TractTensor::from_shape(&dims, &(0..n).map(|_| rng.uniform() as f32).collect::<Vec<_>>()),
-            Some(DataType::Double) => TractTensor::from_shape(&dims, &(0..n).map(|_| rng.uniform()).collect::<Vec<_>>()),
-            Some(DataType::Int64) => TractTensor::from_shape(&dims, &(0..n).map(|_| (rng.next() % 2) as i64).collect::<Vec<_>>()),
-            Some(DataType::Int32) => TractTensor::from_shape(&dims, &(0..n).map(|_| (rng.next() % 2) as i32).collect::<Vec<_>>()),
-            Some(DataType::Bool) => TractTensor::from_shape(&dims, &(0..n).map(|_| rng.next() % 2 == 1).collect::<Vec<_>>()),
+            Some(DataType::Float) => TractTensor::from_shape(&dims, &(0..n).map(|_| (rng.unit() * 2.0 - 1.0) as f32).collect::<Vec<_>>()),
+            Some(DataType::Double) => TractTensor::from_shape(&dims, &(0..n).map(|_| rng.unit() * 2.0 - 1.0).collect::<Vec<_>>()),
+            Some(DataType::Int64) => TractTensor::from_shape(&dims, &(0..n).map(|_| (rng.next_u64() % 2) as i64).collect::<Vec<_>>()),
+            Some(DataType::Int32) => TractTensor::from_shape(&dims, &(0..n).map(|_| (rng.next_u64() % 2) as i32).collect::<Vec<_>>()),
+            Some(DataType::Bool) => TractTensor::from_shape(&dims, &(0..n).map(|_| rng.next_u64() % 2 == 1).collect::<Vec<_>>()),
             _ => return Err(RunError::Inputs(format!("cannot make random values of type {dtype} for input `{}`", v.name))),
         }?;
         feed.0.insert(v.name.clone(), tensor);
     }
     Ok(feed)
-}
-
-/// A tiny deterministic generator: inputs must be the same on every machine and run.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    }
 }
 
 /// How far two outputs are apart.

@@ -336,6 +336,40 @@ impl Graph {
         self.dag.add_edge(value.0, op.0, Edge::Input(slot));
     }
 
+    /// Makes every input slot of `op` that reads `old` read `new` instead.
+    pub fn replace_input(&mut self, op: OpId, old: ValueId, new: ValueId) {
+        let slots: Vec<usize> = self.op_inputs(op).iter().enumerate().filter(|(_, v)| **v == Some(old)).map(|(slot, _)| slot).collect();
+        for slot in slots {
+            self.set_op_input(op, slot, new);
+        }
+    }
+
+    /// Adds an initializer named `base`, or `base_2`, `base_3`… if that name is taken.
+    pub fn add_initializer(&mut self, base: &str, tensor: Tensor) -> ValueId {
+        let base = if base.is_empty() { "initializer" } else { base };
+        let name = std::iter::once(base.to_string())
+            .chain((2..).map(|i| format!("{base}_{i}")))
+            .find(|n| self.value_by_name(n).is_none())
+            .expect("some suffix is free");
+        let id = self.add_value(Value::new(name.clone(), ValueKind::Initializer(tensor.renamed(&name)))).expect("the name is free");
+        self.initializers.push(id);
+        id
+    }
+
+    /// Replaces the tensor of an initializer, keeping its name, and takes its shape.
+    pub fn set_initializer(&mut self, id: ValueId, tensor: Tensor) {
+        let value = self.value_mut(id);
+        let tensor = tensor.renamed(&value.name);
+        value.shape = Some(Shape::known(&tensor.dims()));
+        value.kind = ValueKind::Initializer(tensor);
+    }
+
+    /// Whether an initializer may be changed where it is: it is not part of the model's
+    /// interface (a graph input, as IR versions < 4 list them, or a graph output).
+    pub fn is_private_initializer(&self, id: ValueId) -> bool {
+        self.value(id).initializer().is_some() && !self.inputs.contains(&id) && !self.is_output(id)
+    }
+
     /// Links `value` to `op` as read by one of the op's subgraphs.
     pub fn add_capture(&mut self, op: OpId, value: ValueId) {
         self.dag.add_edge(value.0, op.0, Edge::Captured);

@@ -28,6 +28,7 @@ mod groups;
 mod guard;
 mod ids;
 mod ops;
+mod rng;
 mod shape;
 mod stats;
 mod tensor;
@@ -39,6 +40,7 @@ pub use groups::{Group, GroupAxis, Groups, WeightSlice, analyse as analyse_group
 pub use guard::catch_quietly;
 pub use ids::{OpId, ValueId};
 pub use ops::Role;
+pub use rng::SplitMix64;
 pub use shape::{DType, Dim, Shape};
 pub use stats::{ModelStats, OpCost, model_stats, op_cost};
 pub use tensor::Tensor;

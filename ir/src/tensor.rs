@@ -50,18 +50,23 @@ impl Tensor {
         Ok(Tensor(Arc::new(Inner { proto, external: Some(bytes), numel })))
     }
 
-    /// A new inline f32 tensor stored as `raw_data`.
-    pub fn from_f32(name: &str, dims: &[u64], data: &[f32]) -> Tensor {
-        let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    /// A new inline tensor of `dtype` whose packed little-endian bytes are `raw`; the caller
+    /// gives as many bytes as the dims and type need.
+    pub fn from_raw(name: &str, dtype: DType, dims: &[u64], raw: Vec<u8>) -> Tensor {
         let proto = proto::TensorProto {
             dims: dims.iter().map(|&d| d as i64).collect(),
-            data_type: Some(DataType::Float as i32),
+            data_type: Some(dtype.0),
             name: Some(name.to_string()),
             raw_data: Some(Bytes::from(raw)),
             ..Default::default()
         };
         let numel = dims.iter().product();
         Tensor(Arc::new(Inner { proto, external: None, numel }))
+    }
+
+    /// A new inline f32 tensor stored as `raw_data`.
+    pub fn from_f32(name: &str, dims: &[u64], data: &[f32]) -> Tensor {
+        Tensor::from_raw(name, DType::F32, dims, data.iter().flat_map(|v| v.to_le_bytes()).collect())
     }
 
     /// The tensor as the model stores it. For an external tensor `raw_data` is empty and
@@ -202,13 +207,7 @@ impl Tensor {
 
     /// A new inline int64 tensor stored as `raw_data`.
     pub fn from_i64(name: &str, dims: &[u64], data: &[i64]) -> Tensor {
-        let proto = proto::TensorProto {
-            dims: dims.iter().map(|&d| d as i64).collect(),
-            data_type: Some(DataType::Int64 as i32),
-            name: Some(name.to_string()),
-            ..Default::default()
-        };
-        Tensor(Arc::new(Inner { proto, external: None, numel: 0 })).with_data(dims, data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        Tensor::from_raw(name, DType::I64, dims, data.iter().flat_map(|v| v.to_le_bytes()).collect())
     }
 
     /// The same tensor under another name (the data is shared).

@@ -115,9 +115,10 @@ fn compile(a: &CompileArgs) -> Result<()> {
         }
     };
 
-    report::print(&runs, prune, &before, &after, verification.as_ref(), a);
+    let summary = report::Summary { runs: &runs, prune, before: &before, after: &after, verification: verification.as_ref(), args: a };
+    summary.print();
     if let Some(path) = &a.report {
-        report::write_json(path, &runs, prune, &before, &after, verification.as_ref(), a)?;
+        summary.write_json(path)?;
     }
     if a.dry_run {
         eprintln!("dry run: nothing written");

@@ -3,7 +3,7 @@
 //! `s = γ / √(var + ε)`, `W' = W · s` per output channel, `b' = (b − mean) · s + β`.
 
 use crate::{Pass, PassError, PassReport};
-use prunec_ir::{Graph, Model, OpId, Tensor, Value, ValueId, ValueKind, constant_tensor};
+use prunec_ir::{Graph, Model, OpId, Tensor, ValueId, constant_tensor};
 
 /// The `fold-bn` pass.
 pub(crate) struct FoldBatchNorm;
@@ -32,7 +32,7 @@ impl Pass for FoldBatchNorm {
             let bias_name = format!("{}_bias", graph.op(fold.producer).name);
             let bias = match inputs.get(2).copied().flatten() {
                 Some(b) => replace_constant(graph, b, fold.bias, "folded"),
-                None => add_constant(graph, &bias_name, fold.bias),
+                None => graph.add_initializer(&bias_name, fold.bias),
             };
             graph.remove_op(bn);
             graph.remove_op(fold.producer);
@@ -111,22 +111,9 @@ fn foldable(graph: &Graph, bn: OpId) -> Option<Fold> {
 /// Puts `tensor` where `old` was for the folded op: in place when nothing else reads `old`,
 /// else as a new initializer.
 fn replace_constant(graph: &mut Graph, old: ValueId, tensor: Tensor, suffix: &str) -> ValueId {
-    let name = graph.value(old).name.clone();
-    if graph.value(old).initializer().is_some() && graph.consumers(old).len() == 1 && !graph.inputs.contains(&old) && !graph.is_output(old)
-    {
-        let value = graph.value_mut(old);
-        value.kind = ValueKind::Initializer(tensor.renamed(&name));
+    if graph.is_private_initializer(old) && graph.consumers(old).len() == 1 {
+        graph.set_initializer(old, tensor);
         return old;
     }
-    add_constant(graph, &format!("{name}_{suffix}"), tensor)
-}
-
-fn add_constant(graph: &mut Graph, base: &str, tensor: Tensor) -> ValueId {
-    let name = (1..)
-        .map(|i| if i == 1 { base.to_string() } else { format!("{base}_{i}") })
-        .find(|n| graph.value_by_name(n).is_none())
-        .expect("a free name");
-    let id = graph.add_value(Value::new(name.clone(), ValueKind::Initializer(tensor.renamed(&name)))).expect("the name is free");
-    graph.initializers.push(id);
-    id
+    graph.add_initializer(&format!("{}_{suffix}", graph.value(old).name), tensor)
 }

@@ -92,14 +92,8 @@ fn int_dtype(graph: &Graph, v: ValueId) -> Option<DType> {
 }
 
 fn int_tensor(name: &str, dtype: DType, dims: &[u64], data: &[i64]) -> Tensor {
-    let t = Tensor::from_i64(name, dims, data);
-    if dtype == DType::I64 {
-        return t;
-    }
-    let mut proto = t.proto().clone();
-    proto.data_type = Some(dtype.0);
-    proto.raw_data = Some(data.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect::<Vec<u8>>().into());
-    Tensor::from_proto(proto).expect("dims and data agree")
+    let width = dtype.bit_width().unwrap_or(64) as usize / 8;
+    Tensor::from_raw(name, dtype, dims, data.iter().flat_map(|v| v.to_le_bytes().into_iter().take(width)).collect())
 }
 
 /// What an op's outputs are, as far as small integers go; `None` if the op is not followed.

@@ -116,8 +116,8 @@ pub(crate) fn score_groups(
         .map(|g| {
             let channels = g.channels? as usize;
             if criterion == Criterion::Random {
-                let mut rng = seed ^ (g.id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                return Some((0..channels).map(|_| splitmix(&mut rng)).collect());
+                let mut rng = prunec_ir::SplitMix64(seed ^ (g.id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                return Some((0..channels).map(|_| rng.unit()).collect());
             }
             let mut slices: Vec<&prunec_ir::WeightSlice> = scored_slices(graph, g, criterion).collect();
             if reduction == Reduction::First {
@@ -207,14 +207,4 @@ pub(crate) fn normalize(scores: &[f64], how: Normalizer) -> Vec<f64> {
             out
         }
     }
-}
-
-/// A uniform number in `[0, 1)` from a SplitMix64 state; stable across versions, unlike a
-/// crate's default generator, so `--criterion random --seed N` is reproducible.
-pub(crate) fn splitmix(state: &mut u64) -> f64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
 }

@@ -264,7 +264,8 @@ pub fn plan(graph: &Graph, options: &PruneOptions, opset: i64) -> Result<(Remova
         removal.add(c.group, removed);
         report.channels_prunable += c.channels as u64;
         report.channels_removed += removed.len() as u64;
-        let kept: Vec<usize> = (0..c.channels).filter(|i| !removed.contains(i)).collect();
+        let gone: BTreeSet<usize> = removed.iter().copied().collect();
+        let kept: Vec<usize> = (0..c.channels).filter(|i| !gone.contains(i)).collect();
         let kept_by_producer = c
             .group
             .weights

@@ -314,11 +314,7 @@ pub(crate) fn apply(graph: &mut Graph, removal: &Removal, opset: i64) -> Result<
         let t = t.map_err(|why| RewriteError { node: graph.value(v).name.clone(), op_type: "weight".into(), why })?;
         applied.weights_sliced += 1;
         match place {
-            Place::Initializer => {
-                let value = graph.value_mut(v);
-                value.shape = Some(prunec_ir::Shape::known(&t.dims()));
-                value.kind = ValueKind::Initializer(t);
-            }
+            Place::Initializer => graph.set_initializer(v, t),
             Place::ConstantNode(op) => {
                 let dims = t.dims();
                 if let Some(attr) = graph.op_mut(op).attributes.iter_mut().find(|a| a.name() == "value") {
@@ -327,15 +323,8 @@ pub(crate) fn apply(graph: &mut Graph, removal: &Removal, opset: i64) -> Result<
                 graph.value_mut(v).set_dims(&dims);
             }
             Place::Use(op) => {
-                let name = unique_name(graph, &format!("{}_{}", graph.value(v).name, graph.op(op).name));
-                let slots: Vec<usize> =
-                    graph.op_inputs(op).iter().enumerate().filter(|(_, i)| **i == Some(v)).map(|(slot, _)| slot).collect();
-                let t = t.renamed(&name);
-                let new = graph.add_value(prunec_ir::Value::new(name, ValueKind::Initializer(t))).expect("the name is new");
-                graph.initializers.push(new);
-                for slot in slots {
-                    graph.set_op_input(op, slot, new);
-                }
+                let new = graph.add_initializer(&format!("{}_{}", graph.value(v).name, graph.op(op).name), t);
+                graph.replace_input(op, v, new);
                 applied.weights_copied += 1;
             }
         }
@@ -362,11 +351,9 @@ pub(crate) fn apply(graph: &mut Graph, removal: &Removal, opset: i64) -> Result<
     let in_place: BTreeSet<ValueId> = new_values
         .into_iter()
         .filter(|(v, tensors)| {
-            graph.value(*v).initializer().is_some()
+            graph.is_private_initializer(*v)
                 && graph.consumers(*v).len() == tensors.len()
                 && tensors.iter().all(|t| t.dims() == tensors[0].dims() && t.packed() == tensors[0].packed())
-                && !graph.inputs.contains(v)
-                && !graph.is_output(*v)
         })
         .map(|(v, _)| v)
         .collect();
@@ -374,19 +361,12 @@ pub(crate) fn apply(graph: &mut Graph, removal: &Removal, opset: i64) -> Result<
         match edit {
             Edit::Input { op, slot, tensor } => {
                 if let Some(v) = graph.op_input(op, slot).filter(|v| in_place.contains(v)) {
-                    let name = graph.value(v).name.clone();
-                    let value = graph.value_mut(v);
-                    value.shape = Some(prunec_ir::Shape::known(&tensor.dims()));
-                    value.kind = ValueKind::Initializer(tensor.renamed(&name));
+                    graph.set_initializer(v, tensor);
                     continue;
                 }
                 let base =
                     graph.op_input(op, slot).map_or_else(|| format!("{}_input{slot}", graph.op(op).name), |v| graph.value(v).name.clone());
-                let name = unique_name(graph, &format!("{base}_{}", graph.op(op).name));
-                let new = graph
-                    .add_value(prunec_ir::Value::new(name.clone(), ValueKind::Initializer(tensor.renamed(&name))))
-                    .expect("the name is new");
-                graph.initializers.push(new);
+                let new = graph.add_initializer(&format!("{base}_{}", graph.op(op).name), tensor);
                 graph.set_op_input(op, slot, new);
             }
             Edit::Int { op, name, value } => set_attr(graph.op_mut(op), name, |a| a.i = Some(value)),
@@ -411,15 +391,6 @@ fn set_attr(op: &mut prunec_ir::Op, name: &str, set: impl FnOnce(&mut proto::Att
     }
 }
 
-/// `base`, or `base_2`, `base_3`… if the graph has a value of that name.
-fn unique_name(graph: &Graph, base: &str) -> String {
-    let base = if base.is_empty() { "pruned" } else { base };
-    if graph.value_by_name(base).is_none() {
-        return base.to_string();
-    }
-    (2..).map(|i| format!("{base}_{i}")).find(|n| graph.value_by_name(n).is_none()).expect("some suffix is free")
-}
-
 /// Zeroes, in a model that keeps all its channels, what the consumers read of the removed
 /// channels: the reference of masking equivalence. Consumers are found by node and weight name,
 /// so the report of a pruning run masks a fresh copy of the model it pruned.
@@ -436,14 +407,8 @@ pub fn mask_consumers(graph: &mut Graph, slices: &[super::MaskedSlice]) -> Resul
         for (axis, indices) in axes {
             masked = masked.zero_indices(axis, &indices.into_iter().collect::<Vec<_>>()).map_err(|e| fail(&e.to_string()))?;
         }
-        let name = unique_name(graph, &format!("{weight}_masked"));
-        let new =
-            graph.add_value(prunec_ir::Value::new(name.clone(), ValueKind::Initializer(masked.renamed(&name)))).expect("the name is new");
-        graph.initializers.push(new);
-        let slots: Vec<usize> = graph.op_inputs(op).iter().enumerate().filter(|(_, i)| **i == Some(v)).map(|(slot, _)| slot).collect();
-        for slot in slots {
-            graph.set_op_input(op, slot, new);
-        }
+        let new = graph.add_initializer(&format!("{weight}_masked"), masked);
+        graph.replace_input(op, v, new);
     }
     Ok(())
 }
