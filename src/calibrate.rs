@@ -1,5 +1,7 @@
-//! Calibration: runs the model in tract on real inputs and measures, for every weighted op, the
-//! second moment of each input channel it reads (what the calibration criteria weigh weights by).
+//! Calibration: runs the model in tract on real (or synthetic) inputs and measures, for every
+//! weighted op, the second moment of each input channel it reads (what the calibration criteria
+//! weigh weights by) and, when asked, the Hessian E[x xᵀ] of a dense consumer's input columns
+//! (what OBSPA and FLAP need).
 
 use crate::backends::RunError;
 use crate::backends::tract::{Feed, Plan, TractTensor};
@@ -27,8 +29,13 @@ fn activation_axis(model: &Model, op: crate::ir::OpId) -> Option<(ValueId, usize
     (axis < rank).then_some((x, axis))
 }
 
-/// Measures the second moments on `feed` (every sample and position of the batch counts).
-pub fn collect(model: &Model, dir: &Path, feed: &Feed, source: &str) -> Result<Calibration, RunError> {
+/// Rows (samples × positions) a consumer's Hessian is measured on at most: an evenly spaced
+/// subset beyond, so a high-resolution convolution costs O(rows · columns²), not more.
+pub const MAX_HESSIAN_ROWS: usize = 8192;
+
+/// Measures the second moments (and the Hessians, with `hessians`) on `feed`; every sample and
+/// position of the batch counts.
+pub fn collect(model: &Model, dir: &Path, feed: &Feed, source: &str, hessians: bool) -> Result<Calibration, RunError> {
     let graph = &model.graph;
     let mut reads: BTreeMap<String, (ValueId, usize)> = BTreeMap::new();
     for op in graph.op_ids() {
@@ -49,14 +56,22 @@ pub fn collect(model: &Model, dir: &Path, feed: &Feed, source: &str) -> Result<C
     let outputs = plan.run(feed)?;
     let by_name: BTreeMap<&str, &TractTensor> = outputs.values.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let mut second_moments = BTreeMap::new();
+    let mut activations: Vec<(crate::ir::OpId, TractTensor)> = Vec::new();
     for (node, (v, axis)) in reads {
         let name = graph.value(v).name.as_str();
         let Some(tensor) = by_name.get(name).copied().or_else(|| feed.0.get(name)) else { continue };
         if let Some(m2) = channel_second_moments(tensor, axis) {
-            second_moments.insert(node, m2);
+            second_moments.insert(node.clone(), m2);
+        }
+        if hessians && let Some(op) = graph.op_ids().find(|&op| graph.op(op).name == node) {
+            activations.push((op, tensor.cast_to::<f32>().map(|t| t.into_owned()).map_err(|e| RunError::Inputs(e.to_string()))?));
         }
     }
-    Ok(Calibration { second_moments, source: source.to_string() })
+    drop(outputs);
+    let reads: Vec<(crate::ir::OpId, &[f32], &[usize])> =
+        activations.iter().filter_map(|(op, t)| Some((*op, t.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?, t.shape()))).collect();
+    let hessians = crate::passes::prune::obspa::input_hessians(graph, &reads, MAX_HESSIAN_ROWS);
+    Ok(Calibration { second_moments, hessians, source: source.to_string() })
 }
 
 /// Mean of x² per index of `axis`, over every other axis.

@@ -9,7 +9,7 @@
 use crate::backends::RunError;
 use crate::backends::tract::{Feed, Plan, compare};
 use crate::ir::Model;
-use crate::passes::prune::{PruneReport, mask_consumers};
+use crate::passes::prune::{PruneReport, apply_compensations, mask_consumers};
 use serde::Serialize;
 use std::path::Path;
 use std::time::Duration;
@@ -19,6 +19,12 @@ use std::time::Duration;
 /// differently) stay near 1e-6 on most models and reach a few 1e-5 behind the softmax of deep
 /// real models; a slicing mistake shows at the scale of the pruning drift itself (1e-2 and up).
 pub const MASKING_TOLERANCE: f64 = 1e-4;
+
+/// Weight bytes above which the CLI skips verification unless `--verify` forces it: tract holds
+/// the original, the pruned and the masked model in turn, each optimised from an in-memory copy
+/// of its weights, so verifying takes several times the model's size in memory (and a model over
+/// 2 GiB cannot be handed to tract inline at all).
+pub const VERIFY_MAX_WEIGHT_BYTES: u64 = 1 << 30;
 
 /// What verification found.
 #[derive(Clone, Debug, Serialize)]
@@ -109,6 +115,8 @@ pub fn verify(
     let masked = match report.filter(|r| !r.masked.is_empty()) {
         Some(r) => {
             let mut m = original.clone();
+            // The pruned consumers were compensated before slicing; the reference is too.
+            apply_compensations(&mut m.graph, &r.compensated).map_err(VerifyError::Mask)?;
             mask_consumers(&mut m.graph, &r.masked).map_err(|e| VerifyError::Mask(e.to_string()))?;
             let plan = Plan::from_model(&m, dir, feed).map_err(|e| VerifyError::Mask(e.to_string()))?;
             Some(plan.run(feed).map_err(|e| VerifyError::Mask(e.to_string()))?)

@@ -665,10 +665,59 @@ fn pruning_options_out_of_range_are_usage_errors() {
         ("--target", "bytes=0.5", "is not `params=SHARE` or `flops=SHARE`"),
         ("--criterion", "l3", "unknown criterion `l3`; expected one of l1, l2, random, bn-scale, lamp"),
         ("--node-ratio", "conv", "is not `GLOB=RATIO`"),
+        ("--hessian", "fisher", "unknown Hessian source `fisher`; expected one of calib, noise, bn, identity"),
+        ("--damping", "-1", "must be a non-negative number"),
     ] {
         let r = run([model.as_os_str(), OsStr::new("-o"), s.output().as_os_str(), OsStr::new(flag), OsStr::new(value)]);
         assert_eq!(r.code, Some(2), "{flag} {value}: stderr:\n{}", r.stderr);
         assert!(r.stderr.contains(says), "{flag} {value}: stderr does not say {says:?}:\n{}", r.stderr);
     }
     assert_eq!(s.out_entries(), Vec::<String>::new());
+}
+
+#[test]
+fn calibration_criteria_without_inputs_name_the_missing_flag() {
+    // wanda always reads activations; obspa and flap do with --hessian calib. Without --inputs
+    // the run stops before any work and writes nothing.
+    let s = Scratch::new();
+    let model = common::root().join("testdata/models/mlp.onnx");
+    let output = s.output();
+    for extra in
+        [&["--criterion", "wanda"][..], &["--criterion", "obspa", "--hessian", "calib"], &["--criterion", "flap", "--hessian", "calib"]]
+    {
+        let mut args = vec![model.as_os_str(), OsStr::new("-o"), output.as_os_str()];
+        args.extend(extra.iter().map(OsStr::new));
+        let r = run(args);
+        assert_eq!(r.code, Some(1), "{extra:?}: stderr:\n{}", r.stderr);
+        assert!(r.stderr.contains("needs calibration inputs: pass --inputs FILE.npz"), "{extra:?}: stderr:\n{}", r.stderr);
+    }
+    assert_eq!(s.out_entries(), Vec::<String>::new());
+}
+
+#[test]
+fn obspa_without_data_measures_noise_and_verifies_the_compensated_model() {
+    // The default Hessian source needs no data: seeded synthetic inputs run through the model,
+    // the consumers are refitted, and verification checks the pruned model against the
+    // compensated and masked original.
+    let s = Scratch::new();
+    let model = common::root().join("testdata/models/conv_residual.onnx");
+    let report = s.output().with_extension("json");
+    let r = run([
+        model.as_os_str(),
+        OsStr::new("-o"),
+        s.output().as_os_str(),
+        OsStr::new("--criterion"),
+        OsStr::new("obspa"),
+        OsStr::new("--ratio"),
+        OsStr::new("0.5"),
+        OsStr::new("--report"),
+        report.as_os_str(),
+    ]);
+    assert_eq!(r.code, Some(0), "stderr:\n{}", r.stderr);
+    assert!(r.stderr.contains("equals the compensated and masked original"), "stderr:\n{}", r.stderr);
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("JSON");
+    let c = &json["prune"]["compensation"];
+    assert!(c["hessian"].as_str().is_some_and(|h| h.starts_with("noise")), "{c:#}");
+    assert!(c["layers_compensated"].as_u64() >= Some(2), "{c:#}");
+    assert_eq!(json["options"]["hessian"], "noise");
 }

@@ -34,8 +34,17 @@ fn at_ratio(ratio: f64) -> PruneOptions {
 fn pruned_models_equal_their_masked_originals() {
     // Models whose groups are all free of normalisations over the channel axis: masking
     // equivalence must be checked there, not waved through.
-    let must_mask =
-        ["conv_residual", "depthwise", "grouped_conv", "concat_split", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "ppocr_cls"];
+    let must_mask = [
+        "conv_residual",
+        "depthwise",
+        "grouped_conv",
+        "concat_split",
+        "mlp",
+        "resnet18",
+        "mobilenet_v2",
+        "mobilenet_v3_small",
+        "ppocr_cls",
+    ];
     let mut table = String::new();
     for case in all_cases().iter().filter(|c| c.tract_unsupported.is_none()) {
         let loaded = load(&case.path);
@@ -229,7 +238,8 @@ fn wanda_weighs_weights_by_the_activations_they_read() {
     let shared = common::shared();
     let loaded = load(&shared.join("models/zoo/resnet18.onnx"));
     let inputs = prunec::backends::tract::load_npz(&shared.join("models/zoo/resnet18.inputs.npz"), &loaded.model).expect("inputs");
-    let calibration = prunec::calibrate::collect(&loaded.model, &loaded.dir, &inputs, "resnet18.inputs.npz").expect("calibration runs");
+    let calibration =
+        prunec::calibrate::collect(&loaded.model, &loaded.dir, &inputs, "resnet18.inputs.npz", false).expect("calibration runs");
     assert!(calibration.second_moments.len() >= 20, "{:?}", calibration.second_moments.keys());
     let conv1 = &calibration.second_moments["/layer1/layer1.0/conv1/Conv"];
     assert_eq!(conv1.len(), 64);
@@ -252,4 +262,124 @@ fn wanda_weighs_weights_by_the_activations_they_read() {
     let missing =
         ChannelPruning { options: PruneOptions { criterion: prunec::passes::prune::Criterion::Wanda, ..at_ratio(0.3) } }.run(&mut model);
     assert!(missing.is_err_and(|e| e.to_string().contains("needs calibration inputs")));
+}
+
+/// Prunes `mlp.onnx` with OBSPA on calibration data and has numpy check the consumers against a
+/// direct least-squares solve on the same activations; returns numpy's verdict.
+fn obspa_against_direct_solve(damping: f64) -> Json {
+    let scratch = tempfile::tempdir().expect("scratch folder");
+    let model = common::root().join("testdata/models/mlp.onnx");
+    let (inputs, out, report) = (scratch.path().join("x.npz"), scratch.path().join("mlp.pruned.onnx"), scratch.path().join("report.json"));
+    let script = r#"
+import json, sys
+import numpy as np, onnx
+from onnx import numpy_helper
+mode, model_path, inputs, pruned_path, report_path, damping = sys.argv[1:7]
+if mode == "inputs":
+    np.savez(inputs, x=np.random.default_rng(7).normal(size=(64, 16)).astype(np.float32))
+    sys.exit(0)
+weights = lambda path: {t.name: numpy_helper.to_array(t).astype(np.float64) for t in onnx.load(path).graph.initializer}
+w, p = weights(model_path), weights(pruned_path)
+report = json.load(open(report_path))
+kept = {node: idx for g in report["prune"]["groups"] for node, idx in g["kept_by_producer"].items()}
+x = np.load(inputs)["x"].astype(np.float64)
+h1 = np.maximum(x @ w["fc1.weight"].T + w["fc1.bias"], 0)
+h2 = np.maximum(h1 @ w["fc2.weight"] + w["fc2.bias"], 0)
+damping = float(damping)
+def refit(h, weight, bias, keep):
+    # The consumer's least-squares optimum on the kept columns (bias column included), with
+    # prunec's damping: (H + λI)_KK Ŵ = (H + λI)_K,: W.
+    a = np.hstack([h, np.ones((len(h), 1))])
+    hess = a.T @ a / len(a)
+    hess += damping * np.mean(np.diag(hess)[:-1]) * np.eye(len(hess))
+    full = np.vstack([weight, bias[None, :]])
+    k = list(keep) + [len(hess) - 1]
+    if damping == 0:
+        sol = np.linalg.lstsq(a[:, k], a @ full, rcond=None)[0]
+    else:
+        sol = np.linalg.solve(hess[np.ix_(k, k)], hess[k, :] @ full)
+    return sol[:-1], sol[-1]
+checks = {}
+# fc2's own outputs are pruned too (they feed fc3): compare the rows it keeps.
+for name, h, weight, bias, got_w, got_b, keep, rows in [
+    ("fc2", h1, w["fc2.weight"], w["fc2.bias"], p["fc2.weight"], p["fc2.bias"], kept["/fc1/Gemm"], kept["/fc2/MatMul"]),
+    ("fc3", h2, w["fc3.weight"].T, w["fc3.bias"], p["fc3.weight"].T, p["fc3.bias"], kept["/fc2/MatMul"], list(range(8))),
+]:
+    want_w, want_b = refit(h, weight, bias, keep)
+    want_w, want_b = want_w[:, rows], want_b[rows]
+    want = np.concatenate([want_w.ravel(), want_b])
+    got = np.concatenate([got_w.ravel(), got_b])
+    checks[name] = {"kept": len(keep), "of": len(weight), "rel": float(np.linalg.norm(got - want) / np.linalg.norm(want))}
+print(json.dumps(checks))
+"#;
+    let py = |mode: &str| {
+        let out = std::process::Command::new(common::python())
+            .args(["-c", script, mode])
+            .args([&model, &inputs, &out, &report])
+            .arg(damping.to_string())
+            .output()
+            .expect("python runs");
+        assert!(out.status.success(), "numpy check failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    py("inputs");
+    let run = prunec()
+        .arg(&model)
+        .arg("-o")
+        .arg(&out)
+        .args(["--criterion", "obspa", "--hessian", "calib", "--ratio", "0.5", "--damping", &damping.to_string()])
+        .arg("--inputs")
+        .arg(&inputs)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .expect("prunec runs");
+    assert!(run.status.success(), "prunec failed:\n{}", String::from_utf8_lossy(&run.stderr));
+    serde_json::from_slice(&py("check")).expect("numpy prints JSON")
+}
+
+#[test]
+fn obspa_refits_consumers_to_their_least_squares_optimum() {
+    // With enough calibration rows (64 > 33 columns), the OBS update of a consumer is the exact
+    // least-squares refit of its kept columns and bias: numpy's lstsq on the same activations.
+    // fc3's optimum is for the original model's activations, as the Hessians are measured there.
+    for damping in [0.0, prunec::passes::prune::DEFAULT_DAMPING] {
+        let checks = obspa_against_direct_solve(damping);
+        eprintln!("damping {damping}: {checks}");
+        for layer in ["fc2", "fc3"] {
+            let c = &checks[layer];
+            assert_eq!(c["kept"].as_u64().unwrap() * 2, c["of"].as_u64().unwrap(), "{layer} keeps half its inputs: {c}");
+            assert!(c["rel"].as_f64().unwrap() <= 1e-4, "damping {damping}: {layer} is {} from the direct solve", c["rel"]);
+        }
+    }
+}
+
+#[test]
+fn compensated_models_equal_their_compensated_and_masked_originals() {
+    // OBSPA and FLAP change the consumers' kept weights and biases; the pruned model must equal
+    // the original with the same compensation applied and the removed channels' consumer weights
+    // zeroed. Covers initializer weights (zoo, testdata) and Constant-node weights (PP-OCR cls).
+    use prunec::passes::prune::{Criterion, HessianSource};
+    let names = ["conv_residual", "depthwise", "concat_split", "mlp", "resnet18", "mobilenet_v2", "ppocr_cls"];
+    for case in all_cases().iter().filter(|c| names.contains(&c.name.as_str())) {
+        let loaded = load(&case.path);
+        let inputs = feed(case, &loaded.model);
+        let calibration = prunec::calibrate::collect(&loaded.model, &loaded.dir, &inputs, &case.name, true).expect("calibration runs");
+        assert!(!calibration.hessians.is_empty(), "{}: no consumer Hessian measured", case.name);
+        for (criterion, hessian) in
+            [(Criterion::Obspa, HessianSource::Calib), (Criterion::Flap, HessianSource::Calib), (Criterion::Obspa, HessianSource::Bn)]
+        {
+            let options = PruneOptions { criterion, hessian, calibration: Some(std::sync::Arc::new(calibration.clone())), ..at_ratio(0.5) };
+            let (pruned, report) = prune(&loaded.model, options);
+            let what = format!("{} with {criterion:?} ({hessian:?})", case.name);
+            let compensation = report.compensation.as_ref().expect("compensating criteria report");
+            if hessian == HessianSource::Calib {
+                assert!(compensation.layers_compensated > 0, "{what}: nothing compensated: {compensation:?}");
+            }
+            let tolerance = if case.path.starts_with(common::shared().join("models/real")) { 1e-4 } else { 1e-5 };
+            let v = prunec::verify::verify(&loaded.model, &pruned, Some(&report), &loaded.dir, &inputs, tolerance)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(v.masking_expected && report.channels_removed > 0, "{what}: nothing checked by masking");
+        }
+    }
 }

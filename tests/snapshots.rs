@@ -24,6 +24,7 @@ fn dumps_of_testdata_models() {
         "exotic.onnx",
         "external_data/model.onnx",
         "if_subgraph.onnx",
+        "mlp.onnx",
     ] {
         let name = file.trim_end_matches(".onnx").replace('/', "_");
         insta::assert_snapshot!(format!("dump_{name}"), dump_of(file).1);

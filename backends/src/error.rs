@@ -10,7 +10,9 @@ pub enum WriteError {
     #[error(transparent)]
     Graph(#[from] IrError),
     /// The protobuf would exceed the 2 GiB limit of protobuf readers.
-    #[error("the model is {0} bytes inline, over protobuf's 2 GiB limit; store weights as external data (--external-data)")]
+    #[error(
+        "the model is {0} bytes with its tensors inline, over protobuf's 2 GiB limit; store the large ones as external data with `--external-data SIZE` (for example `--external-data 1MB`)"
+    )]
     TooLarge(u64),
     /// A file could not be written.
     #[error("cannot write `{}`", path.display())]

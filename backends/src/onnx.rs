@@ -7,7 +7,6 @@
 //! existing one.
 
 use crate::WriteError;
-use bytes::Bytes;
 use prost::Message;
 use prunec_ir::proto::{self, tensor_proto::DataLocation};
 use prunec_ir::{Graph, Model, Tensor, Value, ValueId};
@@ -51,19 +50,21 @@ pub struct Written {
     pub data_bytes: u64,
 }
 
-/// Bytes bound for the external data file, in file order.
+/// Tensors bound for the external data file, in file order. They are kept as tensors, not bytes,
+/// so each is packed only while it streams into the file: a sliced weight is never held whole,
+/// and the pages of a mapped one are given back as it goes.
 #[derive(Default)]
 struct DataFile {
     location: String,
-    chunks: Vec<(u64, Bytes)>,
+    chunks: Vec<(u64, Tensor)>,
     len: u64,
 }
 
 impl DataFile {
-    fn push(&mut self, bytes: Bytes) -> u64 {
+    fn push(&mut self, tensor: Tensor) -> u64 {
         let offset = self.len.next_multiple_of(EXTERNAL_ALIGNMENT);
-        self.len = offset + bytes.len() as u64;
-        self.chunks.push((offset, bytes));
+        self.len = offset + tensor.nbytes();
+        self.chunks.push((offset, tensor));
         offset
     }
 }
@@ -99,10 +100,12 @@ pub fn write_model(model: &Model, path: &Path, options: &WriteOptions) -> Result
     } else {
         atomic_write(&data_path, |w| {
             let mut at = 0u64;
-            for (offset, bytes) in &data.chunks {
+            for (offset, tensor) in &data.chunks {
                 w.write_all(&vec![0u8; (offset - at) as usize])?;
-                w.write_all(bytes)?;
-                at = offset + bytes.len() as u64;
+                if !tensor.write_packed(w)? {
+                    return Err(std::io::Error::other(format!("tensor `{}` has no packed form for external data", tensor.name())));
+                }
+                at = offset + tensor.nbytes();
             }
             Ok(())
         })?;
@@ -267,17 +270,17 @@ fn value_info(v: &Value) -> proto::ValueInfoProto {
 fn emit_tensor(t: &Tensor, policy: ExternalData, data: &mut DataFile) -> proto::TensorProto {
     let external = match policy {
         ExternalData::KeepLayout => t.is_external(),
-        ExternalData::Threshold(min) => t.raw_bytes().is_some() && t.nbytes() >= min,
+        ExternalData::Threshold(min) => t.has_raw_data() && t.nbytes() >= min,
         ExternalData::Inline => false,
     };
     let mut p = t.proto().clone();
-    if external && let Some(bytes) = t.raw_bytes() {
-        let offset = data.push(bytes.clone());
+    if external && t.has_raw_data() {
+        let offset = data.push(t.clone());
         let entry = |k: &str, v: String| proto::StringStringEntryProto { key: Some(k.into()), value: Some(v) };
         p.raw_data = None;
         p.data_location = Some(DataLocation::External as i32);
         p.external_data =
-            vec![entry("location", data.location.clone()), entry("offset", offset.to_string()), entry("length", bytes.len().to_string())];
+            vec![entry("location", data.location.clone()), entry("offset", offset.to_string()), entry("length", t.nbytes().to_string())];
     } else if t.is_external() {
         p.raw_data = t.raw_bytes().cloned();
         p.data_location = None;

@@ -22,12 +22,13 @@ pub enum ReadError {
     #[error("`{}` is empty, not an ONNX model", .0.display())]
     Empty(PathBuf),
     /// The bytes are not an ONNX protobuf (truncated, wrong wire types, too deeply nested).
-    #[error("`{}` is not a valid ONNX protobuf", path.display())]
+    #[error("`{}` is not a valid ONNX protobuf: {reason}", path.display())]
     Decode {
         /// The file.
         path: PathBuf,
-        /// What prost found.
-        source: prost::DecodeError,
+        /// What the decoder found and where, as a phrase (prost's own message can list a
+        /// hundred nested fields).
+        reason: String,
     },
     /// The model decodes but breaks a rule of the ONNX graph.
     #[error(transparent)]

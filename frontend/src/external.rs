@@ -2,15 +2,43 @@
 
 use crate::ReadError;
 use bytes::Bytes;
-use prunec_ir::{Tensor, proto};
+use prunec_ir::{PageRelease, Tensor, proto};
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 /// Resolves external-data references of one model, mapping each data file once.
 pub(crate) struct ExternalData {
     dir: PathBuf,
     canonical_dir: Option<PathBuf>,
-    files: HashMap<PathBuf, Bytes>,
+    files: HashMap<PathBuf, (Bytes, Option<Arc<MappedFile>>)>,
+}
+
+/// A read-only memory map of a model or data file.
+#[derive(Debug)]
+pub(crate) struct MappedFile(pub(crate) memmap2::Mmap);
+
+/// The owner of `Bytes` sliced from a [`MappedFile`], which the tensors share with it.
+pub(crate) struct SharedMap(pub(crate) Arc<MappedFile>);
+
+impl AsRef<[u8]> for SharedMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.0
+    }
+}
+
+impl PageRelease for MappedFile {
+    fn release(&self, bytes: &[u8]) {
+        let start = (bytes.as_ptr() as usize).wrapping_sub(self.0.as_ptr() as usize);
+        if bytes.is_empty() || start >= self.0.len() || bytes.len() > self.0.len() - start {
+            return;
+        }
+        // SAFETY: the map is read-only and shared with the file, so dropping its pages loses
+        // nothing: the next read of the range faults them in again from the page cache or the
+        // file. The range lies inside the map (checked above). A failure only means the pages
+        // stay resident, so it is ignored.
+        let _ = unsafe { self.0.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, bytes.len()) };
+    }
 }
 
 impl ExternalData {
@@ -23,11 +51,14 @@ impl ExternalData {
         if t.data_location() != proto::tensor_proto::DataLocation::External {
             return Ok(Tensor::from_proto(t)?);
         }
-        let bytes = self.bytes_of(&t)?;
-        Ok(Tensor::from_external(t, bytes)?)
+        let (bytes, pages) = self.bytes_of(&t)?;
+        Ok(match pages {
+            Some(pages) => Tensor::from_mapped(t, bytes, pages)?,
+            None => Tensor::from_external(t, bytes)?,
+        })
     }
 
-    fn bytes_of(&mut self, t: &proto::TensorProto) -> Result<Bytes, ReadError> {
+    fn bytes_of(&mut self, t: &proto::TensorProto) -> Result<(Bytes, Option<Arc<dyn PageRelease>>), ReadError> {
         let err = |what: String| ReadError::ExternalData { tensor: t.name().to_string(), what };
         let mut location = None;
         let mut offset = 0u64;
@@ -44,20 +75,21 @@ impl ExternalData {
         let location = location.filter(|l| !l.is_empty()).ok_or_else(|| err("has no `location`".into()))?;
         let path = self.resolve(location).map_err(err)?;
         if !self.files.contains_key(&path) {
-            let bytes = crate::map_file(&path).map_err(|e| match e {
+            let mapped = crate::map_file_with_pages(&path).map_err(|e| match e {
                 ReadError::Io { source, .. } => err(format!("file `{location}` cannot be read: {source}")),
                 e => err(format!("file `{location}` cannot be read: {e}")),
             })?;
-            self.files.insert(path.clone(), bytes);
+            self.files.insert(path.clone(), mapped);
         }
-        let file = &self.files[&path];
+        let (file, pages) = &self.files[&path];
         let size = file.len() as u64;
         let length = length.unwrap_or(size.saturating_sub(offset));
         let end = offset.checked_add(length).filter(|&end| end <= size);
         let Some(end) = end else {
             return Err(err(format!("asks for bytes {offset}..{} of `{location}`, which has {size}", offset as u128 + length as u128)));
         };
-        Ok(file.slice(offset as usize..end as usize))
+        let pages = pages.clone().map(|p| p as Arc<dyn PageRelease>);
+        Ok((file.slice(offset as usize..end as usize), pages))
     }
 
     /// The data file's path, refusing locations that leave the model's folder.

@@ -38,6 +38,13 @@ pub(crate) fn infer_shapes(model: &mut Model, bytes: &[u8], dir: &Path, input_sh
             graph.value_mut(id).shape = Some(Shape::known(dims));
         }
     }
+    // With every shape and type recorded tract has nothing to add (recorded sizes win in `merge`),
+    // and it would parse the model with its weights, copying every one of them: on a model of
+    // several gigabytes that copy is most of the memory prunec needs.
+    let complete = |v: &prunec_ir::Value| v.dtype.is_some() && v.shape.as_ref().is_some_and(|s| s.0.iter().all(|d| d.known().is_some()));
+    if graph.value_ids().all(|id| complete(graph.value(id))) {
+        return InferenceReport::skipped();
+    }
     // tract is third-party code fed arbitrary models; a panic there must not take prunec down.
     let analysed = prunec_ir::catch_quietly(|| analyse(bytes, dir, input_shapes));
     let mut report = InferenceReport { ran: true, ..Default::default() };
@@ -77,6 +84,7 @@ type Facts = BTreeMap<String, (Option<DType>, Option<Shape>)>;
 fn analyse(bytes: &[u8], dir: &Path, input_shapes: &BTreeMap<String, Vec<u64>>) -> TractResult<(Facts, Option<String>)> {
     let mut pb = tract_onnx::pb::ModelProto::decode(bytes)?;
     name_anonymous_input_dims(&mut pb);
+    weights_as_inputs(&mut pb);
     let onnx = tract_onnx::onnx();
     let parsed = onnx.parse(&pb, dir.to_str())?;
     let mut model = parsed.model;
@@ -131,6 +139,41 @@ fn merge(recorded: Option<&Shape>, inferred: &Shape) -> Shape {
         // A rank that disagrees with the record is tract's mistake or the model's; trust the record.
         Some(r) => r.clone(),
         None => inferred.clone(),
+    }
+}
+
+/// Float initializers of at least this many elements are shown to tract as graph inputs.
+const WEIGHT_AS_INPUT_MIN_ELEMENTS: i64 = 1024;
+
+/// Turns the large float initializers (weights) into graph inputs of their type and shape. Shape
+/// inference needs the values of the constants that spell out sizes (small integer tensors, a
+/// few float scales), never those of the weights, and a constant makes tract load it: a copy of
+/// every weight, external data included, which on a model of several gigabytes is most of the
+/// memory prunec would need.
+fn weights_as_inputs(pb: &mut tract_onnx::pb::ModelProto) {
+    use tract_onnx::pb::tensor_proto::DataType as T;
+    use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension::Value as D};
+    use tract_onnx::pb::{TensorShapeProto, TypeProto, ValueInfoProto, type_proto};
+    let Some(graph) = pb.graph.as_mut() else { return };
+    let floats = [T::Float, T::Float16, T::Double, T::Bfloat16].map(|t| t as i32);
+    let (weights, constants): (Vec<_>, Vec<_>) = std::mem::take(&mut graph.initializer).into_iter().partition(|t| {
+        floats.contains(&t.data_type) && t.dims.iter().all(|&d| d >= 0) && t.dims.iter().product::<i64>() >= WEIGHT_AS_INPUT_MIN_ELEMENTS
+    });
+    graph.initializer = constants;
+    for t in weights {
+        let dim = t.dims.iter().map(|&d| Dimension { value: Some(D::DimValue(d)), ..Default::default() }).collect();
+        let ty = TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: t.data_type,
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        };
+        // Models of IR version 3 also list their initializers as inputs.
+        match graph.input.iter_mut().find(|i| i.name == t.name) {
+            Some(input) => input.r#type = Some(ty),
+            None => graph.input.push(ValueInfoProto { name: t.name, r#type: Some(ty), ..Default::default() }),
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! on (unique value names, defined inputs, an acyclic graph, tensor sizes, external-data paths)
 //! and fills in shapes the model does not record with tract's shape inference.
 
+mod check;
 mod error;
 mod external;
 mod infer;
@@ -68,13 +69,50 @@ pub fn read_bytes(bytes: Bytes, dir: &Path, options: &ReadOptions) -> Result<Loa
 }
 
 fn decode(bytes: Bytes, dir: &Path, path: &Path, options: &ReadOptions) -> Result<Loaded, ReadError> {
-    let proto = proto::ModelProto::decode(bytes.clone()).map_err(|source| ReadError::Decode { path: path.to_path_buf(), source })?;
+    let proto = proto::ModelProto::decode(bytes.clone())
+        .map_err(|e| ReadError::Decode { path: path.to_path_buf(), reason: describe_decode_error(&e) })?;
     let model = lift::lift(proto, dir)?;
     let mut loaded = Loaded { model, dir: dir.to_path_buf(), inference: InferenceReport::skipped(), source: bytes };
     if options.infer_shapes {
         loaded.infer_shapes(&BTreeMap::new());
     }
     Ok(loaded)
+}
+
+/// prost's error as one short phrase: what is wrong (in words that name the usual cause) and the
+/// field path from the model down to it, outermost first, shortened when deeply nested.
+fn describe_decode_error(e: &prost::DecodeError) -> String {
+    const SHOWN: usize = 4;
+    let text = e.to_string();
+    let mut rest = text.strip_prefix("failed to decode Protobuf message: ").unwrap_or(&text);
+    // The stack comes first, as `Message.field: ` entries (innermost first); the description,
+    // which may itself hold `: `, is what follows the last of them.
+    let is_entry = |s: &str| {
+        s.split_once('.').is_some_and(|(m, f)| {
+            !m.is_empty() && !f.is_empty() && m.chars().chain(f.chars()).all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+    };
+    let mut stack = Vec::new();
+    while let Some((head, tail)) = rest.split_once(": ")
+        && is_entry(head)
+    {
+        stack.push(head);
+        rest = tail;
+    }
+    let what = match rest {
+        "buffer underflow" => "truncated: a field runs past the end of the data".to_string(),
+        "invalid varint" => "truncated or corrupt: an integer (varint) is cut off or too long".to_string(),
+        "delimited length exceeded" => "truncated: a field runs past the end of the message holding it".to_string(),
+        "recursion limit reached" => "messages are nested too deeply (more than 100 levels)".to_string(),
+        other => other.to_string(),
+    };
+    stack.reverse();
+    let at = match stack.len() {
+        0 => String::new(),
+        n if n <= SHOWN => format!(" (in {})", stack.join(" > ")),
+        n => format!(" (in {} > ... {} more ... > {})", stack[..2].join(" > "), n - 3, stack[n - 1]),
+    };
+    format!("{what}{at}")
 }
 
 fn model_dir(path: &Path) -> PathBuf {
@@ -86,6 +124,11 @@ fn model_dir(path: &Path) -> PathBuf {
 
 /// Maps a file read-only; the map lives as long as any `Bytes` sliced from it.
 pub(crate) fn map_file(path: &Path) -> Result<Bytes, ReadError> {
+    Ok(map_file_with_pages(path)?.0)
+}
+
+/// [`map_file`], with the handle that gives the map's pages back once read (none for an empty file).
+pub(crate) fn map_file_with_pages(path: &Path) -> Result<(Bytes, Option<std::sync::Arc<external::MappedFile>>), ReadError> {
     let io = |source| ReadError::Io { path: path.to_path_buf(), source };
     let file = std::fs::File::open(path).map_err(io)?;
     let meta = file.metadata().map_err(io)?;
@@ -93,11 +136,59 @@ pub(crate) fn map_file(path: &Path) -> Result<Bytes, ReadError> {
         return Err(ReadError::NotAFile(path.to_path_buf()));
     }
     if meta.len() == 0 {
-        return Ok(Bytes::new());
+        return Ok((Bytes::new(), None));
     }
     // SAFETY: the map is read-only. prunec never writes to its inputs (outputs go to a temporary
     // file that is renamed into place), so the only hazard is another process truncating the file
     // while prunec runs, which no reader of memory-mapped files can prevent.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-    Ok(Bytes::from_owner(map))
+    let mapped = std::sync::Arc::new(external::MappedFile(map));
+    Ok((Bytes::from_owner(external::SharedMap(mapped.clone())), Some(mapped)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_error(bytes: &[u8]) -> String {
+        let e = read_bytes(Bytes::copy_from_slice(bytes), Path::new("."), &ReadOptions { infer_shapes: false })
+            .expect_err("the bytes are not a model");
+        e.to_string()
+    }
+
+    #[test]
+    fn a_length_past_the_end_reads_as_truncated_with_the_field_path_outermost_first() {
+        // Field 7 (graph), length-delimited, claiming 16 bytes of which 2 follow.
+        let message = decode_error(&[0x3a, 0x10, 0x0a, 0x00]);
+        assert!(
+            message.ends_with("is not a valid ONNX protobuf: truncated: a field runs past the end of the data (in ModelProto.graph)"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_description_holding_a_colon_is_kept_whole() {
+        let message = decode_error(&[0x00, 0x00]);
+        assert!(message.ends_with("is not a valid ONNX protobuf: invalid tag value: 0"), "{message}");
+    }
+
+    #[test]
+    fn nesting_past_the_decoder_limit_is_one_short_sentence() {
+        // Graphs nested through If attributes far past prost's limit of 100 messages.
+        let mut graph: Vec<u8> = Vec::new();
+        let ld = |field: u8, payload: &[u8]| {
+            let mut out = vec![(field << 3) | 2];
+            prost::encoding::encode_varint(payload.len() as u64, &mut out);
+            out.extend_from_slice(payload);
+            out
+        };
+        for _ in 0..200 {
+            let attribute = [ld(1, b"then_branch"), ld(6, &graph)].concat();
+            let node = [ld(4, b"If"), ld(5, &attribute)].concat();
+            graph = ld(1, &node);
+        }
+        let message = decode_error(&ld(7, &graph));
+        assert!(message.contains("messages are nested too deeply (more than 100 levels)"), "{message}");
+        assert!(message.len() < 300, "{} characters: {message}", message.len());
+    }
 }

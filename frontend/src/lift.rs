@@ -1,6 +1,7 @@
 //! Lifting a decoded `ModelProto` into the IR.
 
 use crate::ReadError;
+use crate::check;
 use crate::external::ExternalData;
 use prunec_ir::{Attribute, Graph, IrError, Model, NodeMeta, Op, Value, ValueKind, captured_names, proto};
 use std::collections::HashMap;
@@ -8,14 +9,22 @@ use std::path::Path;
 
 /// Moves the main graph of `proto` into a [`Graph`], keeping every other field in the shells.
 pub(crate) fn lift(mut proto: proto::ModelProto, dir: &Path) -> Result<Model, ReadError> {
+    check::check_is_onnx(&proto)?;
     let graph = proto.graph.take().ok_or(IrError::MissingGraph)?;
+    check::check_ir_version(&proto)?;
+    check_opsets(&proto)?;
     for f in &proto.functions {
         reject_nested_external(f.node.iter())?;
+        check::check_attributes(&f.node)?;
     }
-    check_opsets(&proto)?;
+    check::check_attributes(&graph.node)?;
+    for s in &graph.sparse_initializer {
+        check::check_sparse(s)?;
+    }
     let mut externals = ExternalData::new(dir);
     let graph = lift_graph(graph, &mut externals)?;
-    check_nodes(&graph)?;
+    check::check_value_types(&graph)?;
+    check::check_ops(&graph)?;
     Ok(Model { shell: proto, graph })
 }
 
@@ -31,51 +40,6 @@ fn check_opsets(model: &proto::ModelProto) -> Result<(), ReadError> {
             return Err(ReadError::Invalid(format!(
                 "the model imports opset {version} of the default ONNX domain, which does not exist (1 to {MAX_ONNX_OPSET})"
             )));
-        }
-    }
-    Ok(())
-}
-
-/// Node-level rules that hold whatever the op: a type is named, and a Reshape to a constant
-/// shape keeps the element count of an input whose shape is recorded.
-fn check_nodes(graph: &Graph) -> Result<(), ReadError> {
-    let invalid = |op: &Op, what: String| ReadError::Invalid(format!("node `{}` ({}) {what}", op.name, op.op_type));
-    for id in graph.op_ids() {
-        let op = graph.op(id);
-        if op.op_type.is_empty() {
-            return Err(invalid(op, "has no op_type".into()));
-        }
-        if op.op_type != "Reshape" || !op.domain.is_empty() || op.attr_int("allowzero").unwrap_or(0) != 0 {
-            continue;
-        }
-        let input = graph.op_input(id, 0).and_then(|x| graph.value(x).shape.as_ref()?.concrete());
-        let target = graph.op_input(id, 1).and_then(|s| prunec_ir::constant_tensor(graph, s)?.to_i64_vec());
-        let (Some(input), Some(target)) = (input, target) else { continue };
-        let numel = input.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
-        let mut known = 1u64;
-        let mut inferred = 0;
-        for (i, &t) in target.iter().enumerate() {
-            let d = match t {
-                -1 => {
-                    inferred += 1;
-                    continue;
-                }
-                0 => input.get(i).copied(),
-                t if t > 0 => Some(t as u64),
-                _ => None,
-            };
-            match d.and_then(|d| known.checked_mul(d)) {
-                Some(k) => known = k,
-                None => return Err(invalid(op, format!("reshapes to {target:?}, which is not a valid shape"))),
-            }
-        }
-        let fits = match (numel, inferred) {
-            (Some(n), 0) => n == known,
-            (Some(n), 1) => known != 0 && n % known == 0,
-            _ => false,
-        };
-        if !fits {
-            return Err(invalid(op, format!("reshapes an input of shape {input:?} to {target:?}: the element counts differ")));
         }
     }
     Ok(())

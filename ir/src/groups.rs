@@ -106,19 +106,22 @@ impl std::fmt::Display for Groups {
 
 /// The constant tensor behind a value: an initializer or a `Constant` node's `value`, possibly
 /// behind `Identity` nodes (exporters use them to share one deduplicated weight).
-pub fn constant_tensor(graph: &Graph, v: ValueId) -> Option<&Tensor> {
-    if let Some(t) = graph.value(v).initializer() {
-        return Some(t);
-    }
-    let (op_id, _) = graph.producer(v)?;
-    let op = graph.op(op_id);
-    if !op.domain.is_empty() {
-        return None;
-    }
-    match op.op_type.as_str() {
-        "Constant" => op.attr_tensor("value"),
-        "Identity" => constant_tensor(graph, graph.op_input(op_id, 0)?),
-        _ => None,
+pub fn constant_tensor(graph: &Graph, mut v: ValueId) -> Option<&Tensor> {
+    // A loop, not recursion: a model decides how long its chains of Identity ops are.
+    loop {
+        if let Some(t) = graph.value(v).initializer() {
+            return Some(t);
+        }
+        let (op_id, _) = graph.producer(v)?;
+        let op = graph.op(op_id);
+        if !op.domain.is_empty() {
+            return None;
+        }
+        match op.op_type.as_str() {
+            "Constant" => return op.attr_tensor("value"),
+            "Identity" => v = graph.op_input(op_id, 0)?,
+            _ => return None,
+        }
     }
 }
 

@@ -43,4 +43,4 @@ pub use ops::Role;
 pub use rng::SplitMix64;
 pub use shape::{DType, Dim, Shape};
 pub use stats::{ModelStats, OpCost, model_stats, op_cost};
-pub use tensor::Tensor;
+pub use tensor::{PageRelease, Tensor};

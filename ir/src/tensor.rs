@@ -4,24 +4,74 @@ use crate::error::IrError;
 use crate::proto::{self, tensor_proto::DataLocation, tensor_proto::DataType};
 use crate::shape::DType;
 use bytes::Bytes;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A constant tensor: an initializer, a `Constant` node's value or any tensor attribute.
 ///
 /// Cloning is cheap (a reference count). The bytes are never copied when the model is read: inline
 /// `raw_data` points into the decoded file and external data into a memory map. To change a
 /// tensor, build a new one with [`Tensor::from_f32`] or [`Tensor::from_proto`].
+///
+/// Removing channels from an external tensor ([`Tensor::remove_indices`]) copies nothing either:
+/// the result is the source minus some indices, materialised piece by piece when it is streamed
+/// ([`Tensor::write_packed`]) and in full only when something asks for its values.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor(Arc<Inner>);
 
 #[derive(Debug, PartialEq)]
 struct Inner {
-    /// The tensor as the model stores it; for external data, `raw_data` is empty.
+    /// The tensor as the model stores it; for external and sliced data, `raw_data` is empty.
     proto: proto::TensorProto,
-    /// The bytes of an external tensor, sliced out of the data file's memory map.
-    external: Option<Bytes>,
+    data: Data,
     numel: u64,
 }
+
+/// Where the values are.
+#[derive(Clone, Debug)]
+enum Data {
+    /// In the proto: `raw_data` or a typed field.
+    Proto,
+    /// The bytes of an external tensor, sliced out of the data file's memory map (`pages` can give
+    /// the map's pages back once read) or built in memory.
+    External { bytes: Bytes, pages: Option<Arc<dyn PageRelease>> },
+    /// Another tensor minus some indices along some axes (always external data).
+    Sliced(Arc<Sliced>),
+}
+
+impl PartialEq for Data {
+    fn eq(&self, other: &Data) -> bool {
+        match (self, other) {
+            (Data::Proto, Data::Proto) => true,
+            (Data::External { bytes: a, .. }, Data::External { bytes: b, .. }) => a == b,
+            (Data::Sliced(a), Data::Sliced(b)) => a.source == b.source && a.keep == b.keep,
+            _ => false,
+        }
+    }
+}
+
+/// A lazy removal: the source's elements at the kept indices.
+#[derive(Debug)]
+struct Sliced {
+    /// Never itself sliced: removals compose into one `keep`.
+    source: Tensor,
+    /// Per axis of the source, the indices kept (sorted, distinct); `None` keeps the whole axis.
+    keep: Vec<Option<Vec<usize>>>,
+    /// The materialised bytes, once something needed them all at once.
+    bytes: OnceLock<Bytes>,
+}
+
+/// Memory that can give the pages under a slice of it back to the operating system once they
+/// have been read: a read-only file mapping, whose pages count in the process's resident set
+/// while mapped in and come back from the file on the next read.
+pub trait PageRelease: Send + Sync + std::fmt::Debug {
+    /// Drops the pages under `bytes` (a slice of this memory; anything else is ignored) from the
+    /// process. Must leave the contents readable and unchanged.
+    fn release(&self, bytes: &[u8]);
+}
+
+/// Streamed tensors go through pieces of about this size, which bounds the pages of the source
+/// mapped in at once and the buffers of the slicing.
+const STREAM_CHUNK: usize = 4 << 20;
 
 impl Tensor {
     /// Wraps an inline tensor after checking that its dims, type and data agree.
@@ -31,7 +81,7 @@ impl Tensor {
         }
         let numel = checked_numel(&proto)?;
         check_inline_data(&proto, numel)?;
-        Ok(Tensor(Arc::new(Inner { proto, external: None, numel })))
+        Ok(Tensor(Arc::new(Inner { proto, data: Data::Proto, numel })))
     }
 
     /// Wraps an external-data tensor whose bytes were read (or mapped) by the caller.
@@ -47,7 +97,20 @@ impl Tensor {
                 format!("has {} bytes of external data, but dims {:?} of {dtype} need {expected}", bytes.len(), proto.dims),
             ));
         }
-        Ok(Tensor(Arc::new(Inner { proto, external: Some(bytes), numel })))
+        Ok(Tensor(Arc::new(Inner { proto, data: Data::External { bytes, pages: None }, numel })))
+    }
+
+    /// Like [`Tensor::from_external`] for bytes sliced out of a read-only file mapping: once
+    /// streamed, the tensor gives the pages it read back to `pages`, so reading a model larger
+    /// than memory keeps only a working set resident.
+    pub fn from_mapped(proto: proto::TensorProto, bytes: Bytes, pages: Arc<dyn PageRelease>) -> Result<Tensor, IrError> {
+        let mut t = Tensor::from_external(proto, bytes)?;
+        if let Some(inner) = Arc::get_mut(&mut t.0)
+            && let Data::External { pages: slot, .. } = &mut inner.data
+        {
+            *slot = Some(pages);
+        }
+        Ok(t)
     }
 
     /// A new inline tensor of `dtype` whose packed little-endian bytes are `raw`; the caller
@@ -61,7 +124,7 @@ impl Tensor {
             ..Default::default()
         };
         let numel = dims.iter().product();
-        Tensor(Arc::new(Inner { proto, external: None, numel }))
+        Tensor(Arc::new(Inner { proto, data: Data::Proto, numel }))
     }
 
     /// A new inline f32 tensor stored as `raw_data`.
@@ -102,12 +165,34 @@ impl Tensor {
 
     /// Whether the data lives in an external file.
     pub fn is_external(&self) -> bool {
-        self.0.external.is_some()
+        !matches!(self.0.data, Data::Proto)
     }
 
-    /// The packed little-endian bytes, when the tensor is stored as raw or external data.
+    /// Whether the data is packed bytes (`raw_data` or external data) rather than a typed field;
+    /// unlike [`Tensor::raw_bytes`], it never materialises a sliced tensor.
+    pub fn has_raw_data(&self) -> bool {
+        match &self.0.data {
+            Data::Proto => self.0.proto.raw_data.is_some() && self.0.proto.data_location() != DataLocation::External,
+            Data::External { .. } | Data::Sliced(_) => true,
+        }
+    }
+
+    /// The packed little-endian bytes, when the tensor is stored as raw or external data. A
+    /// sliced tensor is materialised (once) to answer; [`Tensor::write_packed`] streams instead.
     pub fn raw_bytes(&self) -> Option<&Bytes> {
-        self.0.external.as_ref().or(self.0.proto.raw_data.as_ref().filter(|_| self.0.proto.data_location() != DataLocation::External))
+        match &self.0.data {
+            Data::Proto => self.0.proto.raw_data.as_ref().filter(|_| self.0.proto.data_location() != DataLocation::External),
+            Data::External { bytes, .. } => Some(bytes),
+            Data::Sliced(s) => Some(s.bytes.get_or_init(|| {
+                let mut out = Vec::with_capacity(self.nbytes() as usize);
+                s.stream(&mut |piece| {
+                    out.extend_from_slice(piece);
+                    Ok(())
+                })
+                .expect("writing to memory cannot fail");
+                Bytes::from(out)
+            })),
+        }
     }
 
     /// The values converted to f64, for the numeric types prunec understands (floats, ints, bool).
@@ -198,10 +283,10 @@ impl Tensor {
         let data = Bytes::from(data);
         if self.is_external() {
             proto.raw_data = None;
-            Tensor(Arc::new(Inner { proto, external: Some(data), numel }))
+            Tensor(Arc::new(Inner { proto, data: Data::External { bytes: data, pages: None }, numel }))
         } else {
             proto.raw_data = Some(data);
-            Tensor(Arc::new(Inner { proto, external: None, numel }))
+            Tensor(Arc::new(Inner { proto, data: Data::Proto, numel }))
         }
     }
 
@@ -214,20 +299,26 @@ impl Tensor {
     pub fn renamed(&self, name: &str) -> Tensor {
         let mut proto = self.0.proto.clone();
         proto.name = Some(name.to_string());
-        Tensor(Arc::new(Inner { proto, external: self.0.external.clone(), numel: self.0.numel }))
+        Tensor(Arc::new(Inner { proto, data: self.0.data.clone(), numel: self.0.numel }))
     }
 
-    /// A copy without the given indices of `axis` (sorted, distinct, in range).
+    /// The tensor without the given indices of `axis` (sorted, distinct, in range). An external
+    /// tensor is not copied: the result refers to it and is materialised when streamed or read.
     pub fn remove_indices(&self, axis: usize, removed: &[usize]) -> Result<Tensor, IrError> {
         let dims = self.dims();
         let (outer, n, inner) = self.axis_layout(axis)?;
-        let bytes =
-            self.packed().ok_or_else(|| tensor_error(self.proto(), format!("has element type {} that cannot be sliced", self.dtype())))?;
         let mut keep = vec![true; n];
         for &i in removed {
             *keep.get_mut(i).ok_or_else(|| tensor_error(self.proto(), format!("has no index {i} on axis {axis}")))? = false;
         }
         let kept = keep.iter().filter(|&&k| k).count();
+        let mut new_dims = dims;
+        new_dims[axis] = kept as u64;
+        if self.is_external() {
+            return Ok(self.sliced(axis, &keep, &new_dims));
+        }
+        let bytes =
+            self.packed().ok_or_else(|| tensor_error(self.proto(), format!("has element type {} that cannot be sliced", self.dtype())))?;
         let mut out = Vec::with_capacity(outer * kept * inner);
         for o in 0..outer {
             for (i, _) in keep.iter().enumerate().filter(|(_, k)| **k) {
@@ -235,9 +326,55 @@ impl Tensor {
                 out.extend_from_slice(&bytes[at..at + inner]);
             }
         }
-        let mut new_dims = dims;
-        new_dims[axis] = kept as u64;
         Ok(self.with_data(&new_dims, out))
+    }
+
+    /// The lazy form of [`Tensor::remove_indices`] for an external tensor whose layout was checked:
+    /// `keep` flags the indices of `axis` that stay.
+    fn sliced(&self, axis: usize, keep: &[bool], new_dims: &[u64]) -> Tensor {
+        let (source, mut kept) = match &self.0.data {
+            Data::Sliced(s) => (s.source.clone(), s.keep.clone()),
+            _ => (self.clone(), vec![None; new_dims.len()]),
+        };
+        // Indices of this tensor's axis map to indices of the source's through what is kept already.
+        let current: Vec<usize> = kept[axis].take().unwrap_or_else(|| (0..keep.len()).collect());
+        kept[axis] = Some(current.into_iter().zip(keep).filter(|(_, k)| **k).map(|(i, _)| i).collect());
+        let mut proto = self.0.proto.clone();
+        proto.dims = new_dims.iter().map(|&d| d as i64).collect();
+        proto.raw_data = None;
+        let numel = new_dims.iter().product();
+        let sliced = Sliced { source, keep: kept, bytes: OnceLock::new() };
+        Tensor(Arc::new(Inner { proto, data: Data::Sliced(Arc::new(sliced)), numel }))
+    }
+
+    /// Writes the packed little-endian bytes to `w` piece by piece: a sliced tensor is never
+    /// materialised whole, and a mapped one gives its pages back as it goes. `Ok(false)` when the
+    /// tensor has no packed form (strings, sub-byte types in typed fields).
+    pub fn write_packed(&self, w: &mut dyn std::io::Write) -> std::io::Result<bool> {
+        self.stream(&mut |piece| w.write_all(piece))
+    }
+
+    /// Calls `f` with the packed bytes in order, in pieces that each hold whole elements.
+    fn stream(&self, f: &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<bool> {
+        match &self.0.data {
+            Data::External { bytes, pages } => {
+                for piece in bytes.chunks(STREAM_CHUNK) {
+                    f(piece)?;
+                    if let Some(pages) = pages {
+                        pages.release(piece);
+                    }
+                }
+                Ok(true)
+            }
+            Data::Sliced(s) => match s.bytes.get() {
+                Some(bytes) => bytes.chunks(STREAM_CHUNK).try_for_each(&mut *f).map(|()| true),
+                None => s.stream(f).map(|()| true),
+            },
+            Data::Proto => match self.packed() {
+                Some(bytes) => bytes.chunks(STREAM_CHUNK).try_for_each(&mut *f).map(|()| true),
+                None => Ok(false),
+            },
+        }
     }
 
     /// A copy with the given indices of `axis` set to zero (all-zero bytes: 0 for every
@@ -274,39 +411,194 @@ impl Tensor {
     /// For each index of `axis`, `f` summed over the values at that index (the reduction over
     /// every other axis). `None` for a type without numeric values.
     pub fn axis_sums(&self, axis: usize, f: impl Fn(f64) -> f64) -> Option<Vec<f64>> {
-        let dims = self.dims();
-        let n = *dims.get(axis)? as usize;
-        let inner: u64 = dims[axis + 1..].iter().product();
-        let values = self.to_f64_vec()?;
-        let mut sums = vec![0.0; n];
-        if n == 0 {
+        self.axes_sums(&[axis], f).and_then(|mut v| v.pop())
+    }
+
+    /// [`Tensor::axis_sums`] for several axes in one pass over the data, which is streamed: a
+    /// tensor of raw or external data is decoded a piece at a time (never whole), and a mapped
+    /// one gives its pages back as it goes.
+    pub fn axes_sums(&self, axes: &[usize], f: impl Fn(f64) -> f64) -> Option<Vec<Vec<f64>>> {
+        let dims: Vec<usize> = self.dims().iter().map(|&d| d as usize).collect();
+        if axes.iter().any(|&a| a >= dims.len()) {
+            return None;
+        }
+        let mut sums: Vec<Vec<f64>> = axes.iter().map(|&a| vec![0.0; dims[a]]).collect();
+        if self.numel() == 0 {
             return Some(sums);
         }
-        for (k, v) in values.into_iter().enumerate() {
-            sums[(k / inner.max(1) as usize) % n] += f(v);
+        // A row is the run of elements along which no summed index changes, except the last axis
+        // when it is summed itself: then a row is one step of the axis before it.
+        let last = dims.len() - 1;
+        let deepest = *axes.iter().max()?;
+        let row_len: usize = if deepest == last { dims[last] } else { dims[deepest + 1..].iter().product() };
+        // Index of axis `a` for row `r`: (r / rows_per[a]) % dims[a].
+        let rows_per: Vec<usize> =
+            axes.iter().map(|&a| if a == last { 1 } else { dims[a + 1..].iter().product::<usize>() / row_len.max(1) }).collect();
+        let mut row = 0usize;
+        let mut at = 0usize;
+        let mut index: Vec<usize> = vec![0; axes.len()];
+        // `values` hold f(x) already: f is applied once per element, however many axes are summed.
+        let mut add = |values: &[f64]| {
+            let mut values = values;
+            while !values.is_empty() {
+                if at == 0 {
+                    for (k, &a) in axes.iter().enumerate() {
+                        if a != last || deepest != last {
+                            index[k] = (row / rows_per[k].max(1)) % dims[a];
+                        }
+                    }
+                }
+                let take = (row_len - at).min(values.len());
+                let (seg, rest) = values.split_at(take);
+                // Each sum receives its values in element order, as a plain loop over the
+                // tensor would add them, so the scores do not depend on the piece size.
+                for (k, &a) in axes.iter().enumerate() {
+                    if a == last && deepest == last {
+                        for (s, &v) in sums[k][at..at + take].iter_mut().zip(seg) {
+                            *s += v;
+                        }
+                    } else {
+                        let s = &mut sums[k][index[k]];
+                        for &v in seg {
+                            *s += v;
+                        }
+                    }
+                }
+                at += take;
+                if at == row_len {
+                    at = 0;
+                    row += 1;
+                }
+                values = rest;
+            }
+        };
+        if self.has_raw_data() {
+            let dtype = self.dtype();
+            let mut decoded = Vec::new();
+            let mut ok = true;
+            self.stream(&mut |piece| {
+                ok = ok && decode_into(dtype, piece, &mut decoded).is_some();
+                if ok {
+                    decoded.iter_mut().for_each(|v| *v = f(*v));
+                    add(&decoded);
+                }
+                Ok(())
+            })
+            .ok()?;
+            ok.then_some(())?;
+        } else {
+            add(&self.to_f64_vec()?.into_iter().map(&f).collect::<Vec<f64>>());
         }
         Some(sums)
     }
 }
 
+impl Sliced {
+    /// Streams the kept elements: for every kept index of the axes before the last sliced one,
+    /// the runs of consecutive kept indices of that axis are contiguous blocks of the source.
+    fn stream(&self, f: &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
+        let source = &self.source;
+        let (bytes, pages) = match &source.0.data {
+            Data::External { bytes, pages } => (bytes.clone(), pages.clone()),
+            _ => match source.packed() {
+                Some(b) => (Bytes::from(b.into_owned()), None),
+                None => return Ok(()),
+            },
+        };
+        let dims: Vec<usize> = source.dims().iter().map(|&d| d as usize).collect();
+        let width = source.dtype().bit_width().unwrap_or(8) as usize / 8;
+        let Some(last_sliced) = self.keep.iter().rposition(Option::is_some) else {
+            return bytes.chunks(STREAM_CHUNK).try_for_each(&mut *f);
+        };
+        let block = dims[last_sliced + 1..].iter().product::<usize>() * width;
+        let strides: Vec<usize> = (0..dims.len()).map(|a| dims[a + 1..].iter().product::<usize>() * width).collect();
+        let kept = |a: usize| -> Vec<usize> { self.keep[a].clone().unwrap_or_else(|| (0..dims[a]).collect()) };
+        let outer_kept: Vec<Vec<usize>> = (0..last_sliced).map(kept).collect();
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for i in kept(last_sliced) {
+            match runs.last_mut() {
+                Some((start, len)) if *start + *len == i => *len += 1,
+                _ => runs.push((i, 1)),
+            }
+        }
+        if outer_kept.iter().any(Vec::is_empty) || runs.is_empty() {
+            return Ok(());
+        }
+        let mut buf: Vec<u8> = Vec::with_capacity(STREAM_CHUNK);
+        // The source is read front to back; its pages are given back behind the read position.
+        let mut released = 0usize;
+        let mut odometer = vec![0usize; last_sliced];
+        loop {
+            let base: usize = odometer.iter().enumerate().map(|(a, &k)| outer_kept[a][k] * strides[a]).sum();
+            for &(start, len) in &runs {
+                let from = base + start * strides[last_sliced];
+                let piece = &bytes[from..from + len * block];
+                if buf.len() + piece.len() > STREAM_CHUNK {
+                    f(&buf)?;
+                    buf.clear();
+                }
+                if piece.len() >= STREAM_CHUNK {
+                    piece.chunks(STREAM_CHUNK).try_for_each(&mut *f)?;
+                } else {
+                    buf.extend_from_slice(piece);
+                }
+                if let Some(pages) = &pages
+                    && from >= released + STREAM_CHUNK
+                {
+                    pages.release(&bytes[released..from]);
+                    released = from;
+                }
+            }
+            // Next combination of kept outer indices, last axis fastest.
+            let mut a = last_sliced;
+            loop {
+                if a == 0 {
+                    if !buf.is_empty() {
+                        f(&buf)?;
+                    }
+                    if let Some(pages) = &pages {
+                        pages.release(&bytes[released..]);
+                    }
+                    return Ok(());
+                }
+                a -= 1;
+                odometer[a] += 1;
+                if odometer[a] < outer_kept[a].len() {
+                    break;
+                }
+                odometer[a] = 0;
+            }
+        }
+    }
+}
+
 fn decode_raw(dtype: DType, raw: &[u8], n: usize) -> Option<Vec<f64>> {
+    let mut out = Vec::new();
+    decode_into(dtype, raw, &mut out)?;
+    (out.len() == n).then_some(out)
+}
+
+/// Decodes packed little-endian values into `out` (cleared first); `None` for a type without
+/// numeric values or bytes that are not whole elements.
+fn decode_into(dtype: DType, raw: &[u8], out: &mut Vec<f64>) -> Option<()> {
     use DataType as T;
-    fn chunks<const W: usize>(raw: &[u8], n: usize, f: impl Fn([u8; W]) -> f64) -> Option<Vec<f64>> {
-        (raw.len() == n * W).then(|| raw.chunks_exact(W).map(|c| f(c.try_into().expect("chunk width"))).collect())
+    fn chunks<const W: usize>(raw: &[u8], out: &mut Vec<f64>, f: impl Fn([u8; W]) -> f64) -> Option<()> {
+        out.clear();
+        raw.len().is_multiple_of(W).then(|| out.extend(raw.chunks_exact(W).map(|c| f(c.try_into().expect("chunk width")))))
     }
     match dtype.known()? {
-        T::Float => chunks::<4>(raw, n, |b| f32::from_le_bytes(b) as f64),
-        T::Double => chunks::<8>(raw, n, f64::from_le_bytes),
-        T::Float16 => chunks::<2>(raw, n, |b| half::f16::from_le_bytes(b).to_f64()),
-        T::Bfloat16 => chunks::<2>(raw, n, |b| half::bf16::from_le_bytes(b).to_f64()),
-        T::Int64 => chunks::<8>(raw, n, |b| i64::from_le_bytes(b) as f64),
-        T::Int32 => chunks::<4>(raw, n, |b| i32::from_le_bytes(b) as f64),
-        T::Int16 => chunks::<2>(raw, n, |b| i16::from_le_bytes(b) as f64),
-        T::Int8 => chunks::<1>(raw, n, |b| b[0] as i8 as f64),
-        T::Uint64 => chunks::<8>(raw, n, |b| u64::from_le_bytes(b) as f64),
-        T::Uint32 => chunks::<4>(raw, n, |b| u32::from_le_bytes(b) as f64),
-        T::Uint16 => chunks::<2>(raw, n, |b| u16::from_le_bytes(b) as f64),
-        T::Uint8 | T::Bool => chunks::<1>(raw, n, |b| b[0] as f64),
+        T::Float => chunks::<4>(raw, out, |b| f32::from_le_bytes(b) as f64),
+        T::Double => chunks::<8>(raw, out, f64::from_le_bytes),
+        T::Float16 => chunks::<2>(raw, out, |b| half::f16::from_le_bytes(b).to_f64()),
+        T::Bfloat16 => chunks::<2>(raw, out, |b| half::bf16::from_le_bytes(b).to_f64()),
+        T::Int64 => chunks::<8>(raw, out, |b| i64::from_le_bytes(b) as f64),
+        T::Int32 => chunks::<4>(raw, out, |b| i32::from_le_bytes(b) as f64),
+        T::Int16 => chunks::<2>(raw, out, |b| i16::from_le_bytes(b) as f64),
+        T::Int8 => chunks::<1>(raw, out, |b| b[0] as i8 as f64),
+        T::Uint64 => chunks::<8>(raw, out, |b| u64::from_le_bytes(b) as f64),
+        T::Uint32 => chunks::<4>(raw, out, |b| u32::from_le_bytes(b) as f64),
+        T::Uint16 => chunks::<2>(raw, out, |b| u16::from_le_bytes(b) as f64),
+        T::Uint8 | T::Bool => chunks::<1>(raw, out, |b| b[0] as f64),
         _ => None,
     }
 }
@@ -370,4 +662,86 @@ fn check_inline_data(proto: &proto::TensorProto, numel: u64) -> Result<(), IrErr
         return Err(tensor_error(proto, format!("has {have} entries in {field}, but dims {:?} of {dtype} need {needed}", proto.dims)));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Debug, Default)]
+    struct CountingPages(AtomicUsize);
+
+    impl PageRelease for CountingPages {
+        fn release(&self, bytes: &[u8]) {
+            self.0.fetch_add(bytes.len(), Ordering::Relaxed);
+        }
+    }
+
+    fn values(n: usize) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.37).sin()).collect()
+    }
+
+    fn external(dims: &[u64], pages: Option<Arc<CountingPages>>) -> Tensor {
+        let inline = Tensor::from_f32("w", dims, &values(dims.iter().product::<u64>() as usize));
+        let mut proto = inline.proto().clone();
+        let bytes = proto.raw_data.take().expect("raw");
+        proto.data_location = Some(DataLocation::External as i32);
+        match pages {
+            Some(p) => Tensor::from_mapped(proto, bytes, p).expect("valid"),
+            None => Tensor::from_external(proto, bytes).expect("valid"),
+        }
+    }
+
+    fn streamed(t: &Tensor) -> Vec<u8> {
+        let mut out = Vec::new();
+        assert!(t.write_packed(&mut out).expect("in memory"));
+        out
+    }
+
+    #[test]
+    fn lazy_removal_equals_the_eager_copy() {
+        let dims = [6, 5, 4];
+        let inline = Tensor::from_f32("w", &dims, &values(120));
+        let pages = Arc::new(CountingPages::default());
+        let ext = external(&dims, Some(pages.clone()));
+        let eager = inline.remove_indices(1, &[0, 2, 3]).and_then(|t| t.remove_indices(0, &[1, 4])).expect("eager");
+        let lazy = ext.remove_indices(1, &[0, 2, 3]).and_then(|t| t.remove_indices(0, &[1, 4])).expect("lazy");
+        assert!(matches!(lazy.0.data, Data::Sliced(_)), "an external tensor is sliced lazily");
+        assert_eq!(lazy.dims(), vec![4, 2, 4]);
+        assert_eq!(lazy.nbytes(), eager.nbytes());
+        assert_eq!(streamed(&lazy), eager.packed().expect("raw").to_vec());
+        assert!(pages.0.load(Ordering::Relaxed) > 0, "the source's pages are given back");
+        assert_eq!(lazy.raw_bytes().expect("materialised").as_ref(), eager.packed().expect("raw").as_ref());
+        assert_eq!(lazy.to_f64_vec(), eager.to_f64_vec());
+        // Removing again composes with what was removed before, on the same axis too.
+        let again = lazy.remove_indices(1, &[0]).expect("lazy");
+        assert_eq!(streamed(&again), eager.remove_indices(1, &[0]).expect("eager").packed().expect("raw").to_vec());
+        // The last axis: runs of one element.
+        let last = ext.remove_indices(2, &[1]).expect("lazy");
+        assert_eq!(streamed(&last), inline.remove_indices(2, &[1]).expect("eager").packed().expect("raw").to_vec());
+        // Everything removed.
+        let empty = ext.remove_indices(0, &[0, 1, 2, 3, 4, 5]).expect("lazy");
+        assert!(streamed(&empty).is_empty());
+    }
+
+    #[test]
+    fn streamed_axis_sums_equal_a_plain_loop() {
+        // Larger than one stream piece, so sums cross piece boundaries.
+        let dims = [3, 700, 701];
+        let ext = external(&dims, Some(Arc::new(CountingPages::default())));
+        let values: Vec<f64> = values(3 * 700 * 701).into_iter().map(f64::from).collect();
+        for axes in [vec![0], vec![1], vec![2], vec![0, 1], vec![0, 2], vec![1, 2], vec![0, 1, 2]] {
+            let got = ext.axes_sums(&axes, |x| x * x).expect("numeric");
+            for (k, &a) in axes.iter().enumerate() {
+                let inner: usize = dims[a + 1..].iter().product::<u64>() as usize;
+                let mut want = vec![0.0; dims[a] as usize];
+                for (i, v) in values.iter().enumerate() {
+                    want[(i / inner) % dims[a] as usize] += v * v;
+                }
+                assert_eq!(got[k], want, "axes {axes:?}, axis {a}");
+            }
+        }
+        assert_eq!(ext.axis_sums(3, f64::abs), None);
+    }
 }

@@ -41,6 +41,10 @@ pub struct CompileArgs {
     /// Skip the check that runs the original, pruned and masked models in tract.
     #[arg(long)]
     pub no_verify: bool,
+    /// Verify even when the weights exceed 1 GiB, above which verification (several copies of
+    /// the weights in tract) is skipped by default.
+    #[arg(long, conflicts_with = "no_verify")]
+    pub verify: bool,
     /// Inputs for verification (`.npz`, arrays named like the graph inputs); inputs not in it
     /// get seeded random values.
     #[arg(long, value_name = "FILE.npz")]
@@ -69,7 +73,8 @@ pub struct PruneArgs {
     /// (the channel ratio is found by bisection).
     #[arg(long, value_parser = parse_target)]
     pub target: Option<prunec::passes::prune::Target>,
-    /// Channel score: l1, l2, random, bn-scale, lamp, or wanda (needs --inputs).
+    /// Channel score: l1, l2, random, bn-scale, lamp, wanda (needs --inputs), obspa or flap
+    /// (compensating criteria; their statistics come from --hessian).
     #[arg(long, default_value = "l2", value_parser = parse_criterion)]
     pub criterion: prunec::passes::prune::Criterion,
     /// How the scores of a group's weights combine: mean, sum, max or first.
@@ -98,6 +103,27 @@ pub struct PruneArgs {
     /// stream); the rest of the model stays checkable by masking equivalence.
     #[arg(long)]
     pub keep_normalized: bool,
+    /// Where obspa and flap take their consumers' input statistics from: calib (the --inputs),
+    /// noise (seeded synthetic inputs), bn (BatchNormalization statistics, no execution) or
+    /// identity (no compensation). Default: calib with --inputs, noise without.
+    #[arg(long, value_parser = parse_hessian)]
+    pub hessian: Option<prunec::passes::prune::HessianSource>,
+    /// OBSPA's damping: this share of the mean diagonal is added to each Hessian's diagonal.
+    #[arg(long, default_value_t = prunec::passes::prune::DEFAULT_DAMPING, value_parser = parse_damping, allow_negative_numbers = true)]
+    pub damping: f64,
+    /// Samples of synthetic input for `--hessian noise` (the batch size, where it is dynamic).
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub noise_samples: usize,
+}
+
+impl CompileArgs {
+    /// The prune pass's options, with the Hessian source resolved: calib when there are
+    /// `--inputs`, noise otherwise, unless `--hessian` says.
+    pub fn prune_options(&self) -> prunec::passes::prune::PruneOptions {
+        use prunec::passes::prune::HessianSource;
+        let hessian = self.prune.hessian.unwrap_or(if self.inputs.is_some() { HessianSource::Calib } else { HessianSource::Noise });
+        prunec::passes::prune::PruneOptions { hessian, ..self.prune.options() }
+    }
 }
 
 impl PruneArgs {
@@ -121,6 +147,8 @@ impl PruneArgs {
             node_ratios: self.node_ratio.clone(),
             seed: self.seed,
             keep_normalized: self.keep_normalized,
+            hessian: self.hessian.unwrap_or(prunec::passes::prune::HessianSource::Noise),
+            damping: self.damping,
             calibration: None,
         }
     }
@@ -131,6 +159,21 @@ fn parse_criterion(s: &str) -> Result<prunec::passes::prune::Criterion, String> 
     Criterion::ALL.iter().find(|(n, _)| *n == s).map(|(_, c)| *c).ok_or_else(|| {
         format!("unknown criterion `{s}`; expected one of {}", Criterion::ALL.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "))
     })
+}
+
+fn parse_hessian(s: &str) -> Result<prunec::passes::prune::HessianSource, String> {
+    use prunec::passes::prune::HessianSource;
+    HessianSource::ALL.iter().find(|(n, _)| *n == s).map(|(_, h)| *h).ok_or_else(|| {
+        format!(
+            "unknown Hessian source `{s}`; expected one of {}",
+            HessianSource::ALL.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
+fn parse_damping(s: &str) -> Result<f64, String> {
+    let d: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if (0.0..=1e6).contains(&d) { Ok(d) } else { Err(format!("damping {d} must be a non-negative number")) }
 }
 
 fn parse_reduction(s: &str) -> Result<prunec::passes::prune::Reduction, String> {

@@ -9,6 +9,7 @@ use args::{Cli, Command, CompileArgs};
 use prunec::backends::onnx::{WriteOptions, write_model};
 use prunec::frontend::{Loaded, ReadOptions, read_model};
 use prunec::ir::model_stats;
+use prunec::passes::prune::HessianSource;
 use std::path::Path;
 
 /// Runs one invocation.
@@ -66,7 +67,7 @@ fn compile(a: &CompileArgs) -> Result<()> {
         unreachable!("clap requires MODEL and --output without a subcommand");
     };
     // Parse the pipeline before reading: a typo should not cost a model load.
-    let options = prunec::passes::PipelineOptions { prune: a.prune.options() };
+    let options = prunec::passes::PipelineOptions { prune: a.prune_options() };
     let list = match (a.fold_bn, a.passes.trim()) {
         (false, _) => a.passes.clone(),
         (true, "none") => "fold-bn".to_string(),
@@ -79,20 +80,13 @@ fn compile(a: &CompileArgs) -> Result<()> {
     } else {
         read_model(model_path, &ReadOptions { infer_shapes }).with_context(|| format!("reading `{}`", model_path.display()))?
     };
-    let passes = if a.prune.criterion.needs_calibration() && passes.iter().any(|p| p.name() == "prune") {
-        let Some(inputs) = &a.inputs else {
-            anyhow::bail!("the `{}` criterion needs calibration inputs: pass --inputs FILE.npz", a.prune.criterion_name());
-        };
-        let feed = verification_feed(&loaded.model, a)?;
-        let source = format!("`{}`", inputs.display());
-        let calibration = prunec::calibrate::collect(&loaded.model, &loaded.dir, &feed, &source)
-            .with_context(|| format!("running `{}` on the calibration inputs", model_path.display()))?;
-        let options = prunec::passes::PipelineOptions {
-            prune: prunec::passes::prune::PruneOptions { calibration: Some(std::sync::Arc::new(calibration)), ..options.prune.clone() },
-        };
-        prunec::passes::parse_pipeline(&list, &options)?
-    } else {
-        passes
+    let passes = match calibration(&loaded, a)? {
+        Some(calibration) => {
+            let mut prune = options.prune.clone();
+            prune.calibration = Some(std::sync::Arc::new(calibration));
+            prunec::passes::parse_pipeline(&list, &prunec::passes::PipelineOptions { prune })?
+        }
+        None => passes,
     };
     let original = loaded.model.clone();
     let before = model_stats(&loaded.model);
@@ -101,21 +95,44 @@ fn compile(a: &CompileArgs) -> Result<()> {
     let after = model_stats(&loaded.model);
     let prune = runs.iter().rev().find_map(|r| r.report.prune.as_ref());
 
+    let mut verification_skipped = None;
     let verification = if a.no_verify || passes.is_empty() {
+        None
+    } else if !a.verify && before.weight_bytes > prunec::verify::VERIFY_MAX_WEIGHT_BYTES {
+        let why = format!(
+            "the model has {:.2} GiB of weights, over the {} GiB above which verification (several copies of the weights in tract) is skipped; pass --verify to force it",
+            before.weight_bytes as f64 / (1u64 << 30) as f64,
+            prunec::verify::VERIFY_MAX_WEIGHT_BYTES >> 30
+        );
+        eprintln!("verification skipped: {why}");
+        verification_skipped = Some(why);
         None
     } else {
         let feed = verification_feed(&original, a)?;
+        check_feed_matches_input_shapes(&original, &feed, a)?;
         match prunec::verify::verify(&original, &loaded.model, prune, &loaded.dir, &feed, prunec::verify::MASKING_TOLERANCE) {
             Ok(v) => Some(v),
             Err(e @ prunec::verify::VerifyError::OriginalNotRunnable(_)) => {
                 eprintln!("verification skipped: {e}");
+                verification_skipped = Some(e.to_string());
                 None
             }
             Err(e) => return Err(e).context(format!("verifying the result for `{}`; nothing was written", model_path.display())),
         }
     };
 
-    let summary = report::Summary { runs: &runs, prune, before: &before, after: &after, verification: verification.as_ref(), args: a };
+    if !passes.is_empty() {
+        pin_input_shapes(&mut loaded.model, a)?;
+    }
+    let summary = report::Summary {
+        runs: &runs,
+        prune,
+        before: &before,
+        after: &after,
+        verification: verification.as_ref(),
+        verification_skipped: verification_skipped.as_deref(),
+        args: a,
+    };
     summary.print();
     if let Some(path) = &a.report {
         summary.write_json(path)?;
@@ -129,6 +146,150 @@ fn compile(a: &CompileArgs) -> Result<()> {
     let data = written.data.as_ref().map(|d| format!(" + {} ({} bytes)", d.display(), written.data_bytes)).unwrap_or_default();
     eprintln!("wrote {} ({} bytes){data}", written.model.display(), written.model_bytes);
     Ok(())
+}
+
+/// The passes specialised the model to `--input-shape`; verifying it on `--inputs` of another
+/// shape would fail inside the model, so say what disagrees instead.
+fn check_feed_matches_input_shapes(model: &prunec::ir::Model, feed: &prunec::backends::tract::Feed, a: &CompileArgs) -> Result<()> {
+    let graph = &model.graph;
+    let names: Vec<String> =
+        graph.inputs.iter().filter(|&&v| graph.value(v).initializer().is_none()).map(|&v| graph.value(v).name.clone()).collect();
+    for (name, dims) in args::input_shapes(&a.input_shapes, &names)? {
+        let Some(given) = feed.0.get(&name) else { continue };
+        let given: Vec<u64> = given.shape().iter().map(|&d| d as u64).collect();
+        if given != dims {
+            anyhow::bail!(
+                "--inputs gives `{name}` the shape {given:?} but --input-shape says {dims:?}; the model is specialised to \
+                 --input-shape, so verify on inputs of that shape (or pass --no-verify); nothing was written"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Makes the output declare the `--input-shape` sizes of its inputs where the model left them
+/// open: the passes folded shape arithmetic (and verification ran) at those sizes, so the result
+/// is only valid for them, and a runtime should say so at the input, not fail in a Reshape.
+fn pin_input_shapes(model: &mut prunec::ir::Model, a: &CompileArgs) -> Result<()> {
+    use prunec::ir::proto::{tensor_shape_proto::Dimension, tensor_shape_proto::dimension::Value as DimValue, type_proto};
+    let graph = &mut model.graph;
+    let names: Vec<String> =
+        graph.inputs.iter().filter(|&&v| graph.value(v).initializer().is_none()).map(|&v| graph.value(v).name.clone()).collect();
+    for (name, dims) in args::input_shapes(&a.input_shapes, &names)? {
+        let Some(id) = graph.value_by_name(&name) else { continue };
+        let value = graph.value_mut(id);
+        let declared = value.info.as_mut().and_then(|i| i.r#type.as_mut()).and_then(|t| match t.value.as_mut() {
+            Some(type_proto::Value::TensorType(t)) => t.shape.as_mut(),
+            _ => None,
+        });
+        let Some(shape) = declared else { continue };
+        let open = shape.dim.len() != dims.len() || shape.dim.iter().any(|d| !matches!(d.value, Some(DimValue::DimValue(_))));
+        if open {
+            shape.dim = dims.iter().map(|&d| Dimension { value: Some(DimValue::DimValue(d as i64)), denotation: None }).collect();
+            eprintln!("note: input `{name}` now declares {dims:?}: the model was specialised to --input-shape");
+        }
+    }
+    Ok(())
+}
+
+/// Runs the model for the statistics the criterion needs: activation moments for wanda, consumer
+/// Hessians for obspa and flap (on `--inputs`, or on seeded synthetic inputs for
+/// `--hessian noise`). `None` when the criterion needs no run.
+fn calibration(loaded: &Loaded, a: &CompileArgs) -> Result<Option<prunec::passes::prune::Calibration>> {
+    let criterion = a.prune.criterion;
+    let hessian = a.prune_options().hessian;
+    let wants_hessians = criterion.needs_hessians() && hessian.runs_model();
+    if !(criterion.needs_calibration() || wants_hessians) || !a.passes.split(',').any(|p| p.trim() == "prune") {
+        return Ok(None);
+    }
+    let model = &loaded.model;
+    let (feed, source) = match (&a.inputs, hessian) {
+        (Some(inputs), _) if criterion.needs_calibration() || hessian == HessianSource::Calib => {
+            (verification_feed(model, a)?, format!("`{}`", inputs.display()))
+        }
+        (None, _) if criterion.needs_calibration() || hessian == HessianSource::Calib => {
+            anyhow::bail!(
+                "the `{}` criterion{} needs calibration inputs: pass --inputs FILE.npz",
+                a.prune.criterion_name(),
+                if criterion.needs_hessians() { " with --hessian calib" } else { "" }
+            );
+        }
+        _ => {
+            let feed = noise_feed(model, a)?;
+            let shapes: Vec<String> = feed.0.iter().map(|(n, t)| format!("{n}{:?}", t.shape())).collect();
+            (
+                feed,
+                format!(
+                    "noise: seeded uniform inputs, piecewise constant over 8×8 pixel blocks for images (seed {}) {}",
+                    a.prune.seed,
+                    shapes.join(", ")
+                ),
+            )
+        }
+    };
+    let calibration = prunec::calibrate::collect(model, &loaded.dir, &feed, &source, wants_hessians)
+        .with_context(|| format!("running `{}` for the `{}` criterion's statistics", loaded.dir.display(), a.prune.criterion_name()))?;
+    Ok(Some(calibration))
+}
+
+/// Seeded synthetic inputs for `--hessian noise`: the shapes of `--input-shape` or the recorded
+/// ones, with the batch axis set to `--noise-samples` wherever the model declares it open.
+fn noise_feed(model: &prunec::ir::Model, a: &CompileArgs) -> Result<prunec::backends::tract::Feed> {
+    use prunec::backends::tract::{Feed, random_feed};
+    use prunec::ir::Dim;
+    use prunec::ir::proto::{tensor_shape_proto::dimension::Value as DimValue, type_proto};
+    let graph = &model.graph;
+    let inputs: Vec<_> = graph.inputs.iter().filter(|&&v| graph.value(v).initializer().is_none()).map(|&v| graph.value(v)).collect();
+    let names: Vec<String> = inputs.iter().map(|v| v.name.clone()).collect();
+    let given = args::input_shapes(&a.input_shapes, &names)?;
+    let samples = a.prune.noise_samples.max(1) as u64;
+    let mut shapes = std::collections::BTreeMap::new();
+    for v in inputs {
+        let declared_batch_open = match v.info.as_ref().and_then(|i| i.r#type.as_ref()).and_then(|t| t.value.as_ref()) {
+            Some(type_proto::Value::TensorType(t)) => {
+                // Some exporters (PaddlePaddle) write an open size as dim_value -1.
+                t.shape.as_ref().and_then(|s| s.dim.first()).is_some_and(|d| !matches!(d.value, Some(DimValue::DimValue(n)) if n > 0))
+            }
+            _ => false,
+        };
+        let mut dims: Vec<u64> = match (given.get(&v.name), &v.shape) {
+            (Some(dims), _) => dims.clone(),
+            (None, Some(shape)) => shape.0.iter().map(|d| if let Dim::Known(n) = d { *n } else { 1 }).collect(),
+            (None, None) => continue,
+        };
+        let recorded_open = v.shape.as_ref().and_then(|s| s.0.first()).is_some_and(|d| d.known().is_none());
+        if let Some(batch) = dims.first_mut().filter(|_| declared_batch_open || recorded_open) {
+            *batch = samples;
+        }
+        shapes.insert(v.name.clone(), dims);
+    }
+    let mut feed = random_feed(model, Feed::default(), &shapes, a.prune.seed)?;
+    for tensor in feed.0.values_mut() {
+        if let Some(smooth) = smooth_image_noise(tensor) {
+            *tensor = smooth;
+        }
+    }
+    Ok(feed)
+}
+
+/// Image-shaped (N, C, H, W) float noise made piecewise constant over 8×8 blocks: natural
+/// images are smooth, and i.i.d. pixel noise gives convolutions input statistics no real image
+/// has (all energy at the highest frequencies).
+fn smooth_image_noise(t: &prunec::backends::tract::TractTensor) -> Option<prunec::backends::tract::TractTensor> {
+    const BLOCK: usize = 8;
+    let shape = t.shape().to_vec();
+    let [_, _, h, w] = shape[..] else { return None };
+    if h < 2 * BLOCK || w < 2 * BLOCK {
+        return None;
+    }
+    let values = t.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?;
+    let smooth: Vec<f32> = (0..values.len())
+        .map(|k| {
+            let (plane, y, x) = (k / (h * w), k / w % h, k % w);
+            values[plane * h * w + (y / BLOCK * BLOCK) * w + x / BLOCK * BLOCK]
+        })
+        .collect();
+    prunec::backends::tract::TractTensor::from_shape(&shape, &smooth).ok()
 }
 
 /// Inputs for verification: `--inputs`, then seeded random values at `--input-shape` or the

@@ -20,6 +20,8 @@ pub struct Summary<'a> {
     pub after: &'a ModelStats,
     /// What verification found, if it ran.
     pub verification: Option<&'a Verification>,
+    /// Why verification was skipped, when it was meant to run but did not.
+    pub verification_skipped: Option<&'a str>,
     /// The command line.
     pub args: &'a CompileArgs,
 }
@@ -27,7 +29,7 @@ pub struct Summary<'a> {
 impl Summary<'_> {
     /// Prints the pass timings, the pruning summary, sizes before and after, and verification.
     pub fn print(&self) {
-        let Summary { runs, prune, before, after, verification, args: a } = *self;
+        let Summary { runs, prune, before, after, verification, args: a, .. } = *self;
         for run in runs {
             eprintln!(
                 "pass {:<8} removed {} ops, {} values in {:.1} ms",
@@ -56,6 +58,18 @@ impl Summary<'_> {
                 "       {} weights sliced ({} copied for differing uses), {} shape constants or attributes rewritten",
                 p.weights_sliced, p.weights_copied, p.shape_edits
             );
+            if let Some(source) = &p.calibration {
+                eprintln!("       statistics measured on {source}");
+            }
+            if let Some(c) = &p.compensation {
+                eprintln!(
+                    "       compensated {} consumers ({} with statistics from {})",
+                    c.layers_compensated, c.layers_with_statistics, c.hessian
+                );
+                for note in &c.notes {
+                    eprintln!("       not compensated: {note}");
+                }
+            }
         }
         let change = |b: u64, a: u64| if b == 0 { String::new() } else { format!("{:+.1}%", (a as f64 / b as f64 - 1.0) * 100.0) };
         eprintln!("{:<12} {:>16} {:>16} {:>8}", "", "before", "after", "change");
@@ -80,10 +94,11 @@ impl Summary<'_> {
                 .as_ref()
                 .map_or_else(|| format!("random inputs (seed {})", a.prune.seed), |p| format!("inputs from `{}`", p.display()));
             eprintln!("verify in tract on {inputs}:");
+            let masked_reference = if prune.is_some_and(|p| !p.compensated.is_empty()) { "compensated and masked" } else { "masked" };
             for o in &v.outputs {
                 let masked = match o.masked_rel {
-                    Some(r) if v.masking_expected => format!("; equals the masked original ({r:.1e} of scale)"),
-                    Some(r) => format!("; masked original differs by {r:.1e} of scale (not expected equal)"),
+                    Some(r) if v.masking_expected => format!("; equals the {masked_reference} original ({r:.1e} of scale)"),
+                    Some(r) => format!("; {masked_reference} original differs by {r:.1e} of scale (not expected equal)"),
                     None => String::new(),
                 };
                 eprintln!("  output `{}`: max abs diff {:.3e} ({:.3e} of scale), cosine {:.6}{masked}", o.name, o.max_abs, o.rel, o.cosine);
@@ -96,7 +111,7 @@ impl Summary<'_> {
 
     /// Writes the whole report as JSON.
     pub fn write_json(&self, path: &Path) -> Result<()> {
-        let Summary { runs, prune, before, after, verification, args: a } = *self;
+        let Summary { runs, prune, before, after, verification, verification_skipped, args: a } = *self;
         let passes: Vec<serde_json::Value> = runs
             .iter()
             .map(|r| {
@@ -111,12 +126,13 @@ impl Summary<'_> {
         let report = serde_json::json!({
             "model": a.model,
             "output": if a.dry_run { None } else { a.output.as_ref() },
-            "options": a.prune.options(),
+            "options": a.prune_options(),
             "passes": passes,
             "before": before,
             "after": after,
             "prune": prune,
             "verification": verification,
+            "verification_skipped": verification_skipped,
         });
         let text = serde_json::to_string_pretty(&report)? + "\n";
         std::fs::write(path, text).with_context(|| format!("writing the report `{}`", path.display()))

@@ -90,6 +90,7 @@ pub fn testdata_cases() -> Vec<Case> {
         case("dead_code", "dead_code.onnx", vec![], None),
         case("depthwise", "depthwise.onnx", vec![], None),
         case("grouped_conv", "grouped_conv.onnx", vec![], None),
+        case("mlp", "mlp.onnx", vec![], None),
         case(
             "exotic",
             "exotic.onnx",

@@ -35,8 +35,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         Some("roundtrip") => roundtrip(root, &RoundtripArgs::parse(&args[1..])?, Kind::Roundtrip),
         Some("groups") => roundtrip(root, &RoundtripArgs::parse(&args[1..])?, Kind::Groups),
         Some("prune") => roundtrip(root, &RoundtripArgs::parse(&args[1..])?, Kind::Prune),
-        Some(other) => bail!("unknown bench `{other}`; expected `roundtrip`, `groups` or `prune`"),
-        None => bail!("usage: cargo xtask bench <roundtrip|groups|prune> [--runs N] [--model PATH]..."),
+        Some("big") => crate::bigmodel::bench(root, &args[1..]),
+        Some(other) => bail!("unknown bench `{other}`; expected `roundtrip`, `groups`, `prune` or `big`"),
+        None => bail!("usage: cargo xtask bench <roundtrip|groups|prune|big> [--runs N] [--model PATH]..."),
     }
 }
 
@@ -165,7 +166,7 @@ fn largest_onnx(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Builds the release binary so the bench never measures a stale one.
-fn build_prunec(root: &Path) -> Result<PathBuf> {
+pub(crate) fn build_prunec(root: &Path) -> Result<PathBuf> {
     eprintln!("bench: cargo build --release -p prunec");
     // `cargo xtask` runs under cargo, which names itself in $CARGO; honour it over whatever is on PATH.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
@@ -362,7 +363,7 @@ fn report(rows: &[Row], runs: usize, kind: Kind) -> Result<String> {
 }
 
 /// `N cores, CPU, M GiB RAM`, from what Linux reports; unknown parts say so rather than fail.
-fn machine_line() -> String {
+pub(crate) fn machine_line() -> String {
     let cores = std::thread::available_parallelism().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
@@ -380,7 +381,7 @@ fn machine_line() -> String {
 }
 
 /// Today's date as `YYYY-MM-DD`, without a date crate (Howard Hinnant's `civil_from_days`).
-fn today_utc() -> String {
+pub(crate) fn today_utc() -> String {
     let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let z = (secs / 86_400) as i64 + 719_468;
     let era = z.div_euclid(146_097);

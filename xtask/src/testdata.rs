@@ -37,8 +37,8 @@ const EXTERNAL_MIN_ELEMS: i64 = 32;
 /// Writes every synthetic test model to `<root>/testdata/models/`.
 pub fn run(root: &Path) -> Result<()> {
     let dir = root.join("testdata/models");
-    let builders: [fn() -> Result<ModelProto>; 8] =
-        [conv_residual, depthwise, grouped_conv, concat_split, attention, if_subgraph, dead_code, exotic];
+    let builders: [fn() -> Result<ModelProto>; 9] =
+        [conv_residual, depthwise, grouped_conv, concat_split, attention, if_subgraph, dead_code, exotic, mlp];
     for build in builders {
         let model = build()?;
         let graph = model.graph.as_ref().expect("every builder sets a graph");
@@ -109,7 +109,6 @@ fn depthwise() -> Result<ModelProto> {
     Ok(model(g.finish()?, &[]))
 }
 
-/// A conv whose channels are split between two branches and concatenated again.
 /// A ResNeXt bottleneck: 1x1 reduce, 3x3 convolution in 2 groups, 1x1 expand, add.
 fn grouped_conv() -> Result<ModelProto> {
     let mut g = GraphBuilder::new("grouped_conv");
@@ -124,6 +123,7 @@ fn grouped_conv() -> Result<ModelProto> {
     Ok(model(g.finish()?, &[]))
 }
 
+/// A conv whose channels are split between two branches and concatenated again.
 fn concat_split() -> Result<ModelProto> {
     let mut g = GraphBuilder::new("concat_split");
     let x = g.input("input", DataType::Float, &[1, 3, 8, 8]);
@@ -141,6 +141,21 @@ fn concat_split() -> Result<ModelProto> {
     let h = g.op("", "Concat", &[&a, &b], vec![attr_int("axis", 1)]);
     let y = g.conv("/head/conv", &h, Conv::new(12, 4, 1));
     g.output(&y, "output", DataType::Float, &[1, 4, 8, 8]);
+    Ok(model(g.finish()?, &[]))
+}
+
+/// A three-layer perceptron on a batch of 64 rows: more samples than any layer has inputs, so a
+/// consumer's least-squares refit on calibration data has one exact answer (OBSPA's test). The
+/// hidden layers' consumers are a MatMul with a bias Add and a Gemm.
+fn mlp() -> Result<ModelProto> {
+    let mut g = GraphBuilder::new("mlp");
+    let x = g.input("x", DataType::Float, &[64, 16]);
+    let h = g.gemm("/fc1", &x, 16, 32);
+    let h = g.op("/act1", "Relu", &[&h], vec![]);
+    let h = g.linear("/fc2", &h, 32, 24);
+    let h = g.op("/act2", "Relu", &[&h], vec![]);
+    let y = g.gemm("/fc3", &h, 24, 8);
+    g.output(&y, "output", DataType::Float, &[64, 8]);
     Ok(model(g.finish()?, &[]))
 }
 

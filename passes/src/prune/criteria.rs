@@ -23,6 +23,13 @@ pub enum Criterion {
     /// channel's input-column |W| sums times the root mean square of the activation it reads,
     /// from calibration inputs.
     Wanda,
+    /// OBSPA: the least error that removing the channel leaves in its consumers' outputs
+    /// (structured Optimal Brain Surgeon on each consumer's input Hessian); the consumers are
+    /// compensated. The Hessians come from `--hessian`.
+    Obspa,
+    /// FLAP: the fluctuation Var(x)·‖W‖² of the channel's input columns in its consumers; the
+    /// removed channels' mean contribution is folded into the consumers' biases.
+    Flap,
 }
 
 impl Criterion {
@@ -34,11 +41,18 @@ impl Criterion {
         ("bn-scale", Criterion::BnScale),
         ("lamp", Criterion::Lamp),
         ("wanda", Criterion::Wanda),
+        ("obspa", Criterion::Obspa),
+        ("flap", Criterion::Flap),
     ];
 
     /// Whether the criterion reads activation statistics from calibration inputs.
     pub fn needs_calibration(self) -> bool {
         self == Criterion::Wanda
+    }
+
+    /// Whether the criterion reads consumer input Hessians (`--hessian`).
+    pub fn needs_hessians(self) -> bool {
+        matches!(self, Criterion::Obspa | Criterion::Flap)
     }
 }
 
@@ -82,6 +96,8 @@ pub struct Calibration {
     /// For each weighted op (by node name), the mean of x² of its activation input, per index of
     /// the axis its weight's input columns read.
     pub second_moments: BTreeMap<String, Vec<f64>>,
+    /// For each dense consumer (by node name), the statistics of its input columns.
+    pub hessians: BTreeMap<String, super::obspa::Hessian>,
     /// Where the statistics came from, for the report.
     pub source: String,
 }
@@ -99,17 +115,23 @@ pub(crate) fn score_groups(
 ) -> Vec<Option<Vec<f64>>> {
     let wanted: BTreeSet<(String, usize)> =
         groups.iter().flat_map(|g| scored_slices(graph, g, criterion)).map(|w| (w.weight.clone(), w.axis)).collect();
-    let power: fn(f64) -> f64 = match criterion {
-        Criterion::L1 | Criterion::BnScale | Criterion::Wanda => f64::abs,
-        _ => |x| x * x,
-    };
-    let sums: HashMap<(String, usize), Vec<f64>> = wanted
+    // A closure, not a function pointer, so it inlines into the per-element loop of the sums.
+    let absolute = matches!(criterion, Criterion::L1 | Criterion::BnScale | Criterion::Wanda);
+    let power = move |x: f64| if absolute { x.abs() } else { x * x };
+    // One streamed pass per weight for all its scored axes: a weight read twice is twice the I/O
+    // on a model that does not fit in memory.
+    let mut per_weight: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (weight, axis) in wanted {
+        per_weight.entry(weight).or_default().push(axis);
+    }
+    let sums: HashMap<(String, usize), Vec<f64>> = per_weight
         .into_par_iter()
-        .filter_map(|(weight, axis)| {
+        .filter_map(|(weight, axes)| {
             let t = constant_tensor(graph, graph.value_by_name(&weight)?)?;
-            let sums = t.axis_sums(axis, power)?;
-            Some(((weight, axis), sums))
+            let sums = t.axes_sums(&axes, power)?;
+            Some(axes.into_iter().zip(sums).map(move |(axis, s)| ((weight.clone(), axis), s)).collect::<Vec<_>>())
         })
+        .flatten()
         .collect();
     groups
         .iter()

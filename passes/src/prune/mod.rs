@@ -11,10 +11,12 @@
 //! zeroes in the original model to build the masking-equivalence reference.
 
 pub mod criteria;
+pub mod obspa;
 pub mod rewrite;
 
 use crate::{Pass, PassError, PassReport};
 pub use criteria::{Calibration, Criterion, Normalizer, Reduction};
+pub use obspa::{Compensation, Hessian, HessianSource, apply_compensations};
 use prunec_ir::{Graph, Group, Model, Role, Shape, ValueKind, constant_tensor, model_stats, op_cost};
 pub use rewrite::{Removal, RewriteError, mask_consumers};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -48,7 +50,11 @@ pub struct PruneOptions {
     /// Leave whole the groups whose channels a normalisation mixes (a LayerNorm'd residual
     /// stream): their removal changes every other channel, which no masking check can vouch for.
     pub keep_normalized: bool,
-    /// Activation statistics for the calibration criteria.
+    /// Where OBSPA and FLAP take their consumers' input statistics from.
+    pub hessian: HessianSource,
+    /// OBSPA's damping: λ = damping × the mean diagonal of H is added to H's diagonal.
+    pub damping: f64,
+    /// Activation statistics for the calibration criteria (and measured Hessians).
     #[serde(skip)]
     pub calibration: Option<std::sync::Arc<Calibration>>,
 }
@@ -68,6 +74,8 @@ impl Default for PruneOptions {
             node_ratios: Vec::new(),
             seed: 0,
             keep_normalized: false,
+            hessian: HessianSource::Noise,
+            damping: DEFAULT_DAMPING,
             calibration: None,
         }
     }
@@ -75,6 +83,9 @@ impl Default for PruneOptions {
 
 /// The channel ratio of a bare `prunec MODEL -o OUT`.
 pub const DEFAULT_RATIO: f64 = 0.3;
+
+/// OBSPA's damping unless told otherwise (SparseGPT's 1% of the mean diagonal).
+pub const DEFAULT_DAMPING: f64 = 0.01;
 
 /// A share of the model to remove.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
@@ -111,6 +122,26 @@ pub struct PruneReport {
     /// The consumer slices of the removed channels (see [`mask_consumers`]).
     #[serde(skip)]
     pub masked: Vec<MaskedSlice>,
+    /// The inputs the calibration statistics were measured on, when the criterion used any.
+    pub calibration: Option<String>,
+    /// How the consumers were compensated (OBSPA, FLAP), when they were.
+    pub compensation: Option<CompensationReport>,
+    /// The compensated consumers, applied before the rewrite (and to the masked reference).
+    #[serde(skip)]
+    pub compensated: Vec<Compensation>,
+}
+
+/// What compensation did.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct CompensationReport {
+    /// Where the statistics came from.
+    pub hessian: String,
+    /// Dense consumers with statistics.
+    pub layers_with_statistics: usize,
+    /// Consumers whose weights (and bias) were updated.
+    pub layers_compensated: usize,
+    /// Consumers reading removed channels that were left as they were, and why.
+    pub notes: Vec<String>,
 }
 
 /// One prunable group and what was kept of it.
@@ -176,6 +207,8 @@ impl Pass for ChannelPruning {
             .and_then(|o| o.version)
             .unwrap_or(1);
         let (removal, mut report) = plan(&model.graph, &self.options, opset)?;
+        apply_compensations(&mut model.graph, &report.compensated)
+            .map_err(|why| PassError::Rewrite(RewriteError { node: "compensation".into(), op_type: "weight".into(), why }))?;
         let applied = rewrite::apply(&mut model.graph, &removal, opset).map_err(PassError::Rewrite)?;
         report.weights_sliced = applied.weights_sliced;
         report.weights_copied = applied.weights_copied;
@@ -237,7 +270,14 @@ pub fn plan(graph: &Graph, options: &PruneOptions, opset: i64) -> Result<(Remova
         }
     }
     let calibration = options.calibration.as_deref();
-    let scores = criteria::score_groups(graph, &eligible, options.criterion, options.reduction, options.seed, &order, calibration);
+    let hessians = if options.criterion.needs_hessians() { hessians(graph, options) } else { Default::default() };
+    let obs = options.criterion == Criterion::Obspa;
+    let layers = obspa::prepare_layers(graph, &eligible, &hessians, obs, options.damping);
+    let scores = if options.criterion.needs_hessians() {
+        obspa::score_groups(graph, &eligible, options.criterion, options.reduction, &layers)
+    } else {
+        criteria::score_groups(graph, &eligible, options.criterion, options.reduction, options.seed, &order, calibration)
+    };
     let mut candidates = Vec::new();
     for (g, scores) in eligible.into_iter().zip(scores) {
         match scores {
@@ -296,7 +336,37 @@ pub fn plan(graph: &Graph, options: &PruneOptions, opset: i64) -> Result<(Remova
         }
     }
     report.ratio = ratio;
+    let measured = options.criterion.needs_calibration() || (options.criterion.needs_hessians() && options.hessian.runs_model());
+    report.calibration = calibration.filter(|_| measured).map(|c| c.source.clone());
+    if options.criterion.needs_hessians() {
+        let method = if obs { obspa::Method::Obs } else { obspa::Method::MeanIntoBias };
+        let (done, notes) = obspa::compensations(graph, &report.masked, &layers, method);
+        report.compensation = Some(CompensationReport {
+            hessian: match options.hessian {
+                HessianSource::Calib | HessianSource::Noise => calibration.map(|c| c.source.clone()).unwrap_or_default(),
+                HessianSource::Bn => "BatchNormalization statistics".into(),
+                HessianSource::Identity => "identity (no compensation)".into(),
+            },
+            layers_with_statistics: hessians.len(),
+            layers_compensated: done.len(),
+            notes,
+        });
+        report.compensated = done;
+    }
     Ok((removal, report))
+}
+
+/// The consumers' input statistics for OBSPA and FLAP: measured (in the calibration), derived
+/// from BatchNormalization, or none (H = I everywhere).
+fn hessians<'o>(graph: &Graph, options: &'o PruneOptions) -> std::borrow::Cow<'o, BTreeMap<String, Hessian>> {
+    use std::borrow::Cow;
+    match (options.hessian, &options.calibration) {
+        (HessianSource::Calib | HessianSource::Noise, Some(c)) => Cow::Borrowed(&c.hessians),
+        (HessianSource::Bn, _) => {
+            Cow::Owned(graph.op_ids().filter_map(|op| Some((graph.op(op).name.clone(), obspa::bn_hessian(graph, op)?))).collect())
+        }
+        _ => Cow::Owned(BTreeMap::new()),
+    }
 }
 
 fn check_options(o: &PruneOptions) -> Result<(), PassError> {
@@ -315,6 +385,16 @@ fn check_options(o: &PruneOptions) -> Result<(), PassError> {
     }
     if o.criterion.needs_calibration() && o.calibration.is_none() {
         return bad(format!("the `{}` criterion needs calibration inputs (--inputs FILE.npz)", criterion_name(o.criterion)));
+    }
+    if o.criterion.needs_hessians() && o.hessian.runs_model() && o.calibration.is_none() {
+        return bad(format!(
+            "the `{}` criterion with --hessian {} needs Hessians measured by running the model (the CLI measures them)",
+            criterion_name(o.criterion),
+            obspa::HessianSource::ALL.iter().find(|(_, h)| *h == o.hessian).map_or("?", |(n, _)| n)
+        ));
+    }
+    if !(0.0..=1e6).contains(&o.damping) {
+        return bad(format!("damping {} is not a non-negative number", o.damping));
     }
     if o.round_to == 0 || o.min_keep == 0 {
         return bad("round-to and min-keep must be at least 1".into());
