@@ -42,17 +42,6 @@ pub struct Hessian {
     pub rows: Option<Vec<f64>>,
 }
 
-impl Hessian {
-    /// The identity: no compensation, costs are plain squared magnitudes.
-    pub fn identity(columns: usize) -> Hessian {
-        let mut second = vec![0.0; columns * columns];
-        for i in 0..columns {
-            second[i * columns + i] = 1.0;
-        }
-        Hessian { columns, second, diagonal: vec![1.0; columns], mean: vec![0.0; columns], samples: 0, rows: None }
-    }
-}
-
 /// Where OBSPA's Hessians come from (`--hessian`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
