@@ -151,3 +151,37 @@ fn pruned_external_tensors_stream_like_inline_ones() {
     let manifest = [json!({ "original": inline, "output": streamed, "feed": feed_json(&case), "max_abs": 0.0 })];
     validate_with_python(&manifest, scratch.path());
 }
+
+#[test]
+fn per_tensor_external_data_puts_each_tensor_in_its_own_file() {
+    // `--external-data 1 --external-data-layout per-tensor`: every initializer of conv_residual
+    // in a file of its own, and the model still runs identically in tract and ONNX Runtime and
+    // passes the checker.
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let case = all_cases().into_iter().find(|c| c.name == "conv_residual").expect("testdata model");
+    let out = scratch.path().join("model.onnx");
+    let o = prunec()
+        .arg(&case.path)
+        .arg("-o")
+        .arg(&out)
+        .args(["--passes", "none", "--external-data", "1", "--external-data-layout", "per-tensor"])
+        .output()
+        .expect("running prunec");
+    assert!(o.status.success(), "prunec failed: {}", String::from_utf8_lossy(&o.stderr));
+    let loaded = read_model(&case.path, &ReadOptions { infer_shapes: false }).expect("prunec reads its input");
+    let initializers = loaded.model.graph.initializers.len();
+    let mut files: Vec<String> =
+        std::fs::read_dir(scratch.path()).expect("listing").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+    files.sort();
+    assert_eq!(files.len(), initializers + 1, "one data file per initializer plus the model: {files:?}");
+    assert!(files.iter().all(|f| f == "model.onnx" || f.starts_with("model.onnx.data")), "{files:?}");
+    assert_eq!(decode_inline(&out), decode_inline(&case.path), "the same model once its data is inlined");
+    let input = feed(&case, &loaded.model);
+    let run_tract = |p: &Path| Plan::from_file(p, &input).and_then(|plan| plan.run(&input)).expect("tract runs the model");
+    let (ra, rb) = (run_tract(&case.path), run_tract(&out));
+    for ((name, x), (_, y)) in ra.values.iter().zip(&rb.values) {
+        assert_eq!(compare(x, y).expect("same shapes").max_abs, 0.0, "output {name} differs in tract");
+    }
+    let manifest = [json!({ "original": case.path, "output": out, "feed": feed_json(&case), "max_abs": 0.0 })];
+    validate_with_python(&manifest, scratch.path());
+}

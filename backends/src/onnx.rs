@@ -30,11 +30,24 @@ pub enum ExternalData {
     Inline,
 }
 
+/// How external tensors are spread over files.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DataLayout {
+    /// All in `<OUT>.data`.
+    #[default]
+    OneFile,
+    /// One file per tensor, `<OUT>.data.<N>` in the order the writer meets them: tools that
+    /// copy or diff weights one by one, and file systems or transfers with a per-file size limit.
+    PerTensor,
+}
+
 /// How to write a model.
 #[derive(Clone, Debug, Default)]
 pub struct WriteOptions {
-    /// External-data layout.
+    /// Which tensors go external.
     pub external_data: ExternalData,
+    /// Which files they go to.
+    pub layout: DataLayout,
 }
 
 /// What was written.
@@ -42,11 +55,13 @@ pub struct WriteOptions {
 pub struct Written {
     /// The model file.
     pub model: PathBuf,
-    /// The external data file, if any tensor went there.
+    /// The first external data file, if any tensor went external.
     pub data: Option<PathBuf>,
+    /// How many external data files were written.
+    pub data_files: usize,
     /// Size of the model file.
     pub model_bytes: u64,
-    /// Size of the external data file.
+    /// Size of the external data, all files together.
     pub data_bytes: u64,
 }
 
@@ -58,14 +73,41 @@ struct DataFile {
     location: String,
     chunks: Vec<(u64, Tensor)>,
     len: u64,
+    /// Further files of a per-tensor layout, one tensor each.
+    others: Vec<DataFile>,
+    per_tensor: bool,
 }
 
 impl DataFile {
-    fn push(&mut self, tensor: Tensor) -> u64 {
+    /// Places a tensor; its file's location and its offset there.
+    fn push(&mut self, tensor: Tensor) -> (String, u64) {
+        if self.per_tensor && !self.chunks.is_empty() {
+            let location = format!("{}.{}", self.location, self.others.len() + 1);
+            let len = tensor.nbytes();
+            self.others.push(DataFile { location: location.clone(), chunks: vec![(0, tensor)], len, ..Default::default() });
+            return (location, 0);
+        }
         let offset = self.len.next_multiple_of(EXTERNAL_ALIGNMENT);
         self.len = offset + tensor.nbytes();
         self.chunks.push((offset, tensor));
-        offset
+        (self.location.clone(), offset)
+    }
+
+    /// Writes this file (atomically) into `dir`.
+    fn write(&self, dir: &Path) -> Result<PathBuf, WriteError> {
+        let path = dir.join(&self.location);
+        atomic_write(&path, |w| {
+            let mut at = 0u64;
+            for (offset, tensor) in &self.chunks {
+                w.write_all(&vec![0u8; (offset - at) as usize])?;
+                if !tensor.write_packed(w)? {
+                    return Err(std::io::Error::other(format!("tensor `{}` has no packed form for external data", tensor.name())));
+                }
+                at = offset + tensor.nbytes();
+            }
+            Ok(())
+        })?;
+        Ok(path)
     }
 }
 
@@ -83,7 +125,8 @@ pub fn to_bytes(model: &Model) -> Result<Vec<u8>, WriteError> {
 /// Writes a model to `path`, and its external data (if any) to `<path>.data` beside it.
 pub fn write_model(model: &Model, path: &Path, options: &WriteOptions) -> Result<Written, WriteError> {
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model.onnx".into());
-    let mut data = DataFile { location: format!("{file_name}.data"), ..Default::default() };
+    let per_tensor = options.layout == DataLayout::PerTensor;
+    let mut data = DataFile { location: format!("{file_name}.data"), per_tensor, ..Default::default() };
     let proto = build_model(model, options.external_data, &mut data)?;
     let encoded_len = proto.encoded_len() as u64;
     if encoded_len > PROTOBUF_LIMIT {
@@ -93,26 +136,15 @@ pub fn write_model(model: &Model, path: &Path, options: &WriteOptions) -> Result
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let data_path = dir.join(&data.location);
-    // The data file lands first: a model file never points at data that is not there yet.
-    let data_written = if data.chunks.is_empty() {
-        None
-    } else {
-        atomic_write(&data_path, |w| {
-            let mut at = 0u64;
-            for (offset, tensor) in &data.chunks {
-                w.write_all(&vec![0u8; (offset - at) as usize])?;
-                if !tensor.write_packed(w)? {
-                    return Err(std::io::Error::other(format!("tensor `{}` has no packed form for external data", tensor.name())));
-                }
-                at = offset + tensor.nbytes();
-            }
-            Ok(())
-        })?;
-        Some(data_path)
-    };
+    // The data files land first: a model file never points at data that is not there yet.
+    let data_written = if data.chunks.is_empty() { None } else { Some(data.write(&dir)?) };
+    for other in &data.others {
+        other.write(&dir)?;
+    }
     atomic_write(path, |w| encode_streaming(&proto, w))?;
-    Ok(Written { model: path.to_path_buf(), data: data_written, model_bytes: encoded_len, data_bytes: data.len })
+    let data_files = data_written.is_some() as usize + data.others.len();
+    let data_bytes = data.len + data.others.iter().map(|d| d.len).sum::<u64>();
+    Ok(Written { model: path.to_path_buf(), data: data_written, data_files, model_bytes: encoded_len, data_bytes })
 }
 
 /// Encodes straight into the writer through a small buffer: the model is never held twice in
@@ -275,12 +307,11 @@ fn emit_tensor(t: &Tensor, policy: ExternalData, data: &mut DataFile) -> proto::
     };
     let mut p = t.proto().clone();
     if external && t.has_raw_data() {
-        let offset = data.push(t.clone());
+        let (location, offset) = data.push(t.clone());
         let entry = |k: &str, v: String| proto::StringStringEntryProto { key: Some(k.into()), value: Some(v) };
         p.raw_data = None;
         p.data_location = Some(DataLocation::External as i32);
-        p.external_data =
-            vec![entry("location", data.location.clone()), entry("offset", offset.to_string()), entry("length", t.nbytes().to_string())];
+        p.external_data = vec![entry("location", location), entry("offset", offset.to_string()), entry("length", t.nbytes().to_string())];
     } else if t.is_external() {
         p.raw_data = t.raw_bytes().cloned();
         p.data_location = None;

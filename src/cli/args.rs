@@ -32,6 +32,10 @@ pub struct CompileArgs {
     /// such as `1024`, `64KB`, `16MB`: tensors at least that large go to `<OUT>.data`.
     #[arg(long, default_value = "keep", value_parser = parse_external_data)]
     pub external_data: prunec::backends::onnx::ExternalData,
+    /// Files of the external data: `one-file` (`<OUT>.data`) or `per-tensor` (`<OUT>.data`,
+    /// `<OUT>.data.1`, `<OUT>.data.2`, … one tensor each).
+    #[arg(long, default_value = "one-file", value_parser = parse_data_layout)]
+    pub external_data_layout: prunec::backends::onnx::DataLayout,
     #[command(flatten)]
     pub prune: PruneArgs,
     /// Also fold inference BatchNormalization into the Conv or Gemm before it (adds `fold-bn`
@@ -271,6 +275,15 @@ pub struct GroupsArgs {
 /// Parses the process arguments; exits with code 2 on a usage error.
 pub fn parse() -> Cli {
     Cli::parse()
+}
+
+fn parse_data_layout(s: &str) -> Result<prunec::backends::onnx::DataLayout, String> {
+    use prunec::backends::onnx::DataLayout;
+    match s {
+        "one-file" => Ok(DataLayout::OneFile),
+        "per-tensor" => Ok(DataLayout::PerTensor),
+        _ => Err(format!("`{s}` is not `one-file` or `per-tensor`")),
+    }
 }
 
 fn parse_external_data(s: &str) -> Result<prunec::backends::onnx::ExternalData, String> {

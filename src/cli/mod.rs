@@ -141,9 +141,13 @@ fn compile(a: &CompileArgs) -> Result<()> {
         eprintln!("dry run: nothing written");
         return Ok(());
     }
-    let written = write_model(&loaded.model, output, &WriteOptions { external_data: a.external_data })
+    let written = write_model(&loaded.model, output, &WriteOptions { external_data: a.external_data, layout: a.external_data_layout })
         .with_context(|| format!("writing `{}`", output.display()))?;
-    let data = written.data.as_ref().map(|d| format!(" + {} ({} bytes)", d.display(), written.data_bytes)).unwrap_or_default();
+    let data = match (&written.data, written.data_files) {
+        (Some(d), 1) => format!(" + {} ({} bytes)", d.display(), written.data_bytes),
+        (Some(d), n) => format!(" + {} and {} more data files ({} bytes)", d.display(), n - 1, written.data_bytes),
+        (None, _) => String::new(),
+    };
     eprintln!("wrote {} ({} bytes){data}", written.model.display(), written.model_bytes);
     Ok(())
 }
