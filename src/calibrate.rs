@@ -37,16 +37,16 @@ pub const MAX_HESSIAN_ROWS: usize = 8192;
 /// position of the batch counts.
 pub fn collect(model: &Model, dir: &Path, feed: &Feed, source: &str, hessians: bool) -> Result<Calibration, RunError> {
     let graph = &model.graph;
-    let mut reads: BTreeMap<String, (ValueId, usize)> = BTreeMap::new();
+    let mut reads: BTreeMap<String, (crate::ir::OpId, ValueId, usize)> = BTreeMap::new();
     for op in graph.op_ids() {
-        if let Some(read) = activation_axis(model, op) {
-            reads.insert(graph.op(op).name.clone(), read);
+        if let Some((v, axis)) = activation_axis(model, op) {
+            reads.insert(graph.op(op).name.clone(), (op, v, axis));
         }
     }
     // Ask tract for every activation read that is not already an input or output.
     let mut probe = model.clone();
     let mut extra: Vec<ValueId> = Vec::new();
-    for &(v, _) in reads.values() {
+    for &(_, v, _) in reads.values() {
         if !probe.graph.inputs.contains(&v) && !probe.graph.outputs.contains(&v) && !extra.contains(&v) {
             extra.push(v);
         }
@@ -57,13 +57,13 @@ pub fn collect(model: &Model, dir: &Path, feed: &Feed, source: &str, hessians: b
     let by_name: BTreeMap<&str, &TractTensor> = outputs.values.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let mut second_moments = BTreeMap::new();
     let mut activations: Vec<(crate::ir::OpId, TractTensor)> = Vec::new();
-    for (node, (v, axis)) in reads {
+    for (node, (op, v, axis)) in reads {
         let name = graph.value(v).name.as_str();
         let Some(tensor) = by_name.get(name).copied().or_else(|| feed.0.get(name)) else { continue };
         if let Some(m2) = channel_second_moments(tensor, axis) {
-            second_moments.insert(node.clone(), m2);
+            second_moments.insert(node, m2);
         }
-        if hessians && let Some(op) = graph.op_ids().find(|&op| graph.op(op).name == node) {
+        if hessians {
             activations.push((op, tensor.cast_to::<f32>().map(|t| t.into_owned()).map_err(|e| RunError::Inputs(e.to_string()))?));
         }
     }

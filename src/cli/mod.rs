@@ -80,7 +80,8 @@ fn compile(a: &CompileArgs) -> Result<()> {
     } else {
         read_model(model_path, &ReadOptions { infer_shapes }).with_context(|| format!("reading `{}`", model_path.display()))?
     };
-    let passes = match calibration(&loaded, a)? {
+    let measured = if passes.iter().any(|p| p.name() == "prune") { calibration(&loaded, a)? } else { None };
+    let passes = match measured {
         Some(calibration) => {
             let mut prune = options.prune.clone();
             prune.calibration = Some(std::sync::Arc::new(calibration));
@@ -155,10 +156,7 @@ fn compile(a: &CompileArgs) -> Result<()> {
 /// The passes specialised the model to `--input-shape`; verifying it on `--inputs` of another
 /// shape would fail inside the model, so say what disagrees instead.
 fn check_feed_matches_input_shapes(model: &prunec::ir::Model, feed: &prunec::backends::tract::Feed, a: &CompileArgs) -> Result<()> {
-    let graph = &model.graph;
-    let names: Vec<String> =
-        graph.inputs.iter().filter(|&&v| graph.value(v).initializer().is_none()).map(|&v| graph.value(v).name.clone()).collect();
-    for (name, dims) in args::input_shapes(&a.input_shapes, &names)? {
+    for (name, dims) in args::input_shapes(&a.input_shapes, &runtime_inputs(&model.graph))? {
         let Some(given) = feed.0.get(&name) else { continue };
         let given: Vec<u64> = given.shape().iter().map(|&d| d as u64).collect();
         if given != dims {
@@ -175,20 +173,12 @@ fn check_feed_matches_input_shapes(model: &prunec::ir::Model, feed: &prunec::bac
 /// open: the passes folded shape arithmetic (and verification ran) at those sizes, so the result
 /// is only valid for them, and a runtime should say so at the input, not fail in a Reshape.
 fn pin_input_shapes(model: &mut prunec::ir::Model, a: &CompileArgs) -> Result<()> {
-    use prunec::ir::proto::{tensor_shape_proto::Dimension, tensor_shape_proto::dimension::Value as DimValue, type_proto};
+    use prunec::ir::proto::tensor_shape_proto::{Dimension, dimension::Value as DimValue};
     let graph = &mut model.graph;
-    let names: Vec<String> =
-        graph.inputs.iter().filter(|&&v| graph.value(v).initializer().is_none()).map(|&v| graph.value(v).name.clone()).collect();
-    for (name, dims) in args::input_shapes(&a.input_shapes, &names)? {
+    for (name, dims) in args::input_shapes(&a.input_shapes, &runtime_inputs(graph))? {
         let Some(id) = graph.value_by_name(&name) else { continue };
-        let value = graph.value_mut(id);
-        let declared = value.info.as_mut().and_then(|i| i.r#type.as_mut()).and_then(|t| match t.value.as_mut() {
-            Some(type_proto::Value::TensorType(t)) => t.shape.as_mut(),
-            _ => None,
-        });
-        let Some(shape) = declared else { continue };
-        let open = shape.dim.len() != dims.len() || shape.dim.iter().any(|d| !matches!(d.value, Some(DimValue::DimValue(_))));
-        if open {
+        let Some(shape) = declared_shape_mut(graph.value_mut(id)) else { continue };
+        if shape.dim.len() != dims.len() || (0..dims.len()).any(|axis| declared_open(shape, axis)) {
             shape.dim = dims.iter().map(|&d| Dimension { value: Some(DimValue::DimValue(d as i64)), denotation: None }).collect();
             eprintln!("note: input `{name}` now declares {dims:?}: the model was specialised to --input-shape");
         }
@@ -196,14 +186,14 @@ fn pin_input_shapes(model: &mut prunec::ir::Model, a: &CompileArgs) -> Result<()
     Ok(())
 }
 
-/// Runs the model for the statistics the criterion needs: activation moments for wanda, consumer
+/// Runs the model (for a pipeline that prunes) for the statistics the criterion needs: activation moments for wanda, consumer
 /// Hessians for obspa and flap (on `--inputs`, or on seeded synthetic inputs for
 /// `--hessian noise`). `None` when the criterion needs no run.
 fn calibration(loaded: &Loaded, a: &CompileArgs) -> Result<Option<prunec::passes::prune::Calibration>> {
     let criterion = a.prune.criterion;
     let hessian = a.prune_options().hessian;
     let wants_hessians = criterion.needs_hessians() && hessian.runs_model();
-    if !(criterion.needs_calibration() || wants_hessians) || !a.passes.split(',').any(|p| p.trim() == "prune") {
+    if !(criterion.needs_calibration() || wants_hessians) {
         return Ok(None);
     }
     let model = &loaded.model;
@@ -241,21 +231,13 @@ fn calibration(loaded: &Loaded, a: &CompileArgs) -> Result<Option<prunec::passes
 fn noise_feed(model: &prunec::ir::Model, a: &CompileArgs) -> Result<prunec::backends::tract::Feed> {
     use prunec::backends::tract::{Feed, random_feed};
     use prunec::ir::Dim;
-    use prunec::ir::proto::{tensor_shape_proto::dimension::Value as DimValue, type_proto};
     let graph = &model.graph;
-    let inputs: Vec<_> = graph.inputs.iter().filter(|&&v| graph.value(v).initializer().is_none()).map(|&v| graph.value(v)).collect();
-    let names: Vec<String> = inputs.iter().map(|v| v.name.clone()).collect();
+    let names = runtime_inputs(graph);
     let given = args::input_shapes(&a.input_shapes, &names)?;
     let samples = a.prune.noise_samples.max(1) as u64;
     let mut shapes = std::collections::BTreeMap::new();
-    for v in inputs {
-        let declared_batch_open = match v.info.as_ref().and_then(|i| i.r#type.as_ref()).and_then(|t| t.value.as_ref()) {
-            Some(type_proto::Value::TensorType(t)) => {
-                // Some exporters (PaddlePaddle) write an open size as dim_value -1.
-                t.shape.as_ref().and_then(|s| s.dim.first()).is_some_and(|d| !matches!(d.value, Some(DimValue::DimValue(n)) if n > 0))
-            }
-            _ => false,
-        };
+    for v in names.iter().filter_map(|n| graph.value_by_name(n)).map(|id| graph.value(id)) {
+        let declared_batch_open = declared_shape(v).is_some_and(|s| declared_open(s, 0));
         let mut dims: Vec<u64> = match (given.get(&v.name), &v.shape) {
             (Some(dims), _) => dims.clone(),
             (None, Some(shape)) => shape.0.iter().map(|d| if let Dim::Known(n) = d { *n } else { 1 }).collect(),
@@ -304,9 +286,34 @@ fn verification_feed(model: &prunec::ir::Model, a: &CompileArgs) -> Result<prune
         Some(path) => load_npz(path, model).with_context(|| format!("reading inputs `{}`", path.display()))?,
         None => Feed::default(),
     };
-    let graph = &model.graph;
-    let names: Vec<String> =
-        graph.inputs.iter().filter(|&&v| graph.value(v).initializer().is_none()).map(|&v| graph.value(v).name.clone()).collect();
-    let shapes = args::input_shapes(&a.input_shapes, &names)?;
+    let shapes = args::input_shapes(&a.input_shapes, &runtime_inputs(&model.graph))?;
     Ok(random_feed(model, given, &shapes, a.prune.seed)?)
+}
+
+/// The graph inputs a caller feeds (not the initializers IR < 4 also lists as inputs).
+fn runtime_inputs(graph: &prunec::ir::Graph) -> Vec<String> {
+    graph.inputs.iter().filter(|&&v| graph.value(v).initializer().is_none()).map(|&v| graph.value(v).name.clone()).collect()
+}
+
+/// The shape a value's recorded type declares, if it has one.
+fn declared_shape(v: &prunec::ir::Value) -> Option<&prunec::ir::proto::TensorShapeProto> {
+    match v.info.as_ref()?.r#type.as_ref()?.value.as_ref()? {
+        prunec::ir::proto::type_proto::Value::TensorType(t) => t.shape.as_ref(),
+        _ => None,
+    }
+}
+
+/// [`declared_shape`], to change.
+fn declared_shape_mut(v: &mut prunec::ir::Value) -> Option<&mut prunec::ir::proto::TensorShapeProto> {
+    match v.info.as_mut()?.r#type.as_mut()?.value.as_mut()? {
+        prunec::ir::proto::type_proto::Value::TensorType(t) => t.shape.as_mut(),
+        _ => None,
+    }
+}
+
+/// Whether a declared axis is open: no size, a symbolic one, or a non-positive `dim_value`
+/// (PaddlePaddle writes an open size as -1).
+fn declared_open(shape: &prunec::ir::proto::TensorShapeProto, axis: usize) -> bool {
+    use prunec::ir::proto::tensor_shape_proto::dimension::Value as DimValue;
+    !shape.dim.get(axis).is_some_and(|d| matches!(d.value, Some(DimValue::DimValue(n)) if n > 0))
 }

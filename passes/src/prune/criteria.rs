@@ -160,22 +160,27 @@ pub(crate) fn score_groups(
                     Some(w.indices.iter().map(|idx| idx.iter().map(|&i| at(i)).sum()).collect())
                 })
                 .collect();
-            if per_slice.is_empty() {
-                return None;
-            }
-            let n = per_slice.len() as f64;
-            let scores = (0..channels).map(|c| {
-                let column = per_slice.iter().map(|s| s[c]);
-                match reduction {
-                    Reduction::Mean => column.sum::<f64>() / n,
-                    Reduction::Sum | Reduction::First => column.sum(),
-                    Reduction::Max => column.fold(f64::MIN, f64::max),
-                }
-            });
-            let scores: Vec<f64> = scores.collect();
+            let scores = reduce(&per_slice, channels, reduction)?;
             Some(if criterion == Criterion::Lamp { normalize(&scores, Normalizer::Lamp) } else { scores })
         })
         .collect()
+}
+
+/// One score per channel from the per-slice scores of a group (`None` without any slice).
+pub(crate) fn reduce(per_slice: &[Vec<f64>], channels: usize, reduction: Reduction) -> Option<Vec<f64>> {
+    if per_slice.is_empty() {
+        return None;
+    }
+    let n = per_slice.len() as f64;
+    let score = |c: usize| {
+        let column = per_slice.iter().map(|s| s[c]);
+        match reduction {
+            Reduction::Mean => column.sum::<f64>() / n,
+            Reduction::Sum | Reduction::First => column.sum(),
+            Reduction::Max => column.fold(f64::MIN, f64::max),
+        }
+    };
+    Some((0..channels).map(score).collect())
 }
 
 /// The slices a criterion reads: producer and consumer weights of a float type (biases and other

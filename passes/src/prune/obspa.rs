@@ -297,9 +297,9 @@ pub struct Compensation {
     pub node: String,
     /// The weight it reads (input 1).
     pub weight: String,
-    /// The compensated weight.
-    pub tensor: Tensor,
-    /// The compensated bias, where the consumer has (or gets) one.
+    /// The compensated weight (`None`: it stays, as FLAP only moves the bias).
+    pub tensor: Option<Tensor>,
+    /// The compensated bias, where the consumer has one.
     pub bias: Option<BiasUpdate>,
 }
 
@@ -309,7 +309,7 @@ pub struct BiasUpdate {
     /// Where the bias is read.
     pub slot: BiasSlot,
     /// Its values, one per output feature.
-    pub tensor: Tensor,
+    pub values: Vec<f32>,
 }
 
 /// Where a consumer's bias lives.
@@ -439,6 +439,7 @@ fn woodbury_inverse(rows: &[f64], samples: usize, d: usize, with_bias: bool, lam
 
 /// A consumer ready for OBS: its weight as a matrix, the inverse Hessian, its bias.
 pub(crate) struct Layer<'h> {
+    op: OpId,
     view: DenseView,
     weight_name: String,
     weight: Vec<f64>,
@@ -451,8 +452,7 @@ pub(crate) struct Layer<'h> {
 impl<'h> Layer<'h> {
     /// Prepares `node`'s consumer layer from its Hessian (`None`: not a dense consumer, or H is
     /// not usable).
-    pub(crate) fn new(graph: &Graph, node: &str, hessian: &'h Hessian, damping: f64) -> Option<Layer<'h>> {
-        let op = graph.op_ids().find(|&op| graph.op(op).name == node)?;
+    pub(crate) fn new(graph: &Graph, op: OpId, hessian: &'h Hessian, damping: f64) -> Option<Layer<'h>> {
         let view = dense_view(graph, op)?;
         if view.columns != hessian.columns {
             return None;
@@ -461,16 +461,16 @@ impl<'h> Layer<'h> {
         let weight = constant_tensor(graph, w)?.to_f64_vec()?;
         let bias = bias_of(graph, op, view.rows);
         let inverse = damped_inverse(hessian, damping, bias.is_some())?;
-        Some(Layer { view, weight_name: graph.value(w).name.clone(), weight, hessian, inverse, bias })
+        Some(Layer { op, view, weight_name: graph.value(w).name.clone(), weight, hessian, inverse, bias })
     }
 
     /// The layer without the inverse Hessian, for FLAP.
-    pub(crate) fn without_inverse(graph: &Graph, node: &str, hessian: &'h Hessian) -> Option<Layer<'h>> {
-        let op = graph.op_ids().find(|&op| graph.op(op).name == node)?;
+    pub(crate) fn without_inverse(graph: &Graph, op: OpId, hessian: &'h Hessian) -> Option<Layer<'h>> {
         let view = dense_view(graph, op)?;
         let w = graph.op_input(op, 1)?;
         let weight = constant_tensor(graph, w)?.to_f64_vec()?;
         (view.columns == hessian.columns).then(|| Layer {
+            op,
             view,
             weight_name: graph.value(w).name.clone(),
             weight,
@@ -482,20 +482,7 @@ impl<'h> Layer<'h> {
 
     /// ½ Σ_rows w_Q [(H⁻¹)_QQ]⁻¹ w_Qᵀ: the least error of removing the columns `q`.
     pub(crate) fn cost(&self, q: &[usize]) -> f64 {
-        if q.is_empty() {
-            return 0.0;
-        }
-        let block = Mat::<f64>::from_fn(q.len(), q.len(), |i, j| self.inverse[(q[i], q[j])]);
-        let Ok(llt) = block.llt(Side::Lower) else { return f64::INFINITY };
-        let w_q = Mat::<f64>::from_fn(q.len(), self.view.rows, |i, r| self.weight[self.view.offset(r, q[i])]);
-        let solved = llt.solve(&w_q);
-        let mut cost = 0.0;
-        for r in 0..self.view.rows {
-            for i in 0..q.len() {
-                cost += w_q[(i, r)] * solved[(i, r)];
-            }
-        }
-        0.5 * cost
+        obs_cost(&self.view, &self.weight, &self.inverse, q)
     }
 
     /// The weight and bias after removing the columns `q` with the optimal update of the others.
@@ -519,6 +506,24 @@ impl<'h> Layer<'h> {
         let bias = self.bias.as_ref().map(|(_, b)| b.iter().enumerate().map(|(r, &v)| v - delta[(r, view.columns)]).collect());
         Some((weight, bias))
     }
+}
+
+/// ½ Σ_rows w_Q [(H⁻¹)_QQ]⁻¹ w_Qᵀ for a weight read through `view` and the inverse Hessian.
+fn obs_cost(view: &DenseView, weight: &[f64], inverse: &Mat<f64>, q: &[usize]) -> f64 {
+    if q.is_empty() {
+        return 0.0;
+    }
+    let block = Mat::<f64>::from_fn(q.len(), q.len(), |i, j| inverse[(q[i], q[j])]);
+    let Ok(llt) = block.llt(Side::Lower) else { return f64::INFINITY };
+    let w_q = Mat::<f64>::from_fn(q.len(), view.rows, |i, r| weight[view.offset(r, q[i])]);
+    let solved = llt.solve(&w_q);
+    let mut cost = 0.0;
+    for r in 0..view.rows {
+        for i in 0..q.len() {
+            cost += w_q[(i, r)] * solved[(i, r)];
+        }
+    }
+    0.5 * cost
 }
 
 /// FLAP's fluctuation score of removing the columns `q`: Σ_q Var(x_q)·‖W_:,q‖².
@@ -551,9 +556,7 @@ pub(crate) fn compensations(graph: &Graph, masked: &[MaskedSlice], layers: &Laye
         .into_par_iter()
         .filter_map(|((node, weight), indices)| {
             let layer = layers.get(node)?;
-            let h = layer.hessian;
-            let op = graph.op_ids().find(|&op| graph.op(op).name == node)?;
-            let view = dense_view(graph, op)?;
+            let (h, op, view) = (layer.hessian, layer.op, layer.view);
             let w = graph.value_by_name(weight)?;
             if graph.op_input(op, 1) != Some(w) {
                 return None;
@@ -570,23 +573,19 @@ pub(crate) fn compensations(graph: &Graph, masked: &[MaskedSlice], layers: &Laye
             let (new_weight, new_bias) = match method {
                 Method::Obs => {
                     let Some(out) = layer.compensate(&q) else { return skip("its Hessian could not be factored") };
-                    (out.0, out.1.zip(layer.bias.as_ref()).map(|(b, (slot, _))| (slot.clone(), b)))
+                    (Some(out.0), out.1.zip(layer.bias.as_ref()).map(|(b, (slot, _))| (slot.clone(), b)))
                 }
                 Method::MeanIntoBias => {
                     let Some((slot, mut bias)) = bias_of(graph, op, view.rows) else { return skip("it has no bias to fold the mean into") };
-                    let weight = original.to_f64_vec()?;
                     for (r, b) in bias.iter_mut().enumerate() {
-                        *b += q.iter().map(|&c| weight[view.offset(r, c)] * h.mean[c]).sum::<f64>();
+                        *b += q.iter().map(|&c| layer.weight[view.offset(r, c)] * h.mean[c]).sum::<f64>();
                     }
-                    (weight, Some((slot, bias)))
+                    (None, Some((slot, bias)))
                 }
             };
-            let dims = original.dims();
-            let tensor = Tensor::from_f32(weight, &dims, &new_weight.iter().map(|&v| v as f32).collect::<Vec<_>>());
-            let bias = new_bias.map(|(slot, b)| {
-                let name = format!("{node}_bias");
-                BiasUpdate { slot, tensor: Tensor::from_f32(&name, &[b.len() as u64], &b.iter().map(|&v| v as f32).collect::<Vec<_>>()) }
-            });
+            let to_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+            let tensor = new_weight.map(|w| Tensor::from_f32(weight, &original.dims(), &to_f32(w)));
+            let bias = new_bias.map(|(slot, b)| BiasUpdate { slot, values: to_f32(b) });
             Some(Ok(Compensation { node: node.to_string(), weight: weight.to_string(), tensor, bias }))
         })
         .collect();
@@ -604,20 +603,26 @@ pub(crate) fn compensations(graph: &Graph, masked: &[MaskedSlice], layers: &Laye
 /// Writes compensations into a graph, in place: the weights and biases keep their names, so the
 /// removal planned on the graph still names them.
 pub fn apply_compensations(graph: &mut Graph, compensations: &[Compensation]) -> Result<(), String> {
+    if compensations.is_empty() {
+        return Ok(());
+    }
+    let ops: BTreeMap<String, OpId> = graph.op_ids().map(|op| (graph.op(op).name.clone(), op)).collect();
     for c in compensations {
         let w = graph.value_by_name(&c.weight).ok_or_else(|| format!("`{}` is not in the model", c.weight))?;
-        put_constant(graph, w, c.tensor.clone())?;
+        if let Some(t) = &c.tensor {
+            put_constant(graph, w, t.clone())?;
+        }
         if let Some(b) = &c.bias {
             let (op, slot, sign) = match &b.slot {
                 BiasSlot::Input(slot) => (&c.node, *slot, 1.0),
                 BiasSlot::Add(add, slot) => (add, *slot, 1.0),
                 BiasSlot::BatchNormMean(bn) => (bn, 3, -1.0),
             };
-            let op = graph.op_ids().find(|&o| graph.op(o).name == *op).ok_or_else(|| format!("`{op}` is not in the model"))?;
+            let op = *ops.get(op.as_str()).ok_or_else(|| format!("`{op}` is not in the model"))?;
             let old = graph.op_input(op, slot).ok_or_else(|| format!("`{}` has no bias input", graph.op(op).name))?;
             let dims = constant_tensor(graph, old).map(|t| t.dims()).unwrap_or_default();
-            let values: Vec<f32> = b.tensor.to_f32_vec().unwrap_or_default().into_iter().map(|v| sign * v).collect();
-            put_constant(graph, old, Tensor::from_f32(b.tensor.name(), &dims, &values))?;
+            let values: Vec<f32> = b.values.iter().map(|v| sign * v).collect();
+            put_constant(graph, old, Tensor::from_f32(&graph.value(old).name, &dims, &values))?;
         }
     }
     Ok(())
@@ -650,11 +655,11 @@ pub(crate) fn prepare_layers<'h>(
 ) -> Layers<'h> {
     let consumers: BTreeSet<&str> =
         groups.iter().flat_map(|g| &g.weights).filter(|w| w.role == Role::Consumer).map(|w| w.node.as_str()).collect();
-    consumers
-        .into_par_iter()
-        .filter_map(|node| {
+    let ops: Vec<(&str, OpId)> = graph.op_ids().map(|op| (graph.op(op).name.as_str(), op)).filter(|(n, _)| consumers.contains(n)).collect();
+    ops.into_par_iter()
+        .filter_map(|(node, op)| {
             let h = hessians.get(node)?;
-            let layer = if inverse { Layer::new(graph, node, h, damping)? } else { Layer::without_inverse(graph, node, h)? };
+            let layer = if inverse { Layer::new(graph, op, h, damping)? } else { Layer::without_inverse(graph, op, h)? };
             Some((node.to_string(), layer))
         })
         .collect()
@@ -699,22 +704,7 @@ pub(crate) fn score_groups(
                     }
                 })
                 .collect();
-            if per_slice.is_empty() {
-                return None;
-            }
-            let n = per_slice.len() as f64;
-            Some(
-                (0..channels)
-                    .map(|c| {
-                        let column = per_slice.iter().map(|s| s[c]);
-                        match reduction {
-                            super::Reduction::Mean => column.sum::<f64>() / n,
-                            super::Reduction::Max => column.fold(f64::MIN, f64::max),
-                            super::Reduction::Sum | super::Reduction::First => column.sum(),
-                        }
-                    })
-                    .collect(),
-            )
+            super::criteria::reduce(&per_slice, channels, reduction)
         })
         .collect()
 }
@@ -856,11 +846,12 @@ mod tests {
         };
         let inverse = damped_inverse(&h, 0.0, false).expect("positive definite");
         let view = DenseView { rows: 2, columns: 2, per_index: 1, transposed: false, axis: 1 };
-        let layer = Layer { view, weight_name: "w".into(), weight: vec![1.0, 2.0, -1.0, 0.5], hessian: &h, inverse, bias: None };
+        let weight = [1.0, 2.0, -1.0, 0.5];
+        let cost = obs_cost(&view, &weight, &inverse, &[0]);
         let det = 2.0 * 1.0 - 0.25;
         let inv_00 = 1.0 / det;
-        assert!((layer.cost(&[0]) - (1.0 + 1.0) / (2.0 * inv_00)).abs() < 1e-12);
+        assert!((cost - (1.0 + 1.0) / (2.0 * inv_00)).abs() < 1e-12);
         // Removing a column the other can stand in for is cheaper than its magnitude alone.
-        assert!(layer.cost(&[0]) < 0.5 * (1.0 + 1.0) * 2.0);
+        assert!(cost < 0.5 * (1.0 + 1.0) * 2.0);
     }
 }
