@@ -5,13 +5,14 @@
 
 use crate::backends::RunError;
 use crate::backends::tract::{Feed, Plan, TractTensor};
-use crate::ir::{Model, ValueId, constant_tensor};
-use crate::passes::prune::Calibration;
+use crate::ir::{Model, OpId, ValueId, constant_tensor};
+use crate::passes::prune::{Calibration, Compensation, CrossMoments, PruneReport, Refit, apply_compensations, mask_consumers, obspa};
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::path::Path;
 
 /// The activation a weighted op reads and the axis its weight's input columns match.
-fn activation_axis(model: &Model, op: crate::ir::OpId) -> Option<(ValueId, usize)> {
+fn activation_axis(model: &Model, op: OpId) -> Option<(ValueId, usize)> {
     let graph = &model.graph;
     let o = graph.op(op);
     if !(o.domain.is_empty() || o.domain == "ai.onnx") {
@@ -37,41 +38,173 @@ pub const MAX_HESSIAN_ROWS: usize = 8192;
 /// position of the batch counts.
 pub fn collect(model: &Model, dir: &Path, feed: &Feed, source: &str, hessians: bool) -> Result<Calibration, RunError> {
     let graph = &model.graph;
-    let mut reads: BTreeMap<String, (crate::ir::OpId, ValueId, usize)> = BTreeMap::new();
-    for op in graph.op_ids() {
-        if let Some((v, axis)) = activation_axis(model, op) {
-            reads.insert(graph.op(op).name.clone(), (op, v, axis));
-        }
-    }
-    // Ask tract for every activation read that is not already an input or output.
-    let mut probe = model.clone();
-    let mut extra: Vec<ValueId> = Vec::new();
-    for &(_, v, _) in reads.values() {
-        if !probe.graph.inputs.contains(&v) && !probe.graph.outputs.contains(&v) && !extra.contains(&v) {
-            extra.push(v);
-        }
-    }
-    probe.graph.outputs.extend(&extra);
-    let plan = Plan::from_model(&probe, dir, feed)?;
-    let outputs = plan.run(feed)?;
-    let by_name: BTreeMap<&str, &TractTensor> = outputs.values.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let reads: BTreeMap<String, (OpId, ValueId, usize)> =
+        graph.op_ids().filter_map(|op| activation_axis(model, op).map(|(v, axis)| (graph.op(op).name.clone(), (op, v, axis)))).collect();
+    let activations = run_probed(model, dir, feed, reads.values().map(|r| r.1))?;
     let mut second_moments = BTreeMap::new();
-    let mut activations: Vec<(crate::ir::OpId, TractTensor)> = Vec::new();
+    let mut dense: Vec<(OpId, TractTensor)> = Vec::new();
     for (node, (op, v, axis)) in reads {
-        let name = graph.value(v).name.as_str();
-        let Some(tensor) = by_name.get(name).copied().or_else(|| feed.0.get(name)) else { continue };
+        let Some(tensor) = activation(&activations, feed, &graph.value(v).name) else { continue };
         if let Some(m2) = channel_second_moments(tensor, axis) {
             second_moments.insert(node, m2);
         }
         if hessians {
-            activations.push((op, tensor.cast_to::<f32>().map(|t| t.into_owned()).map_err(|e| RunError::Inputs(e.to_string()))?));
+            dense.push((op, as_f32(tensor)?));
         }
     }
-    drop(outputs);
-    let reads: Vec<(crate::ir::OpId, &[f32], &[usize])> =
-        activations.iter().filter_map(|(op, t)| Some((*op, t.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?, t.shape()))).collect();
-    let hessians = crate::passes::prune::obspa::input_hessians(graph, &reads, MAX_HESSIAN_ROWS);
+    drop(activations);
+    let reads: Vec<(OpId, &[f32], &[usize])> = dense.iter().filter_map(|(op, t)| Some((*op, plain_f32(t)?, t.shape()))).collect();
+    let hessians = obspa::input_hessians(graph, &reads, MAX_HESSIAN_ROWS);
     Ok(Calibration { second_moments, hessians, source: source.to_string() })
+}
+
+/// The dense layers OBSPA can refit, in topological order, each with its level: the most dense
+/// layers on any path from the graph's inputs to its input. Layers of one level never feed each
+/// other, so they can be refit together once every lower level is.
+pub fn dense_levels(model: &Model) -> Vec<(OpId, usize)> {
+    let graph = &model.graph;
+    let Ok(order) = graph.topo_order() else { return Vec::new() };
+    let mut depth: BTreeMap<ValueId, usize> = BTreeMap::new();
+    let mut levels = Vec::new();
+    for op in order {
+        let level = graph.op_inputs(op).into_iter().flatten().filter_map(|v| depth.get(&v).copied()).max().unwrap_or(0);
+        let dense = obspa::dense_view(graph, op).is_some() && activation_axis(model, op).is_some();
+        if dense {
+            levels.push((op, level));
+        }
+        for v in graph.op_outputs(op).into_iter().flatten() {
+            depth.insert(v, level + dense as usize);
+        }
+    }
+    levels
+}
+
+/// Runs `model` on `feed` and returns the input activations of `layers` (as f32).
+pub fn dense_inputs(model: &Model, dir: &Path, feed: &Feed, layers: &[OpId]) -> Result<BTreeMap<OpId, TractTensor>, RunError> {
+    let graph = &model.graph;
+    let reads: Vec<(OpId, ValueId)> = layers.iter().filter_map(|&op| Some((op, activation_axis(model, op)?.0))).collect();
+    let run = run_probed(model, dir, feed, reads.iter().map(|r| r.1))?;
+    let mut inputs = BTreeMap::new();
+    for (op, v) in reads {
+        if let Some(x) = activation(&run, feed, &graph.value(v).name) {
+            inputs.insert(op, as_f32(x)?);
+        }
+    }
+    Ok(inputs)
+}
+
+/// The [`CrossMoments`] of each layer of `current` (input activations of the pruned model so
+/// far) against the same layer's input in `original`, or against itself when `original` is
+/// `None` (the layer then keeps its own outputs on the new inputs). Layers whose activations do
+/// not pair up are left out.
+pub fn cross_moments(
+    graph: &crate::ir::Graph,
+    original: Option<&BTreeMap<OpId, TractTensor>>,
+    current: &BTreeMap<OpId, TractTensor>,
+) -> BTreeMap<String, CrossMoments> {
+    let reads: Vec<_> = current
+        .iter()
+        .filter_map(|(&op, now)| {
+            let before = original.map_or(Some(now), |o| o.get(&op))?;
+            (before.shape() == now.shape()).then_some((op, plain_f32(before)?, plain_f32(now)?, now.shape()))
+        })
+        .collect();
+    obspa::cross_moments_of(graph, &reads, MAX_HESSIAN_ROWS)
+}
+
+/// What a sequential refit fits each layer to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefitTarget {
+    /// The layer's own (original) weights applied to its new inputs: only the consumers of
+    /// removed channels change, on the Hessians of the pruned prefix (SparseGPT's sequence).
+    OwnOutputs,
+    /// The original model's outputs of the layer: every dense layer whose input changed is refit.
+    OriginalOutputs,
+}
+
+/// Why a refit stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RefitError {
+    /// A model did not run.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// The compensated and masked original could not be built.
+    #[error("building the pruned prefix: {0}")]
+    Rewrite(String),
+}
+
+/// Refits OBSPA's compensations of the channels `report` removed, sequentially: layer level by
+/// level ([`dense_levels`]), the original with the compensations so far and the removed channels
+/// masked runs on `feed`, and each layer of the level is refit ([`obspa::refit`]) on the inputs
+/// it now gets, so later layers see the already pruned prefix.
+pub fn refit(
+    original: &Model,
+    dir: &Path,
+    feed: &Feed,
+    report: &PruneReport,
+    target: RefitTarget,
+    damping: f64,
+) -> Result<Refit, RefitError> {
+    let graph = &original.graph;
+    let pruned: BTreeSet<&str> = report.masked.iter().map(|m| m.node.as_str()).collect();
+    let to_originals = target == RefitTarget::OriginalOutputs;
+    let levels: Vec<(OpId, usize)> =
+        dense_levels(original).into_iter().filter(|&(op, _)| to_originals || pruned.contains(graph.op(op).name.as_str())).collect();
+    let all: Vec<OpId> = levels.iter().map(|l| l.0).collect();
+    let before = if to_originals { Some(dense_inputs(original, dir, feed, &all)?) } else { None };
+    let mut compensations: BTreeMap<String, Compensation> = report.compensated.iter().map(|c| (c.node.clone(), c.clone())).collect();
+    let mut refit = Refit::default();
+    for level in 0..=levels.iter().map(|l| l.1).max().unwrap_or(0) {
+        let layers: Vec<OpId> = levels.iter().filter(|l| l.1 == level).map(|l| l.0).collect();
+        if layers.is_empty() {
+            continue;
+        }
+        let mut current = original.clone();
+        let so_far: Vec<Compensation> = compensations.values().cloned().collect();
+        apply_compensations(&mut current.graph, &so_far).map_err(RefitError::Rewrite)?;
+        mask_consumers(&mut current.graph, &report.masked).map_err(|e| RefitError::Rewrite(e.to_string()))?;
+        let mut now = dense_inputs(&current, dir, feed, &layers)?;
+        if let Some(before) = &before {
+            // A layer whose input did not change and that lost nothing keeps its weights.
+            now.retain(|op, x| pruned.contains(graph.op(*op).name.as_str()) || before.get(op) != Some(x));
+        }
+        let (done, notes) = obspa::refit(graph, &report.masked, &cross_moments(graph, before.as_ref(), &now), damping);
+        compensations.extend(done.into_iter().map(|c| (c.node.clone(), c)));
+        refit.notes.extend(notes);
+        refit.levels += 1;
+    }
+    refit.compensations = compensations.into_values().collect();
+    Ok(refit)
+}
+
+/// Runs `model` on `feed`, returning the values `probes` as well as its outputs.
+fn run_probed(
+    model: &Model,
+    dir: &Path,
+    feed: &Feed,
+    probes: impl Iterator<Item = ValueId>,
+) -> Result<BTreeMap<String, TractTensor>, RunError> {
+    let mut probe = model.clone();
+    for v in probes {
+        if !probe.graph.inputs.contains(&v) && !probe.graph.outputs.contains(&v) {
+            probe.graph.outputs.push(v);
+        }
+    }
+    let plan = Plan::from_model(&probe, dir, feed)?;
+    Ok(plan.run(feed)?.values.into_iter().collect())
+}
+
+/// A value of a probed run, or the graph input of that name.
+fn activation<'a>(run: &'a BTreeMap<String, TractTensor>, feed: &'a Feed, name: &str) -> Option<&'a TractTensor> {
+    run.get(name).or_else(|| feed.0.get(name))
+}
+
+fn as_f32(t: &TractTensor) -> Result<TractTensor, RunError> {
+    t.cast_to::<f32>().map(|t| t.into_owned()).map_err(|e| RunError::Inputs(e.to_string()))
+}
+
+fn plain_f32(t: &TractTensor) -> Option<&[f32]> {
+    t.try_as_plain_ram().ok()?.as_slice::<f32>().ok()
 }
 
 /// Mean of x² per index of `axis`, over every other axis.

@@ -721,3 +721,38 @@ fn obspa_without_data_measures_noise_and_verifies_the_compensated_model() {
     assert!(c["layers_compensated"].as_u64() >= Some(2), "{c:#}");
     assert_eq!(json["options"]["hessian"], "noise");
 }
+
+#[test]
+fn obspa_refit_on_the_pruned_prefix_still_equals_the_compensated_and_masked_original() {
+    // --refit prefix and outputs run the pruned model level by level and refit the layers on what
+    // it gives them; the weights they end with are the compensation verification applies.
+    let model = common::root().join("testdata/models/conv_residual.onnx");
+    let mut compensated = Vec::new();
+    for mode in ["none", "prefix", "outputs"] {
+        let s = Scratch::new();
+        let report = s.output().with_extension("json");
+        let r = run([
+            model.as_os_str(),
+            OsStr::new("-o"),
+            s.output().as_os_str(),
+            OsStr::new("--criterion"),
+            OsStr::new("obspa"),
+            OsStr::new("--ratio"),
+            OsStr::new("0.5"),
+            OsStr::new("--refit"),
+            OsStr::new(mode),
+            OsStr::new("--report"),
+            report.as_os_str(),
+        ]);
+        assert_eq!(r.code, Some(0), "--refit {mode}, stderr:\n{}", r.stderr);
+        assert!(r.stderr.contains("equals the compensated and masked original"), "--refit {mode}, stderr:\n{}", r.stderr);
+        assert_eq!(r.stderr.contains("on the pruned prefix"), mode != "none", "--refit {mode}, stderr:\n{}", r.stderr);
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("JSON");
+        let c = &json["prune"]["compensation"];
+        assert_eq!(c["refit_levels"].as_u64().unwrap() > 0, mode != "none", "{c:#}");
+        compensated.push(c["layers_compensated"].as_u64().unwrap());
+    }
+    // prefix refits the consumers the one-shot update compensates; outputs also the layers after.
+    assert_eq!(compensated[0], compensated[1]);
+    assert!(compensated[2] >= compensated[1], "{compensated:?}");
+}

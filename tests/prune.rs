@@ -7,7 +7,7 @@ use common::{all_cases, feed, feed_json, prunec, validate_with_python};
 use prunec::frontend::{Loaded, ReadOptions, read_model};
 use prunec::ir::{Model, model_stats};
 use prunec::passes::Pass;
-use prunec::passes::prune::{ChannelPruning, PruneOptions, PruneReport, Target};
+use prunec::passes::prune::{ChannelPruning, Criterion, PruneOptions, PruneReport, Target};
 use serde_json::{Value as Json, json};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -266,7 +266,7 @@ fn wanda_weighs_weights_by_the_activations_they_read() {
 
 /// Prunes `mlp.onnx` with OBSPA on calibration data and has numpy check the consumers against a
 /// direct least-squares solve on the same activations; returns numpy's verdict.
-fn obspa_against_direct_solve(damping: f64) -> Json {
+fn obspa_against_direct_solve(damping: f64, refit: &str) -> Json {
     let scratch = tempfile::tempdir().expect("scratch folder");
     let model = common::root().join("testdata/models/mlp.onnx");
     let (inputs, out, report) = (scratch.path().join("x.npz"), scratch.path().join("mlp.pruned.onnx"), scratch.path().join("report.json"));
@@ -274,7 +274,7 @@ fn obspa_against_direct_solve(damping: f64) -> Json {
 import json, sys
 import numpy as np, onnx
 from onnx import numpy_helper
-mode, model_path, inputs, pruned_path, report_path, damping = sys.argv[1:7]
+mode, model_path, inputs, pruned_path, report_path, damping, refit = sys.argv[1:8]
 if mode == "inputs":
     np.savez(inputs, x=np.random.default_rng(7).normal(size=(64, 16)).astype(np.float32))
     sys.exit(0)
@@ -283,33 +283,40 @@ w, p = weights(model_path), weights(pruned_path)
 report = json.load(open(report_path))
 kept = {node: idx for g in report["prune"]["groups"] for node, idx in g["kept_by_producer"].items()}
 x = np.load(inputs)["x"].astype(np.float64)
-h1 = np.maximum(x @ w["fc1.weight"].T + w["fc1.bias"], 0)
-h2 = np.maximum(h1 @ w["fc2.weight"] + w["fc2.bias"], 0)
 damping = float(damping)
-def refit(h, weight, bias, keep):
-    # The consumer's least-squares optimum on the kept columns (bias column included), with
-    # prunec's damping: (H + λI)_KK Ŵ = (H + λI)_K,: W.
-    a = np.hstack([h, np.ones((len(h), 1))])
-    hess = a.T @ a / len(a)
-    hess += damping * np.mean(np.diag(hess)[:-1]) * np.eye(len(hess))
-    full = np.vstack([weight, bias[None, :]])
+def fit(a_in, target, full, keep):
+    # Least squares of `target` on the kept input columns (and the bias column), with prunec's
+    # damping pulling toward the current weights `full`: (H + λI)_KK Ŵ = E[z y] + λ W_K.
+    hess = a_in.T @ a_in / len(a_in)
+    lam = damping * np.mean(np.diag(hess)[:-1])
     k = list(keep) + [len(hess) - 1]
     if damping == 0:
-        sol = np.linalg.lstsq(a[:, k], a @ full, rcond=None)[0]
-    else:
-        sol = np.linalg.solve(hess[np.ix_(k, k)], hess[k, :] @ full)
-    return sol[:-1], sol[-1]
+        return np.linalg.lstsq(a_in[:, k], target, rcond=None)[0]
+    return np.linalg.solve(hess[np.ix_(k, k)] + lam * np.eye(len(k)), a_in[:, k].T @ target / len(a_in) + lam * full[k])
+ones = lambda h: np.hstack([h, np.ones((len(h), 1))])
+full2 = np.vstack([w["fc2.weight"], w["fc2.bias"][None, :]])
+full3 = np.vstack([w["fc3.weight"].T, w["fc3.bias"][None, :]])
+keep1, keep2 = kept["/fc1/Gemm"], kept["/fc2/MatMul"]
+a1 = ones(np.maximum(x @ w["fc1.weight"].T + w["fc1.bias"], 0))
+a2 = ones(np.maximum(a1 @ full2, 0))
+# fc2's input is the same in the pruned model (fc1 reads the graph input), so every mode fits
+# it alike; fc3 then reads what the refit fc2 gives (all its rows, as in the masked original).
+sol2 = fit(a1, a1 @ full2, full2, keep1)
+a2_now = ones(np.maximum(a1[:, list(keep1) + [a1.shape[1] - 1]] @ sol2, 0))
+sol3 = {
+    "none": lambda: fit(a2, a2 @ full3, full3, keep2),
+    "prefix": lambda: fit(a2_now, a2_now @ full3, full3, keep2),
+    "outputs": lambda: fit(a2_now, a2 @ full3, full3, keep2),
+}[refit]()
 checks = {}
 # fc2's own outputs are pruned too (they feed fc3): compare the rows it keeps.
-for name, h, weight, bias, got_w, got_b, keep, rows in [
-    ("fc2", h1, w["fc2.weight"], w["fc2.bias"], p["fc2.weight"], p["fc2.bias"], kept["/fc1/Gemm"], kept["/fc2/MatMul"]),
-    ("fc3", h2, w["fc3.weight"].T, w["fc3.bias"], p["fc3.weight"].T, p["fc3.bias"], kept["/fc2/MatMul"], list(range(8))),
+for name, sol, got_w, got_b, keep, rows in [
+    ("fc2", sol2, p["fc2.weight"], p["fc2.bias"], keep1, keep2),
+    ("fc3", sol3, p["fc3.weight"].T, p["fc3.bias"], keep2, list(range(8))),
 ]:
-    want_w, want_b = refit(h, weight, bias, keep)
-    want_w, want_b = want_w[:, rows], want_b[rows]
-    want = np.concatenate([want_w.ravel(), want_b])
+    want = np.concatenate([sol[:-1][:, rows].ravel(), sol[-1][rows]])
     got = np.concatenate([got_w.ravel(), got_b])
-    checks[name] = {"kept": len(keep), "of": len(weight), "rel": float(np.linalg.norm(got - want) / np.linalg.norm(want))}
+    checks[name] = {"kept": len(keep), "of": len(full2 if name == "fc2" else full3) - 1, "rel": float(np.linalg.norm(got - want) / np.linalg.norm(want))}
 print(json.dumps(checks))
 "#;
     let py = |mode: &str| {
@@ -317,6 +324,7 @@ print(json.dumps(checks))
             .args(["-c", script, mode])
             .args([&model, &inputs, &out, &report])
             .arg(damping.to_string())
+            .arg(refit)
             .output()
             .expect("python runs");
         assert!(out.status.success(), "numpy check failed:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -327,7 +335,7 @@ print(json.dumps(checks))
         .arg(&model)
         .arg("-o")
         .arg(&out)
-        .args(["--criterion", "obspa", "--hessian", "calib", "--ratio", "0.5", "--damping", &damping.to_string()])
+        .args(["--criterion", "obspa", "--hessian", "calib", "--ratio", "0.5", "--damping", &damping.to_string(), "--refit", refit])
         .arg("--inputs")
         .arg(&inputs)
         .arg("--report")
@@ -342,14 +350,18 @@ print(json.dumps(checks))
 fn obspa_refits_consumers_to_their_least_squares_optimum() {
     // With enough calibration rows (64 > 33 columns), the OBS update of a consumer is the exact
     // least-squares refit of its kept columns and bias: numpy's lstsq on the same activations.
-    // fc3's optimum is for the original model's activations, as the Hessians are measured there.
-    for damping in [0.0, prunec::passes::prune::DEFAULT_DAMPING] {
-        let checks = obspa_against_direct_solve(damping);
-        eprintln!("damping {damping}: {checks}");
+    // One-shot (`--refit none`), fc3 is fit on the original model's activations; sequentially, on
+    // what the refit fc2 now gives it, to keep its own outputs on them (`prefix`) or to give the
+    // original's outputs (`outputs`).
+    for (damping, refit) in
+        [(0.0, "none"), (prunec::passes::prune::DEFAULT_DAMPING, "none"), (0.0, "prefix"), (0.0, "outputs"), (0.05, "outputs")]
+    {
+        let checks = obspa_against_direct_solve(damping, refit);
+        eprintln!("damping {damping}, refit {refit}: {checks}");
         for layer in ["fc2", "fc3"] {
             let c = &checks[layer];
             assert_eq!(c["kept"].as_u64().unwrap() * 2, c["of"].as_u64().unwrap(), "{layer} keeps half its inputs: {c}");
-            assert!(c["rel"].as_f64().unwrap() <= 1e-4, "damping {damping}: {layer} is {} from the direct solve", c["rel"]);
+            assert!(c["rel"].as_f64().unwrap() <= 1e-4, "damping {damping}, refit {refit}: {layer} is {} from the direct solve", c["rel"]);
         }
     }
 }
@@ -359,7 +371,7 @@ fn compensated_models_equal_their_compensated_and_masked_originals() {
     // OBSPA and FLAP change the consumers' kept weights and biases; the pruned model must equal
     // the original with the same compensation applied and the removed channels' consumer weights
     // zeroed. Covers initializer weights (zoo, testdata) and Constant-node weights (PP-OCR cls).
-    use prunec::passes::prune::{Criterion, HessianSource};
+    use prunec::passes::prune::HessianSource;
     let names = ["conv_residual", "depthwise", "concat_split", "mlp", "resnet18", "mobilenet_v2", "ppocr_cls"];
     for case in all_cases().iter().filter(|c| names.contains(&c.name.as_str())) {
         let loaded = load(&case.path);
@@ -381,5 +393,38 @@ fn compensated_models_equal_their_compensated_and_masked_originals() {
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
             assert!(v.masking_expected && report.channels_removed > 0, "{what}: nothing checked by masking");
         }
+    }
+}
+
+#[test]
+fn magika_features_recur_in_each_quarter_of_the_conv_input() {
+    // Magika reshapes its byte embeddings [B, 2048, 64] to [B, 512, 256]: four positions of 64
+    // features per row, so embedding feature c is conv input channel c, c+64, c+128 and c+192.
+    // With the shapes known that is one group, and removing features must slice both sides alike.
+    let case = all_cases().into_iter().find(|c| c.name == "magika").expect("case");
+    let mut loaded = read_model(&case.path, &ReadOptions { infer_shapes: false }).expect("the model reads");
+    loaded.infer_shapes(&[("bytes".to_string(), vec![2, 2048])].into_iter().collect());
+    let inputs = feed(&case, &loaded.model);
+    let mut folded = loaded.model.clone();
+    prunec::passes::run_pipeline(&mut folded, &prunec::passes::parse_pipeline("fold", &Default::default()).expect("registered"))
+        .expect("folding succeeds");
+    let groups = prunec::ir::analyse_groups(&folded.graph);
+    let embedding = groups.groups.iter().find(|g| g.prunable).expect("a prunable group");
+    assert_eq!(embedding.channels, Some(64));
+    let conv = embedding.weights.iter().find(|w| w.node.ends_with("Conv_0/Conv2D")).expect("the conv reads the embedding");
+    assert_eq!(conv.indices[5], vec![5, 69, 133, 197]);
+    for (criterion, ratio) in [(Criterion::L2, 0.3), (Criterion::L2, 0.5), (Criterion::Obspa, 0.5)] {
+        let calibration = prunec::calibrate::collect(&loaded.model, &loaded.dir, &inputs, "test", true).expect("calibration runs");
+        let options = PruneOptions {
+            criterion,
+            hessian: prunec::passes::prune::HessianSource::Calib,
+            calibration: Some(std::sync::Arc::new(calibration)),
+            ..at_ratio(ratio)
+        };
+        let (pruned, report) = prune(&loaded.model, options);
+        assert!(report.channels_removed >= 19, "{criterion:?} at {ratio}: {report:?}");
+        let v = prunec::verify::verify(&loaded.model, &pruned, Some(&report), &loaded.dir, &inputs, 1e-4)
+            .unwrap_or_else(|e| panic!("{criterion:?} at {ratio}: {e}"));
+        assert!(v.masking_expected, "{criterion:?} at {ratio}: nothing checked by masking");
     }
 }

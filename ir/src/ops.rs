@@ -24,6 +24,7 @@
 use crate::graph::Graph;
 use crate::ids::{OpId, ValueId};
 use crate::shape::Dim;
+use std::collections::BTreeSet;
 
 /// A tensor axis: `(value, axis)`.
 pub type DimRef = (ValueId, usize);
@@ -951,16 +952,77 @@ fn reshape(cx: &mut RuleCx) {
                     cx.freeze(many, Some(f), "is a factor of a reshape whose channels are not kept whole");
                 }
             }
+            // Several axes into several ([B,2048,64] -> [B,512,256]): on the common refinement of
+            // both factorisations, an axis that is a single factor of one axis on the other side
+            // keeps its channels there, as above; an axis without such a partner is frozen.
             _ => {
-                for a in run_x {
-                    cx.freeze(x, Some(a), "regroups this axis");
+                let sizes_x: Vec<u64> = run_x.iter().map(|&a| size(x, a)).collect();
+                let sizes_y: Vec<u64> = run_y.iter().map(|&b| size(y, b)).collect();
+                let partners = regrouped_partners(&sizes_x, &sizes_y).unwrap_or_default();
+                let mut paired = BTreeSet::new();
+                for &(from_x, i, j, stride) in &partners {
+                    let (coarse, fine) = if from_x { ((x, run_x[i]), (y, run_y[j])) } else { ((y, run_y[j]), (x, run_x[i])) };
+                    cx.block(fine, coarse, stride as usize);
+                    paired.extend([(x, run_x[i]), (y, run_y[j])]);
                 }
-                for b in run_y {
-                    cx.freeze(y, Some(b), "regroups this axis");
+                for (v, a) in run_x.iter().map(|&a| (x, a)).chain(run_y.iter().map(|&b| (y, b))) {
+                    if !paired.contains(&(v, a)) {
+                        cx.freeze(v, Some(a), "regroups this axis");
+                    }
                 }
             }
         }
     }
+}
+
+/// For a reshape run of axes `xs` into axes `ys` (equal products, sizes outermost first): the
+/// pairs in which one axis is a single factor of the common refinement and lies inside one axis
+/// of the other side, as `(coarse_is_x, x_axis, y_axis, stride)` with `stride` the size of the
+/// finer axis's factors inside the coarse one. `None` when the factorisations have no common
+/// refinement (a boundary of one side does not divide the next of the other) or an axis is the
+/// fine side of two pairs (its channels would be tied together).
+fn regrouped_partners(xs: &[u64], ys: &[u64]) -> Option<Vec<(bool, usize, usize, u64)>> {
+    // Boundaries as element strides, innermost first: axis `a` spans strides `[b[a+1], b[a])`.
+    let strides = |sizes: &[u64]| -> Option<Vec<u128>> {
+        let mut out = vec![1u128];
+        for &s in sizes.iter().rev() {
+            out.push(out.last()?.checked_mul(s as u128)?);
+        }
+        out.reverse();
+        Some(out)
+    };
+    let (bx, by) = (strides(xs)?, strides(ys)?);
+    let mut cuts: Vec<u128> = bx.iter().chain(&by).copied().collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    if cuts.windows(2).any(|w| w[0] == 0 || w[1] % w[0] != 0) {
+        return None;
+    }
+    // Span of an axis as (outer stride, inner stride) and whether it is one refined factor.
+    let span = |b: &[u128], a: usize| (b[a], b[a + 1]);
+    let single = |(outer, inner): (u128, u128)| cuts.iter().filter(|&&c| c > inner && c <= outer).count() == 1;
+    let mut partners = Vec::new();
+    let mut fine_used = BTreeSet::new();
+    for i in 0..xs.len() {
+        for j in 0..ys.len() {
+            let (sx, sy) = (span(&bx, i), span(&by, j));
+            let inside = |a: (u128, u128), b: (u128, u128)| a.0 <= b.0 && a.1 >= b.1;
+            let pair = if single(sx) && inside(sx, sy) && sx != sy {
+                Some((true, sx.1 / sy.1, (false, j)))
+            } else if single(sy) && inside(sy, sx) && sx != sy {
+                Some((false, sy.1 / sx.1, (true, i)))
+            } else {
+                None
+            };
+            if let Some((from_x, stride, fine)) = pair {
+                if !fine_used.insert(fine) {
+                    return None;
+                }
+                partners.push((from_x, i, j, u64::try_from(stride).ok()?));
+            }
+        }
+    }
+    Some(partners)
 }
 
 /// Whether `split`, a reshape output whose `factors` came from one axis, feeds a channel
@@ -1120,6 +1182,19 @@ mod tests {
         // A symbol pairs only with itself.
         assert_eq!(matching_runs(&dims(&["N", "4"]), &dims(&["M", "4"])), None);
         assert_eq!(matching_runs(&dims(&["2", "3"]), &dims(&["7"])), None);
+    }
+
+    #[test]
+    fn regrouped_axes_keep_the_factors_they_hold_alone() {
+        // Magika: [B, 2048, 64] -> [B, 512, 256], four positions of 64 features per row. The 512
+        // rows own blocks of 4 positions; the 64 features recur once in each quarter of 256.
+        assert_eq!(regrouped_partners(&[2048, 64], &[512, 256]), Some(vec![(false, 0, 0, 4), (true, 1, 1, 1)]));
+        // [4, 6] -> [8, 3]: the refinement is 4·2·3.
+        assert_eq!(regrouped_partners(&[4, 6], &[8, 3]), Some(vec![(true, 0, 0, 2), (false, 1, 1, 1)]));
+        // 10 does not divide 15: no common refinement.
+        assert_eq!(regrouped_partners(&[6, 10], &[4, 15]), None);
+        // [4, 6] -> [2, 2, 2, 3] is not a several-to-several run, but would tie 4's two factors.
+        assert_eq!(regrouped_partners(&[4, 6], &[2, 2, 2, 3]), None);
     }
 
     #[test]

@@ -118,6 +118,24 @@ pub struct PruneArgs {
     /// Samples of synthetic input for `--hessian noise` (the batch size, where it is dynamic).
     #[arg(long, default_value_t = 8, value_name = "N")]
     pub noise_samples: usize,
+    /// OBSPA with measured statistics (calib, noise): how consumers are compensated. none: once,
+    /// from the original model's statistics; prefix: level by level in topological order, each
+    /// on the inputs the already pruned and compensated prefix gives it; outputs: as prefix, and
+    /// every dense layer downstream is refit to the original's outputs too. prefix and outputs
+    /// run the model once per level of layers (several times slower).
+    #[arg(long, value_enum, default_value_t = RefitMode::None)]
+    pub refit: RefitMode,
+}
+
+/// How OBSPA compensates (`--refit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RefitMode {
+    /// The one-shot update from the original model's Hessians.
+    None,
+    /// Sequentially, on the Hessians of the pruned prefix.
+    Prefix,
+    /// Sequentially, every changed dense layer fit to the original's outputs.
+    Outputs,
 }
 
 impl CompileArgs {
@@ -154,6 +172,7 @@ impl PruneArgs {
             hessian: self.hessian.unwrap_or(prunec::passes::prune::HessianSource::Noise),
             damping: self.damping,
             calibration: None,
+            refit: None,
         }
     }
 }

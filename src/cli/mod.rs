@@ -81,18 +81,29 @@ fn compile(a: &CompileArgs) -> Result<()> {
         read_model(model_path, &ReadOptions { infer_shapes }).with_context(|| format!("reading `{}`", model_path.display()))?
     };
     let measured = if passes.iter().any(|p| p.name() == "prune") { calibration(&loaded, a)? } else { None };
-    let passes = match measured {
-        Some(calibration) => {
-            let mut prune = options.prune.clone();
-            prune.calibration = Some(std::sync::Arc::new(calibration));
-            prunec::passes::parse_pipeline(&list, &prunec::passes::PipelineOptions { prune })?
-        }
-        None => passes,
+    let (calibration, feed) = match measured {
+        Some((calibration, feed)) => (Some(std::sync::Arc::new(calibration)), Some(feed)),
+        None => (None, None),
     };
+    let with_statistics = |refit: Option<prunec::passes::prune::Refit>| {
+        let mut prune = options.prune.clone();
+        prune.calibration = calibration.clone();
+        prune.refit = refit.map(std::sync::Arc::new);
+        prunec::passes::parse_pipeline(&list, &prunec::passes::PipelineOptions { prune })
+    };
+    let passes = if calibration.is_some() { with_statistics(None)? } else { passes };
     let original = loaded.model.clone();
     let before = model_stats(&loaded.model);
-    let runs =
-        prunec::passes::run_pipeline(&mut loaded.model, &passes).with_context(|| format!("optimising `{}`", model_path.display()))?;
+    let optimise = |model: &mut prunec::ir::Model, passes: &[Box<dyn prunec::passes::Pass>]| {
+        prunec::passes::run_pipeline(model, passes).with_context(|| format!("optimising `{}`", model_path.display()))
+    };
+    let mut runs = optimise(&mut loaded.model, &passes)?;
+    if let Some(refit) = refit(&original, &loaded.dir, &runs, feed.as_ref(), a)? {
+        // The choice of channels does not depend on the compensations, so a second run removes
+        // the same ones and writes the refit weights instead of the one-shot ones.
+        loaded.model = original.clone();
+        runs = optimise(&mut loaded.model, &with_statistics(Some(refit))?)?;
+    }
     let after = model_stats(&loaded.model);
     let prune = runs.iter().rev().find_map(|r| r.report.prune.as_ref());
 
@@ -189,7 +200,7 @@ fn pin_input_shapes(model: &mut prunec::ir::Model, a: &CompileArgs) -> Result<()
 /// Runs the model (for a pipeline that prunes) for the statistics the criterion needs: activation moments for wanda, consumer
 /// Hessians for obspa and flap (on `--inputs`, or on seeded synthetic inputs for
 /// `--hessian noise`). `None` when the criterion needs no run.
-fn calibration(loaded: &Loaded, a: &CompileArgs) -> Result<Option<prunec::passes::prune::Calibration>> {
+fn calibration(loaded: &Loaded, a: &CompileArgs) -> Result<Option<(prunec::passes::prune::Calibration, prunec::backends::tract::Feed)>> {
     let criterion = a.prune.criterion;
     let hessian = a.prune_options().hessian;
     let wants_hessians = criterion.needs_hessians() && hessian.runs_model();
@@ -223,7 +234,32 @@ fn calibration(loaded: &Loaded, a: &CompileArgs) -> Result<Option<prunec::passes
     };
     let calibration = prunec::calibrate::collect(model, &loaded.dir, &feed, &source, wants_hessians)
         .with_context(|| format!("running `{}` for the `{}` criterion's statistics", loaded.dir.display(), a.prune.criterion_name()))?;
-    Ok(Some(calibration))
+    Ok(Some((calibration, feed)))
+}
+
+/// OBSPA's sequential refit (`--refit prefix|outputs`) of the channels the first run removed.
+/// `None` when there is nothing to refit.
+fn refit(
+    original: &prunec::ir::Model,
+    dir: &Path,
+    runs: &[prunec::passes::PassRun],
+    feed: Option<&prunec::backends::tract::Feed>,
+    a: &CompileArgs,
+) -> Result<Option<prunec::passes::prune::Refit>> {
+    let options = a.prune_options();
+    let report = runs.iter().rev().find_map(|r| r.report.prune.as_ref());
+    let (Some(report), Some(feed)) = (report, feed) else { return Ok(None) };
+    let target = match a.prune.refit {
+        args::RefitMode::None => return Ok(None),
+        args::RefitMode::Prefix => prunec::calibrate::RefitTarget::OwnOutputs,
+        args::RefitMode::Outputs => prunec::calibrate::RefitTarget::OriginalOutputs,
+    };
+    if options.criterion != prunec::passes::prune::Criterion::Obspa || !options.hessian.runs_model() || report.masked.is_empty() {
+        return Ok(None);
+    }
+    let refit = prunec::calibrate::refit(original, dir, feed, report, target, options.damping)
+        .context("running the pruned model level by level to refit its layers")?;
+    Ok(Some(refit))
 }
 
 /// Seeded synthetic inputs for `--hessian noise`: the shapes of `--input-shape` or the recorded

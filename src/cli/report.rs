@@ -62,8 +62,12 @@ impl Summary<'_> {
                 eprintln!("       statistics measured on {source}");
             }
             if let Some(c) = &p.compensation {
+                let refit = match c.refit_levels {
+                    0 => String::new(),
+                    n => format!(", refit in {n} levels on the pruned prefix"),
+                };
                 eprintln!(
-                    "       compensated {} consumers ({} with statistics from {})",
+                    "       compensated {} layers ({} with statistics from {}{refit})",
                     c.layers_compensated, c.layers_with_statistics, c.hessian
                 );
                 for note in &c.notes {

@@ -67,6 +67,8 @@ const CRITERIA: &[(&str, &[&str])] = &[
     ("obspa-bn", &["--criterion", "obspa", "--hessian", "bn"]),
     ("obspa-noise", &["--criterion", "obspa", "--hessian", "noise"]),
     ("obspa-calib", &["--criterion", "obspa", "--hessian", "calib", "@inputs"]),
+    ("obspa-calib-prefix", &["--criterion", "obspa", "--hessian", "calib", "--refit", "prefix", "@inputs"]),
+    ("obspa-calib-outputs", &["--criterion", "obspa", "--hessian", "calib", "--refit", "outputs", "@inputs"]),
 ];
 
 /// Runs the table.

@@ -16,7 +16,7 @@ pub mod rewrite;
 
 use crate::{Pass, PassError, PassReport};
 pub use criteria::{Calibration, Criterion, Normalizer, Reduction};
-pub use obspa::{Compensation, Hessian, HessianSource, apply_compensations};
+pub use obspa::{Compensation, CrossMoments, Hessian, HessianSource, Refit, apply_compensations};
 use prunec_ir::{Graph, Group, Model, Role, Shape, ValueKind, constant_tensor, model_stats, op_cost};
 pub use rewrite::{Removal, RewriteError, mask_consumers};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -57,6 +57,10 @@ pub struct PruneOptions {
     /// Activation statistics for the calibration criteria (and measured Hessians).
     #[serde(skip)]
     pub calibration: Option<std::sync::Arc<Calibration>>,
+    /// OBSPA's compensations refit on the pruned prefix, measured by the CLI for the channels
+    /// this same plan chooses: used instead of the one-shot update.
+    #[serde(skip)]
+    pub refit: Option<std::sync::Arc<Refit>>,
 }
 
 impl Default for PruneOptions {
@@ -77,6 +81,7 @@ impl Default for PruneOptions {
             hessian: HessianSource::Noise,
             damping: DEFAULT_DAMPING,
             calibration: None,
+            refit: None,
         }
     }
 }
@@ -138,8 +143,11 @@ pub struct CompensationReport {
     pub hessian: String,
     /// Dense consumers with statistics.
     pub layers_with_statistics: usize,
-    /// Consumers whose weights (and bias) were updated.
+    /// Layers whose weights (and bias) were updated.
     pub layers_compensated: usize,
+    /// Levels of layers refit sequentially on the pruned prefix (0: the one-shot update from
+    /// the original's statistics).
+    pub refit_levels: usize,
     /// Consumers reading removed channels that were left as they were, and why.
     pub notes: Vec<String>,
 }
@@ -340,7 +348,11 @@ pub fn plan(graph: &Graph, options: &PruneOptions, opset: i64) -> Result<(Remova
     report.calibration = calibration.filter(|_| measured).map(|c| c.source.clone());
     if options.criterion.needs_hessians() {
         let method = if obs { obspa::Method::Obs } else { obspa::Method::MeanIntoBias };
-        let (done, notes) = obspa::compensations(graph, &report.masked, &layers, method);
+        let refit = options.refit.as_deref().filter(|_| obs && options.hessian.runs_model());
+        let (done, notes) = match refit {
+            Some(r) => (r.compensations.clone(), r.notes.clone()),
+            None => obspa::compensations(graph, &report.masked, &layers, method),
+        };
         report.compensation = Some(CompensationReport {
             hessian: match options.hessian {
                 HessianSource::Calib | HessianSource::Noise => calibration.map(|c| c.source.clone()).unwrap_or_default(),
@@ -349,6 +361,7 @@ pub fn plan(graph: &Graph, options: &PruneOptions, opset: i64) -> Result<(Remova
             },
             layers_with_statistics: hessians.len(),
             layers_compensated: done.len(),
+            refit_levels: refit.map_or(0, |r| r.levels),
             notes,
         });
         report.compensated = done;

@@ -130,6 +130,22 @@ pub fn dense_view(graph: &Graph, op: OpId) -> Option<DenseView> {
 /// with pads, strides and dilations); when there are more than `max_rows` positions, an evenly
 /// spaced subset is used, so the cost stays O(max_rows · columns²).
 pub fn input_hessian(graph: &Graph, op: OpId, activation: &[f32], shape: &[usize], max_rows: usize) -> Option<Hessian> {
+    let (d, count, row) = input_rows(graph, op, activation, shape, max_rows)?;
+    accumulate(d, count, &row)
+}
+
+/// Fills one row of input columns (`columns` long) by index.
+type RowReader<'a> = Box<dyn Fn(usize, &mut [f64]) + Sync + 'a>;
+
+/// The rows a dense consumer's weight multiplies, read from its input activation: columns,
+/// row count (at most `max_rows`, evenly spaced) and a reader. Equal shapes give the same rows.
+fn input_rows<'a>(
+    graph: &Graph,
+    op: OpId,
+    activation: &'a [f32],
+    shape: &[usize],
+    max_rows: usize,
+) -> Option<(usize, usize, RowReader<'a>)> {
     let view = dense_view(graph, op)?;
     let d = view.columns;
     let spaced = |count: usize| {
@@ -143,19 +159,220 @@ pub fn input_hessian(graph: &Graph, op: OpId, activation: &[f32], shape: &[usize
             return None;
         }
         let (step, picked) = spaced(unfold.positions());
-        return accumulate(d, picked, &|row, out| unfold.column(activation, row * step, out));
+        return Some((d, picked, Box::new(move |row, out| unfold.column(activation, row * step, out))));
     }
     let count = activation.len() / d.max(1);
     if shape.last() != Some(&d) || count * d != activation.len() {
         return None;
     }
     let (step, picked) = spaced(count);
-    accumulate(d, picked, &|row, out| {
+    let read = move |row: usize, out: &mut [f64]| {
         let start = row * step * d;
         for (o, &x) in out.iter_mut().zip(&activation[start..start + d]) {
             *o = x as f64;
         }
+    };
+    Some((d, picked, Box::new(read)))
+}
+
+/// A dense layer's input in the original model (x) paired with its input in the pruned model
+/// so far (x̃: the compensated and masked original), row by row: what refitting the layer to
+/// the original's outputs from the pruned prefix needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CrossMoments {
+    /// E[x̃ x̃ᵀ] and E[x̃], always dense.
+    pub current: Hessian,
+    /// E[(W x) x̃ᵀ], row-major `rows × columns`: the original outputs against the new inputs.
+    pub output_cross: Vec<f64>,
+    /// E[W x].
+    pub output_mean: Vec<f64>,
+}
+
+/// Measures [`CrossMoments`] of `op` from its input activation in the original (`original`) and
+/// in the pruned model so far (`current`), both of `shape`, on the same rows.
+pub fn cross_moments(graph: &Graph, op: OpId, original: &[f32], current: &[f32], shape: &[usize], max_rows: usize) -> Option<CrossMoments> {
+    let view = dense_view(graph, op)?;
+    let weight = constant_tensor(graph, graph.op_input(op, 1)?)?.to_f64_vec()?;
+    let w = Mat::<f64>::from_fn(view.rows, view.columns, |r, c| weight[view.offset(r, c)]);
+    let (d, count, row_x) = input_rows(graph, op, original, shape, max_rows)?;
+    let (_, count_c, row_c) = input_rows(graph, op, current, shape, max_rows)?;
+    if d == 0 || count == 0 || count != count_c {
+        return None;
+    }
+    const BLOCK: usize = 2048;
+    let mut second = Mat::<f64>::zeros(d, d);
+    let mut cross = Mat::<f64>::zeros(view.rows, d);
+    let (mut sum, mut output_sum) = (vec![0.0; d], vec![0.0; view.rows]);
+    let mut buf = vec![0.0; d];
+    let mut start = 0;
+    while start < count {
+        let n = BLOCK.min(count - start);
+        let mut x = Mat::<f64>::zeros(n, d);
+        let mut xc = Mat::<f64>::zeros(n, d);
+        for r in 0..n {
+            row_x(start + r, &mut buf);
+            for (j, &v) in buf.iter().enumerate() {
+                x[(r, j)] = v;
+            }
+            row_c(start + r, &mut buf);
+            for (j, &v) in buf.iter().enumerate() {
+                xc[(r, j)] = v;
+                sum[j] += v;
+            }
+        }
+        let y = &x * w.transpose();
+        for r in 0..n {
+            for (o, s) in output_sum.iter_mut().enumerate() {
+                *s += y[(r, o)];
+            }
+        }
+        second += xc.transpose() * &xc;
+        cross += y.transpose() * &xc;
+        start += n;
+    }
+    let scale = 1.0 / count as f64;
+    let current = Hessian {
+        columns: d,
+        second: (0..d * d).map(|k| second[(k / d, k % d)] * scale).collect(),
+        diagonal: (0..d).map(|i| second[(i, i)] * scale).collect(),
+        mean: sum.into_iter().map(|s| s * scale).collect(),
+        samples: count as u64,
+        rows: None,
+    };
+    Some(CrossMoments {
+        current,
+        output_cross: (0..view.rows * d).map(|k| cross[(k / d, k % d)] * scale).collect(),
+        output_mean: output_sum.into_iter().map(|s| s * scale).collect(),
     })
+}
+
+/// Compensations refit sequentially on the pruned prefix ([`refit`], level by level of layers),
+/// with the layers left as they were and why.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Refit {
+    /// One per refit layer: consumers of removed channels and layers downstream of them.
+    pub compensations: Vec<Compensation>,
+    /// Layers left as they were, and why.
+    pub notes: Vec<String>,
+    /// Levels of layers refit, one run of the pruned model each.
+    pub levels: usize,
+}
+
+/// Refits dense layers to the original model's outputs from what the pruned model feeds them:
+/// for each layer of `moments`, the kept columns (and bias) minimise
+/// E‖W x + b − Ŵ_K x̃_K − b̂‖² + λ‖[Ŵ_K b̂] − [W_K b]‖², that is
+/// [Ŵ_K b̂] = (E[y z̃ᵀ] + λ[W_K b]) (E[z̃ z̃ᵀ] + λI)⁻¹ with y = W x + b and z̃ = [x̃_K; 1].
+///
+/// Where x̃ = x this is exactly the one-shot OBS update on the damped H (same λ, same handling of
+/// dead columns), and a layer that lost nothing keeps its weights; where the pruned prefix has
+/// changed x̃, the layer also absorbs that change. `graph` is the original (uncompensated) one.
+pub fn refit(
+    graph: &Graph,
+    masked: &[MaskedSlice],
+    moments: &BTreeMap<String, CrossMoments>,
+    damping: f64,
+) -> (Vec<Compensation>, Vec<String>) {
+    let ops: BTreeMap<&str, OpId> = graph.op_ids().map(|op| (graph.op(op).name.as_str(), op)).collect();
+    let results: Vec<Result<Compensation, String>> = moments
+        .par_iter()
+        .filter_map(|(node, m)| {
+            let op = *ops.get(node.as_str())?;
+            let view = dense_view(graph, op)?;
+            let w = graph.op_input(op, 1)?;
+            let weight_name = graph.value(w).name.as_str();
+            let skip = |why: &str| Some(Err(format!("`{node}`: {why}")));
+            if m.current.columns != view.columns || m.output_mean.len() != view.rows {
+                return None;
+            }
+            if !rewritable(graph, w) {
+                return skip("its weight is shared with another reader; left uncompensated");
+            }
+            let original = constant_tensor(graph, w)?;
+            if original.dtype() != prunec_ir::DType::F32 {
+                return skip("its weight is not f32; left uncompensated");
+            }
+            let removed: BTreeSet<usize> = view
+                .columns_of(
+                    masked
+                        .iter()
+                        .filter(|s| s.node == *node && s.weight == weight_name && s.axis == view.axis)
+                        .flat_map(|s| s.indices.iter().copied()),
+                )
+                .into_iter()
+                .collect();
+            let kept: Vec<usize> = (0..view.columns).filter(|c| !removed.contains(c)).collect();
+            let weight = original.to_f64_vec()?;
+            let bias = bias_of(graph, op, view.rows);
+            let Some((new_weight, new_bias)) = refit_layer(&view, &weight, bias.as_ref().map(|b| b.1.as_slice()), &kept, m, damping) else {
+                return skip("its refit could not be factored");
+            };
+            let to_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+            let tensor = Some(Tensor::from_f32(weight_name, &original.dims(), &to_f32(new_weight)));
+            let bias = new_bias.zip(bias).map(|(values, (slot, _))| BiasUpdate { slot, values: to_f32(values) });
+            Some(Ok(Compensation { node: node.clone(), weight: weight_name.to_string(), tensor, bias }))
+        })
+        .collect();
+    let mut done = Vec::new();
+    let mut notes = Vec::new();
+    for r in results {
+        match r {
+            Ok(c) => done.push(c),
+            Err(note) => notes.push(note),
+        }
+    }
+    (done, notes)
+}
+
+/// One layer of [`refit`]: the full-shape weight (removed columns as they were) and the bias.
+fn refit_layer(
+    view: &DenseView,
+    weight: &[f64],
+    bias: Option<&[f64]>,
+    kept: &[usize],
+    m: &CrossMoments,
+    damping: f64,
+) -> Option<(Vec<f64>, Option<Vec<f64>>)> {
+    let (d, h) = (view.columns, &m.current);
+    let mean_diag = h.diagonal.iter().sum::<f64>() / d.max(1) as f64;
+    let lambda = damping * if mean_diag > 0.0 { mean_diag } else { 1.0 };
+    let k = kept.len();
+    let n = k + bias.is_some() as usize;
+    let a = Mat::<f64>::from_fn(n, n, |i, j| {
+        let value = match (i < k, j < k) {
+            (true, true) => h.second[kept[i] * d + kept[j]],
+            (true, false) => h.mean[kept[i]],
+            (false, true) => h.mean[kept[j]],
+            (false, false) => 1.0,
+        };
+        if i != j {
+            value
+        } else if i < k && h.diagonal[kept[i]] <= 0.0 {
+            1.0 + lambda
+        } else {
+            value + lambda
+        }
+    });
+    let b = |r: usize| bias.map_or(0.0, |b| b[r]);
+    // Tᵀ, one column per output row: the right-hand sides of A Ŵᵀ = Tᵀ.
+    let t = Mat::<f64>::from_fn(n, view.rows, |i, r| {
+        if i < k {
+            let c = kept[i];
+            // A dead column's unit diagonal pulls its weight toward the old one, as in OBS.
+            let pull = if h.diagonal[c] <= 0.0 { 1.0 + lambda } else { lambda };
+            m.output_cross[r * d + c] + b(r) * h.mean[c] + pull * weight[view.offset(r, c)]
+        } else {
+            m.output_mean[r] + b(r) * (1.0 + lambda)
+        }
+    });
+    let solved = a.llt(Side::Lower).ok()?.solve(&t);
+    let mut new_weight = weight.to_vec();
+    for r in 0..view.rows {
+        for (i, &c) in kept.iter().enumerate() {
+            new_weight[view.offset(r, c)] = solved[(i, r)];
+        }
+    }
+    let new_bias = bias.map(|_| (0..view.rows).map(|r| solved[(k, r)]).collect());
+    Some((new_weight, new_bias))
 }
 
 /// Sums x xᵀ over `count` rows produced by `row`, in blocks (faer's product does the work).
@@ -775,6 +992,18 @@ pub fn input_hessians(graph: &Graph, reads: &[(OpId, &[f32], &[usize])], max_row
         .collect()
 }
 
+/// A layer's input activation in the original and in the pruned model so far, and its shape.
+pub type PairedInput<'a> = (OpId, &'a [f32], &'a [f32], &'a [usize]);
+
+/// The [`CrossMoments`] of many layers from their paired input activations, in parallel; layers
+/// [`cross_moments`] cannot read are left out.
+pub fn cross_moments_of(graph: &Graph, reads: &[PairedInput], max_rows: usize) -> BTreeMap<String, CrossMoments> {
+    reads
+        .par_iter()
+        .filter_map(|&(op, x, x_now, shape)| Some((graph.op(op).name.clone(), cross_moments(graph, op, x, x_now, shape, max_rows)?)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -804,19 +1033,23 @@ mod tests {
         out
     }
 
+    fn unnamed_op(op_type: &str) -> prunec_ir::Op {
+        prunec_ir::Op {
+            name: String::new(),
+            op_type: op_type.into(),
+            domain: String::new(),
+            attributes: Vec::new(),
+            meta: Default::default(),
+            seq: 0,
+        }
+    }
+
     #[test]
     fn im2col_columns_reproduce_the_convolution() {
         let (c, h, w, k, stride, pad, dil) = (2, 7, 6, 3, 2, 1, 2);
         let x: Vec<f32> = (0..c * h * w).map(|i| ((i * 37 % 11) as f32) - 5.0).collect();
         let weight: Vec<f32> = (0..c * k * k).map(|i| ((i * 13 % 7) as f32) * 0.5 - 1.0).collect();
-        let mut op = prunec_ir::Op {
-            name: "conv".into(),
-            op_type: "Conv".into(),
-            domain: String::new(),
-            attributes: Vec::new(),
-            meta: Default::default(),
-            seq: 0,
-        };
+        let mut op = unnamed_op("Conv");
         for (name, v) in [("strides", stride), ("pads", pad), ("dilations", dil)] {
             let n = if name == "pads" { 4 } else { 2 };
             let proto = prunec_ir::proto::AttributeProto { name: Some(name.into()), ints: vec![v as i64; n], ..Default::default() };
@@ -830,6 +1063,73 @@ mod tests {
             unfold.column(&x, p, &mut column);
             let got: f64 = column.iter().zip(&weight).map(|(a, &b)| a * b as f64).sum();
             assert!((got - want).abs() < 1e-9, "position {p}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn refitting_on_unchanged_inputs_is_the_one_shot_obs_update() {
+        // x̃ = x: the refit's normal equations are OBS's on the damped, bias-augmented H.
+        let (rows, d) = (3, 4);
+        let samples: Vec<[f64; 4]> = (0..9)
+            .map(|i| {
+                let f = i as f64;
+                [f.sin(), (1.3 * f).cos(), 0.5 * f - 2.0, 0.0]
+            })
+            .collect();
+        let count = samples.len() as f64;
+        let mut second = vec![0.0; d * d];
+        let mut mean = vec![0.0; d];
+        for x in &samples {
+            for i in 0..d {
+                mean[i] += x[i] / count;
+                for j in 0..d {
+                    second[i * d + j] += x[i] * x[j] / count;
+                }
+            }
+        }
+        let diagonal = (0..d).map(|i| second[i * d + i]).collect();
+        let h = Hessian { columns: d, second, diagonal, mean, samples: samples.len() as u64, rows: None };
+        let view = DenseView { rows, columns: d, per_index: 1, transposed: false, axis: 1 };
+        let weight: Vec<f64> = (0..rows * d).map(|i| ((i * 7 % 5) as f64) - 2.0).collect();
+        let bias = vec![0.5, -1.0, 2.0];
+        let (mut cross, mut output_mean) = (vec![0.0; rows * d], vec![0.0; rows]);
+        for x in &samples {
+            for r in 0..rows {
+                let y: f64 = (0..d).map(|c| weight[view.offset(r, c)] * x[c]).sum();
+                output_mean[r] += y / count;
+                for c in 0..d {
+                    cross[r * d + c] += y * x[c] / count;
+                }
+            }
+        }
+        let m = CrossMoments { current: h.clone(), output_cross: cross, output_mean };
+        let damping = 0.05;
+        let (refit_w, refit_b) = refit_layer(&view, &weight, Some(&bias), &[0, 2, 3], &m, damping).expect("factorable");
+        let mut graph = Graph::new(Default::default());
+        let op = graph.add_op(unnamed_op("Gemm"), &[], &[]).expect("an op without edges");
+        let layer = Layer {
+            op,
+            view,
+            weight_name: "w".into(),
+            weight: weight.clone(),
+            hessian: &h,
+            inverse: damped_inverse(&h, damping, true).expect("invertible"),
+            bias: Some((BiasSlot::Input(2), bias.clone())),
+        };
+        let (obs_w, obs_b) = layer.compensate(&[1]).expect("factorable");
+        for r in 0..rows {
+            for c in [0, 2, 3] {
+                let (a, b) = (refit_w[view.offset(r, c)], obs_w[view.offset(r, c)]);
+                assert!((a - b).abs() < 1e-9, "row {r} column {c}: {a} vs {b}");
+            }
+        }
+        for (a, b) in refit_b.expect("bias").iter().zip(obs_b.expect("bias")) {
+            assert!((a - b).abs() < 1e-9, "bias {a} vs {b}");
+        }
+        // A layer that lost nothing, on unchanged inputs, keeps its weights.
+        let (same, _) = refit_layer(&view, &weight, Some(&bias), &[0, 1, 2, 3], &m, damping).expect("factorable");
+        for (a, b) in same.iter().zip(&weight) {
+            assert!((a - b).abs() < 1e-9);
         }
     }
 
