@@ -312,6 +312,11 @@ pub fn refit(
             Some(Ok(Compensation { node: node.clone(), weight: weight_name.to_string(), tensor, bias }))
         })
         .collect();
+    done_and_notes(results)
+}
+
+/// Compensations made, and the notes of the layers left as they were.
+fn done_and_notes(results: Vec<Result<Compensation, String>>) -> (Vec<Compensation>, Vec<String>) {
     let mut done = Vec::new();
     let mut notes = Vec::new();
     for r in results {
@@ -806,15 +811,7 @@ pub(crate) fn compensations(graph: &Graph, masked: &[MaskedSlice], layers: &Laye
             Some(Ok(Compensation { node: node.to_string(), weight: weight.to_string(), tensor, bias }))
         })
         .collect();
-    let mut done = Vec::new();
-    let mut notes = Vec::new();
-    for r in results {
-        match r {
-            Ok(c) => done.push(c),
-            Err(note) => notes.push(note),
-        }
-    }
-    (done, notes)
+    done_and_notes(results)
 }
 
 /// Writes compensations into a graph, in place: the weights and biases keep their names, so the
