@@ -40,7 +40,7 @@ pub fn collect(model: &Model, dir: &Path, feed: &Feed, source: &str, hessians: b
     let graph = &model.graph;
     let reads: BTreeMap<String, (OpId, ValueId, usize)> =
         graph.op_ids().filter_map(|op| activation_axis(model, op).map(|(v, axis)| (graph.op(op).name.clone(), (op, v, axis)))).collect();
-    let activations = run_probed(model, dir, feed, reads.values().map(|r| r.1))?;
+    let activations = run_probed(model, dir, feed, reads.values().map(|r| r.1), false)?;
     let mut second_moments = BTreeMap::new();
     let mut dense: Vec<(OpId, TractTensor)> = Vec::new();
     for (node, (op, v, axis)) in reads {
@@ -83,7 +83,7 @@ pub fn dense_levels(model: &Model) -> Vec<(OpId, usize)> {
 pub fn dense_inputs(model: &Model, dir: &Path, feed: &Feed, layers: &[OpId]) -> Result<BTreeMap<OpId, TractTensor>, RunError> {
     let graph = &model.graph;
     let reads: Vec<(OpId, ValueId)> = layers.iter().filter_map(|&op| Some((op, activation_axis(model, op)?.0))).collect();
-    let run = run_probed(model, dir, feed, reads.iter().map(|r| r.1))?;
+    let run = run_probed(model, dir, feed, reads.iter().map(|r| r.1), true)?;
     let mut inputs = BTreeMap::new();
     for (op, v) in reads {
         if let Some(x) = activation(&run, feed, &graph.value(v).name) {
@@ -177,17 +177,32 @@ pub fn refit(
     Ok(refit)
 }
 
-/// Runs `model` on `feed`, returning the values `probes` as well as its outputs.
+/// Runs `model` on `feed`, returning the values `probes` as well as its outputs. With
+/// `only_probes`, the outputs are dropped and so is every op the probes do not depend on: the
+/// first levels of a refit then cost a fraction of the model.
 fn run_probed(
     model: &Model,
     dir: &Path,
     feed: &Feed,
     probes: impl Iterator<Item = ValueId>,
+    only_probes: bool,
 ) -> Result<BTreeMap<String, TractTensor>, RunError> {
     let mut probe = model.clone();
+    if only_probes {
+        probe.graph.outputs.clear();
+    }
     for v in probes {
         if !probe.graph.inputs.contains(&v) && !probe.graph.outputs.contains(&v) {
             probe.graph.outputs.push(v);
+        }
+    }
+    if probe.graph.outputs.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    if only_probes {
+        let dce = crate::passes::parse_pipeline("dce", &Default::default()).map_err(|e| RunError::Inputs(e.to_string()))?;
+        for pass in &dce {
+            pass.run(&mut probe).map_err(|e| RunError::Inputs(e.to_string()))?;
         }
     }
     let plan = Plan::from_model(&probe, dir, feed)?;
