@@ -40,6 +40,7 @@ fn pruned_models_equal_their_masked_originals() {
         "grouped_conv",
         "concat_split",
         "mlp",
+        "byte_embed",
         "resnet18",
         "mobilenet_v2",
         "mobilenet_v3_small",
@@ -193,7 +194,7 @@ fn targets_rounding_and_exclusions_do_what_they_say() {
 fn pruning_rewrites_are_snapshotted() {
     for case in common::testdata_cases()
         .iter()
-        .filter(|c| ["conv_residual", "depthwise", "grouped_conv", "concat_split", "attention"].contains(&c.name.as_str()))
+        .filter(|c| ["conv_residual", "depthwise", "grouped_conv", "concat_split", "attention", "byte_embed"].contains(&c.name.as_str()))
     {
         let loaded = load(&case.path);
         let (pruned, report) = prune(&loaded.model, at_ratio(0.5));

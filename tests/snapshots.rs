@@ -25,6 +25,7 @@ fn dumps_of_testdata_models() {
         "external_data/model.onnx",
         "if_subgraph.onnx",
         "mlp.onnx",
+        "byte_embed.onnx",
     ] {
         let name = file.trim_end_matches(".onnx").replace('/', "_");
         insta::assert_snapshot!(format!("dump_{name}"), dump_of(file).1);

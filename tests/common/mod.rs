@@ -85,6 +85,7 @@ pub fn testdata_cases() -> Vec<Case> {
     };
     vec![
         case("attention", "attention.onnx", vec![], None),
+        case("byte_embed", "byte_embed.onnx", vec![], None),
         case("concat_split", "concat_split.onnx", vec![], None),
         case("conv_residual", "conv_residual.onnx", vec![], None),
         case("dead_code", "dead_code.onnx", vec![], None),

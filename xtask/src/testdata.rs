@@ -37,8 +37,8 @@ const EXTERNAL_MIN_ELEMS: i64 = 32;
 /// Writes every synthetic test model to `<root>/testdata/models/`.
 pub fn run(root: &Path) -> Result<()> {
     let dir = root.join("testdata/models");
-    let builders: [fn() -> Result<ModelProto>; 9] =
-        [conv_residual, depthwise, grouped_conv, concat_split, attention, if_subgraph, dead_code, exotic, mlp];
+    let builders: [fn() -> Result<ModelProto>; 10] =
+        [conv_residual, depthwise, grouped_conv, concat_split, attention, if_subgraph, dead_code, exotic, mlp, byte_embed];
     for build in builders {
         let model = build()?;
         let graph = model.graph.as_ref().expect("every builder sets a graph");
@@ -156,6 +156,27 @@ fn mlp() -> Result<ModelProto> {
     let h = g.op("/act2", "Relu", &[&h], vec![]);
     let y = g.gemm("/fc3", &h, 24, 8);
     g.output(&y, "output", DataType::Float, &[64, 8]);
+    Ok(model(g.finish()?, &[]))
+}
+
+/// Magika's front end in small: per-position embeddings [1, 16, 4] regrouped into rows of four
+/// positions, [1, 4, 16], then read as channels by a convolution. Embedding feature `c` is
+/// convolution input channel `c`, `c + 4`, `c + 8` and `c + 12`.
+fn byte_embed() -> Result<ModelProto> {
+    let mut g = GraphBuilder::new("byte_embed");
+    let x = g.input("x", DataType::Float, &[1, 16, 6]);
+    let h = g.linear("/embed", &x, 6, 4);
+    let h = g.op("/embed/act", "Relu", &[&h], vec![]);
+    let rows = g.initializer(tensor_i64("regroup.shape", &[3], &[1, 4, 16]));
+    let h = g.op("/regroup", "Reshape", &[&h, &rows], vec![]);
+    let h = g.op("/regroup", "Transpose", &[&h], vec![attr_ints("perm", &[0, 2, 1])]);
+    let image = g.initializer(tensor_i64("regroup.image_shape", &[4], &[1, 16, 4, 1]));
+    let h = g.op("/to_image", "Reshape", &[&h, &image], vec![]);
+    let h = g.conv("/conv", &h, Conv::new(16, 8, 1));
+    let h = g.op("/conv/act", "Relu", &[&h], vec![]);
+    let h = g.op("/head", "Flatten", &[&h], vec![attr_int("axis", 1)]);
+    let y = g.gemm("/head", &h, 32, 3);
+    g.output(&y, "output", DataType::Float, &[1, 3]);
     Ok(model(g.finish()?, &[]))
 }
 
