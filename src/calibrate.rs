@@ -8,7 +8,7 @@ use crate::backends::tract::{Feed, Plan, TractTensor};
 use crate::ir::{Model, OpId, ValueId, constant_tensor};
 use crate::passes::prune::{Calibration, Compensation, CrossMoments, PruneReport, Refit, apply_compensations, mask_consumers, obspa};
 use std::collections::BTreeMap;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 
 /// The activation a weighted op reads and the axis its weight's input columns match.
@@ -154,6 +154,7 @@ pub fn refit(
     let before = if to_originals { Some(dense_inputs(original, dir, feed, &all)?) } else { None };
     let mut compensations: BTreeMap<String, Compensation> = report.compensated.iter().map(|c| (c.node.clone(), c.clone())).collect();
     let mut refit = Refit::default();
+    let mut pieces = Pieces::new(original);
     for level in 0..=levels.iter().map(|l| l.1).max().unwrap_or(0) {
         let layers: Vec<OpId> = levels.iter().filter(|l| l.1 == level).map(|l| l.0).collect();
         if layers.is_empty() {
@@ -163,7 +164,7 @@ pub fn refit(
         let so_far: Vec<Compensation> = compensations.values().cloned().collect();
         apply_compensations(&mut current.graph, &so_far).map_err(RefitError::Rewrite)?;
         mask_consumers(&mut current.graph, &report.masked).map_err(|e| RefitError::Rewrite(e.to_string()))?;
-        let mut now = dense_inputs(&current, dir, feed, &layers)?;
+        let mut now = pieces.dense_inputs(&current, dir, feed, &layers)?;
         if let Some(before) = &before {
             // A layer whose input did not change and that lost nothing keeps its weights.
             now.retain(|op, x| pruned.contains(graph.op(*op).name.as_str()) || before.get(op) != Some(x));
@@ -175,6 +176,100 @@ pub fn refit(
     }
     refit.compensations = compensations.into_values().collect();
     Ok(refit)
+}
+
+/// Runs a model piece by piece as a refit walks its levels: each run computes only what its
+/// probes need and has not been computed before, and keeps what later pieces will read.
+///
+/// Between two runs only the layers of the level just measured change, and no value a run
+/// computes depends on a layer of its own level or later (levels are longest paths of dense
+/// layers), so every value computed stays valid for the rest of the refit. Values that do not
+/// depend on the graph's inputs (weights, shape arithmetic) are recomputed, never fed back, so
+/// tract still sees them as constants.
+struct Pieces {
+    /// Values known for good that ops not run yet still read.
+    cache: BTreeMap<ValueId, TractTensor>,
+    /// Ops some run has computed.
+    done: HashSet<OpId>,
+    /// Values that depend on the values (not only the sizes) of a graph input.
+    dynamic: HashSet<ValueId>,
+}
+
+impl Pieces {
+    fn new(model: &Model) -> Pieces {
+        let graph = &model.graph;
+        let mut dynamic: HashSet<ValueId> = graph.inputs.iter().copied().filter(|&v| graph.value(v).initializer().is_none()).collect();
+        for op in graph.topo_order().unwrap_or_default() {
+            // Sizes are fixed by the feed: shape arithmetic stays constant to tract.
+            let reads_sizes_only = matches!(graph.op(op).op_type.as_str(), "Shape" | "Size");
+            let reads_data = graph.op_inputs(op).into_iter().flatten().chain(graph.op_captures(op)).any(|v| dynamic.contains(&v));
+            if reads_data && !reads_sizes_only {
+                dynamic.extend(graph.op_outputs(op).into_iter().flatten());
+            }
+        }
+        Pieces { cache: BTreeMap::new(), done: HashSet::new(), dynamic }
+    }
+
+    /// The input activations of `layers` in `model` (this refit's original, as changed so far).
+    fn dense_inputs(&mut self, model: &Model, dir: &Path, feed: &Feed, layers: &[OpId]) -> Result<BTreeMap<OpId, TractTensor>, RunError> {
+        let graph = &model.graph;
+        let reads: Vec<(OpId, ValueId)> = layers.iter().filter_map(|&op| Some((op, activation_axis(model, op)?.0))).collect();
+        // The ops to run: back from the probes, stopping at graph inputs and cached values.
+        let mut needed: HashSet<OpId> = HashSet::new();
+        let mut boundary: BTreeSet<ValueId> = BTreeSet::new();
+        let mut stack: Vec<ValueId> = reads.iter().map(|r| r.1).collect();
+        let mut seen = HashSet::new();
+        while let Some(v) = stack.pop() {
+            if !seen.insert(v) {
+                continue;
+            }
+            if self.cache.contains_key(&v) {
+                boundary.insert(v);
+            } else if let Some((op, _)) = graph.producer(v)
+                && needed.insert(op)
+            {
+                stack.extend(graph.op_inputs(op).into_iter().flatten().chain(graph.op_captures(op)));
+            }
+        }
+        // A cached value whose op runs anyway (for another of its outputs) is recomputed.
+        boundary.retain(|&v| graph.producer(v).is_none_or(|(op, _)| !needed.contains(&op)));
+        let mut piece = model.clone();
+        let probes = reads.iter().map(|r| r.1).filter(|v| !graph.inputs.contains(v) && !self.cache.contains_key(v));
+        // What later pieces will read: outputs of this piece's ops that other ops consume.
+        let kept_for_later = needed.iter().flat_map(|&op| graph.op_outputs(op).into_iter().flatten()).filter(|&v| {
+            self.dynamic.contains(&v)
+                && graph.consumers(v).iter().any(|(reader, _)| !needed.contains(reader) && !self.done.contains(reader))
+        });
+        let mut outputs: Vec<ValueId> = probes.chain(kept_for_later).collect();
+        outputs.sort();
+        outputs.dedup();
+        let mut piece_feed = Feed(feed.0.clone());
+        for &v in &boundary {
+            // The cached value becomes an input of the piece in place of the op that made it.
+            if let Some((op, _)) = piece.graph.producer(v) {
+                piece.graph.remove_op(op);
+            }
+            piece.graph.value_mut(v).kind = crate::ir::ValueKind::Input;
+            piece.graph.inputs.push(v);
+            piece_feed.0.insert(graph.value(v).name.clone(), self.cache[&v].clone());
+        }
+        let run = if outputs.is_empty() { BTreeMap::new() } else { run_probed(&piece, dir, &piece_feed, outputs.iter().copied(), true)? };
+        for &v in &outputs {
+            if let Some(t) = run.get(&graph.value(v).name) {
+                self.cache.insert(v, t.clone());
+            }
+        }
+        let mut inputs = BTreeMap::new();
+        for &(op, v) in &reads {
+            if let Some(x) = self.cache.get(&v).or_else(|| feed.0.get(&graph.value(v).name)) {
+                inputs.insert(op, as_f32(x)?);
+            }
+        }
+        self.done.extend(needed);
+        let done = &self.done;
+        self.cache.retain(|&v, _| graph.consumers(v).iter().any(|(reader, _)| !done.contains(reader)));
+        Ok(inputs)
+    }
 }
 
 /// Runs `model` on `feed`, returning the values `probes` as well as its outputs. With

@@ -755,4 +755,51 @@ fn obspa_refit_on_the_pruned_prefix_still_equals_the_compensated_and_masked_orig
     // prefix refits the consumers the one-shot update compensates; outputs also the layers after.
     assert_eq!(compensated[0], compensated[1]);
     assert!(compensated[2] >= compensated[1], "{compensated:?}");
+
+    // On calibration inputs the refit is the default; on synthetic ones it is not.
+    let zoo = common::shared().join("models/zoo");
+    let s = Scratch::new();
+    let model = zoo.join("mobilenet_v2.onnx");
+    let inputs = zoo.join("mobilenet_v2.inputs.npz");
+    let r = run([
+        model.as_os_str(),
+        OsStr::new("-o"),
+        s.output().as_os_str(),
+        OsStr::new("--criterion"),
+        OsStr::new("obspa"),
+        OsStr::new("--inputs"),
+        inputs.as_os_str(),
+    ]);
+    assert_eq!(r.code, Some(0), "stderr:\n{}", r.stderr);
+    assert!(r.stderr.contains("on the pruned prefix"), "stderr:\n{}", r.stderr);
+    assert!(r.stderr.contains("equals the compensated and masked original"), "stderr:\n{}", r.stderr);
+
+    // Magika computes a Reshape's target from its input's Shape: the pieces of the refit
+    // recompute such shape arithmetic instead of feeding it back to tract as data.
+    let s = Scratch::new();
+    let inputs = s.output().with_extension("npz");
+    let dev = common::shared().join("data/magika.dev.npz");
+    let sliced = std::process::Command::new(common::python())
+        .args(["-c", "import sys, numpy as np; np.savez(sys.argv[2], bytes=np.load(sys.argv[1])['bytes'][:16])"])
+        .args([dev.as_os_str(), inputs.as_os_str()])
+        .status()
+        .expect("python runs");
+    assert!(sliced.success());
+    let model = common::shared().join("models/real/magika/model.onnx");
+    let r = run([
+        model.as_os_str(),
+        OsStr::new("-o"),
+        s.output().as_os_str(),
+        OsStr::new("--criterion"),
+        OsStr::new("obspa"),
+        OsStr::new("--inputs"),
+        inputs.as_os_str(),
+        OsStr::new("--input-shape"),
+        OsStr::new("bytes=16,2048"),
+        OsStr::new("--refit"),
+        OsStr::new("outputs"),
+    ]);
+    assert_eq!(r.code, Some(0), "stderr:\n{}", r.stderr);
+    assert!(r.stderr.contains("refit in 3 levels"), "stderr:\n{}", r.stderr);
+    assert!(r.stderr.contains("equals the compensated and masked original"), "stderr:\n{}", r.stderr);
 }

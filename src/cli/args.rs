@@ -118,13 +118,13 @@ pub struct PruneArgs {
     /// Samples of synthetic input for `--hessian noise` (the batch size, where it is dynamic).
     #[arg(long, default_value_t = 8, value_name = "N")]
     pub noise_samples: usize,
-    /// OBSPA with measured statistics (calib, noise): how consumers are compensated. none: once,
-    /// from the original model's statistics; prefix: level by level in topological order, each
-    /// on the inputs the already pruned and compensated prefix gives it; outputs: as prefix, and
-    /// every dense layer downstream is refit to the original's outputs too. prefix and outputs
-    /// run the model once per level of layers (several times slower).
-    #[arg(long, value_enum, default_value_t = RefitMode::None)]
-    pub refit: RefitMode,
+    /// OBSPA with measured statistics: how consumers are compensated. none: once, from the
+    /// original model's statistics; prefix: level by level in topological order, each on the
+    /// inputs the already pruned and compensated prefix gives it; outputs: as prefix, and every
+    /// dense layer downstream is refit to the original's outputs too. Default: prefix with
+    /// --hessian calib, none otherwise (synthetic inputs deep in a pruned model mislead it).
+    #[arg(long, value_enum)]
+    pub refit: Option<RefitMode>,
 }
 
 /// How OBSPA compensates (`--refit`).
@@ -145,6 +145,12 @@ impl CompileArgs {
         use prunec::passes::prune::HessianSource;
         let hessian = self.prune.hessian.unwrap_or(if self.inputs.is_some() { HessianSource::Calib } else { HessianSource::Noise });
         prunec::passes::prune::PruneOptions { hessian, ..self.prune.options() }
+    }
+
+    /// The refit `--refit` asks for, resolved: prefix on calibration inputs, none otherwise.
+    pub fn refit_mode(&self) -> RefitMode {
+        let calibrated = self.prune_options().hessian == prunec::passes::prune::HessianSource::Calib;
+        self.prune.refit.unwrap_or(if calibrated { RefitMode::Prefix } else { RefitMode::None })
     }
 }
 

@@ -249,7 +249,7 @@ fn refit(
     let options = a.prune_options();
     let report = runs.iter().rev().find_map(|r| r.report.prune.as_ref());
     let (Some(report), Some(feed)) = (report, feed) else { return Ok(None) };
-    let target = match a.prune.refit {
+    let target = match a.refit_mode() {
         args::RefitMode::None => return Ok(None),
         args::RefitMode::Prefix => prunec::calibrate::RefitTarget::OwnOutputs,
         args::RefitMode::Outputs => prunec::calibrate::RefitTarget::OriginalOutputs,

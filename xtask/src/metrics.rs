@@ -66,8 +66,8 @@ const CRITERIA: &[(&str, &[&str])] = &[
     ("obspa-identity", &["--criterion", "obspa", "--hessian", "identity"]),
     ("obspa-bn", &["--criterion", "obspa", "--hessian", "bn"]),
     ("obspa-noise", &["--criterion", "obspa", "--hessian", "noise"]),
+    ("obspa-calib-oneshot", &["--criterion", "obspa", "--hessian", "calib", "--refit", "none", "@inputs"]),
     ("obspa-calib", &["--criterion", "obspa", "--hessian", "calib", "@inputs"]),
-    ("obspa-calib-prefix", &["--criterion", "obspa", "--hessian", "calib", "--refit", "prefix", "@inputs"]),
     ("obspa-calib-outputs", &["--criterion", "obspa", "--hessian", "calib", "--refit", "outputs", "@inputs"]),
 ];
 
