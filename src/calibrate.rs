@@ -7,8 +7,7 @@ use crate::backends::RunError;
 use crate::backends::tract::{Feed, Plan, TractTensor};
 use crate::ir::{Model, OpId, ValueId, constant_tensor};
 use crate::passes::prune::{Calibration, Compensation, CrossMoments, PruneReport, Refit, apply_compensations, mask_consumers, obspa};
-use std::collections::BTreeMap;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 
 /// The activation a weighted op reads and the axis its weight's input columns match.

@@ -180,12 +180,16 @@ fn input_rows<'a>(
 /// the original's outputs from the pruned prefix needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CrossMoments {
-    /// E[x̃ x̃ᵀ] and E[x̃], always dense.
+    /// E[x̃ x̃ᵀ] and E[x̃]; on fewer rows than half the columns, the rows x̃ themselves instead
+    /// of E[x̃ x̃ᵀ] (see [`Hessian::rows`]).
     pub current: Hessian,
-    /// E[(W x) x̃ᵀ], row-major `rows × columns`: the original outputs against the new inputs.
+    /// E[(W x) x̃ᵀ], row-major `rows × columns`: the original outputs against the new inputs;
+    /// empty when the rows are kept.
     pub output_cross: Vec<f64>,
     /// E[W x].
     pub output_mean: Vec<f64>,
+    /// The outputs W x of each kept row (row-major `samples × rows`), with `current.rows`.
+    pub output_rows: Option<Vec<f64>>,
 }
 
 /// Measures [`CrossMoments`] of `op` from its input activation in the original (`original`) and
@@ -200,9 +204,15 @@ pub fn cross_moments(graph: &Graph, op: OpId, original: &[f32], current: &[f32],
         return None;
     }
     const BLOCK: usize = 2048;
-    let mut second = Mat::<f64>::zeros(d, d);
-    let mut cross = Mat::<f64>::zeros(view.rows, d);
-    let (mut sum, mut output_sum) = (vec![0.0; d], vec![0.0; view.rows]);
+    // Few rows: keep them, and the refit solves through the Woodbury identity.
+    let low_rank = 2 * count < d;
+    let (mut second, mut cross) = if low_rank {
+        (Mat::<f64>::zeros(0, 0), Mat::<f64>::zeros(0, 0))
+    } else {
+        (Mat::<f64>::zeros(d, d), Mat::<f64>::zeros(view.rows, d))
+    };
+    let (mut rows, mut output_rows) = (Vec::new(), Vec::new());
+    let (mut sum, mut squares, mut output_sum) = (vec![0.0; d], vec![0.0; d], vec![0.0; view.rows]);
     let mut buf = vec![0.0; d];
     let mut start = 0;
     while start < count {
@@ -218,6 +228,10 @@ pub fn cross_moments(graph: &Graph, op: OpId, original: &[f32], current: &[f32],
             for (j, &v) in buf.iter().enumerate() {
                 xc[(r, j)] = v;
                 sum[j] += v;
+                squares[j] += v * v;
+            }
+            if low_rank {
+                rows.extend_from_slice(&buf);
             }
         }
         let y = &x * w.transpose();
@@ -226,23 +240,29 @@ pub fn cross_moments(graph: &Graph, op: OpId, original: &[f32], current: &[f32],
                 *s += y[(r, o)];
             }
         }
-        second += xc.transpose() * &xc;
-        cross += y.transpose() * &xc;
+        if low_rank {
+            output_rows.extend((0..n).flat_map(|r| (0..view.rows).map(move |o| (r, o))).map(|(r, o)| y[(r, o)]));
+        } else {
+            second += xc.transpose() * &xc;
+            cross += y.transpose() * &xc;
+        }
         start += n;
     }
     let scale = 1.0 / count as f64;
+    let flat = |m: &Mat<f64>| (0..m.nrows() * m.ncols()).map(|k| m[(k / m.ncols(), k % m.ncols())] * scale).collect::<Vec<f64>>();
     let current = Hessian {
         columns: d,
-        second: (0..d * d).map(|k| second[(k / d, k % d)] * scale).collect(),
-        diagonal: (0..d).map(|i| second[(i, i)] * scale).collect(),
+        second: flat(&second),
+        diagonal: squares.into_iter().map(|s| s * scale).collect(),
         mean: sum.into_iter().map(|s| s * scale).collect(),
         samples: count as u64,
-        rows: None,
+        rows: low_rank.then_some(rows),
     };
     Some(CrossMoments {
         current,
-        output_cross: (0..view.rows * d).map(|k| cross[(k / d, k % d)] * scale).collect(),
+        output_cross: flat(&cross),
         output_mean: output_sum.into_iter().map(|s| s * scale).collect(),
+        output_rows: low_rank.then_some(output_rows),
     })
 }
 
@@ -342,34 +362,63 @@ fn refit_layer(
     let lambda = damping * if mean_diag > 0.0 { mean_diag } else { 1.0 };
     let k = kept.len();
     let n = k + bias.is_some() as usize;
-    let a = Mat::<f64>::from_fn(n, n, |i, j| {
-        let value = match (i < k, j < k) {
-            (true, true) => h.second[kept[i] * d + kept[j]],
-            (true, false) => h.mean[kept[i]],
-            (false, true) => h.mean[kept[j]],
-            (false, false) => 1.0,
-        };
-        if i != j {
-            value
-        } else if i < k && h.diagonal[kept[i]] <= 0.0 {
-            1.0 + lambda
-        } else {
-            value + lambda
-        }
-    });
+    // What damping adds to each diagonal entry: a dead column's gets a unit diagonal too, which
+    // pulls its weight toward the old one, as in OBS.
+    let added = |i: usize| if i < k && h.diagonal[kept[i]] <= 0.0 { 1.0 + lambda } else { lambda };
     let b = |r: usize| bias.map_or(0.0, |b| b[r]);
-    // Tᵀ, one column per output row: the right-hand sides of A Ŵᵀ = Tᵀ.
-    let t = Mat::<f64>::from_fn(n, view.rows, |i, r| {
+    let low_rank = h.rows.as_ref().zip(m.output_rows.as_ref());
+    // Tᵀ, one column per output row: the right-hand sides of A Ŵᵀ = Tᵀ, with E[(W x) z̃ᵀ] from
+    // the moments here, or from the rows below when they are kept.
+    let mut t = Mat::<f64>::from_fn(n, view.rows, |i, r| {
+        let measured = |dense: &[f64], at: usize| if low_rank.is_some() { 0.0 } else { dense[at] };
         if i < k {
             let c = kept[i];
-            // A dead column's unit diagonal pulls its weight toward the old one, as in OBS.
-            let pull = if h.diagonal[c] <= 0.0 { 1.0 + lambda } else { lambda };
-            m.output_cross[r * d + c] + b(r) * h.mean[c] + pull * weight[view.offset(r, c)]
+            measured(&m.output_cross, r * d + c) + b(r) * h.mean[c] + added(i) * weight[view.offset(r, c)]
         } else {
-            m.output_mean[r] + b(r) * (1.0 + lambda)
+            measured(&m.output_mean, r) + b(r) * (1.0 + lambda)
         }
     });
-    let solved = a.llt(Side::Lower).ok()?.solve(&t);
+    let solved = if let Some((rows, outputs)) = low_rank {
+        if lambda <= 0.0 {
+            // Fewer rows than columns and no damping: A is singular.
+            return None;
+        }
+        // A = UᵀU/N + D for the N rows U = [x̃_K 1]:
+        // A⁻¹ = D⁻¹ − D⁻¹Uᵀ(N·I + U D⁻¹ Uᵀ)⁻¹ U D⁻¹, at O(N·n·(N + rows)).
+        let samples = h.samples as usize;
+        let u = Mat::<f64>::from_fn(samples, n, |s, i| if i < k { rows[s * d + kept[i]] } else { 1.0 });
+        let y = Mat::<f64>::from_fn(samples, view.rows, |s, r| outputs[s * view.rows + r]);
+        t += (u.transpose() * &y) * faer::Scale(1.0 / samples as f64);
+        let inv_d: Vec<f64> = (0..n).map(|i| 1.0 / added(i)).collect();
+        let p = Mat::<f64>::from_fn(n, view.rows, |i, r| inv_d[i] * t[(i, r)]);
+        let u_scaled = Mat::<f64>::from_fn(samples, n, |s, i| u[(s, i)] * inv_d[i]);
+        let mut core = &u_scaled * u.transpose();
+        for s in 0..samples {
+            core[(s, s)] += samples as f64;
+        }
+        let correction = core.llt(Side::Lower).ok()?.solve(&(&u * &p));
+        &p - u_scaled.transpose() * &correction
+    } else {
+        let a = Mat::<f64>::from_fn(n, n, |i, j| {
+            let value = match (i < k, j < k) {
+                (true, true) => h.second[kept[i] * d + kept[j]],
+                (true, false) => h.mean[kept[i]],
+                (false, true) => h.mean[kept[j]],
+                (false, false) => 1.0,
+            };
+            if i == j { value + added(i) } else { value }
+        });
+        if n > SINGLE_PRECISION_ABOVE && damping > 0.0 {
+            // As for the one-shot inverse: damping bounds the condition number, single
+            // precision resolves it, and the largest factorisations take half the time.
+            let single = Mat::<f32>::from_fn(n, n, |i, j| a[(i, j)] as f32);
+            let rhs = Mat::<f32>::from_fn(n, view.rows, |i, r| t[(i, r)] as f32);
+            let x = single.llt(Side::Lower).ok()?.solve(&rhs);
+            Mat::<f64>::from_fn(n, view.rows, |i, r| x[(i, r)] as f64)
+        } else {
+            a.llt(Side::Lower).ok()?.solve(&t)
+        }
+    };
     let mut new_weight = weight.to_vec();
     for r in 0..view.rows {
         for (i, &c) in kept.iter().enumerate() {
@@ -1099,7 +1148,7 @@ mod tests {
                 }
             }
         }
-        let m = CrossMoments { current: h.clone(), output_cross: cross, output_mean };
+        let m = CrossMoments { current: h.clone(), output_cross: cross, output_mean, output_rows: None };
         let damping = 0.05;
         let (refit_w, refit_b) = refit_layer(&view, &weight, Some(&bias), &[0, 2, 3], &m, damping).expect("factorable");
         let mut graph = Graph::new(Default::default());
@@ -1128,6 +1177,51 @@ mod tests {
         for (a, b) in same.iter().zip(&weight) {
             assert!((a - b).abs() < 1e-9);
         }
+    }
+
+    #[test]
+    fn refitting_on_few_rows_through_woodbury_equals_the_dense_solve() {
+        // 3 rows, 8 columns (one dead): the kept rows and the dense moments give one refit.
+        let (samples, d, rows) = (3, 8, 2);
+        let value = |s: usize, c: usize, salt: f64| if c == 5 { 0.0 } else { ((s * 7 + c * 3) as f64 * salt).sin() };
+        let now: Vec<f64> = (0..samples * d).map(|k| value(k / d, k % d, 0.7)).collect();
+        let before: Vec<f64> = (0..samples * d).map(|k| value(k / d, k % d, 1.1)).collect();
+        let view = DenseView { rows, columns: d, per_index: 1, transposed: false, axis: 1 };
+        let weight: Vec<f64> = (0..rows * d).map(|i| ((i * 5 % 7) as f64) * 0.3 - 1.0).collect();
+        let outputs: Vec<f64> =
+            (0..samples * rows).map(|k| (0..d).map(|c| weight[view.offset(k % rows, c)] * before[(k / rows) * d + c]).sum()).collect();
+        let n = samples as f64;
+        let mean: Vec<f64> = (0..d).map(|c| (0..samples).map(|s| now[s * d + c]).sum::<f64>() / n).collect();
+        let second: Vec<f64> = (0..d * d).map(|k| (0..samples).map(|s| now[s * d + k / d] * now[s * d + k % d]).sum::<f64>() / n).collect();
+        let diagonal: Vec<f64> = (0..d).map(|c| second[c * d + c]).collect();
+        let output_cross: Vec<f64> =
+            (0..rows * d).map(|k| (0..samples).map(|s| outputs[s * rows + k / d] * now[s * d + k % d]).sum::<f64>() / n).collect();
+        let output_mean: Vec<f64> = (0..rows).map(|r| (0..samples).map(|s| outputs[s * rows + r]).sum::<f64>() / n).collect();
+        let hessian = |second: Vec<f64>, kept_rows: Option<Vec<f64>>| Hessian {
+            columns: d,
+            second,
+            diagonal: diagonal.clone(),
+            mean: mean.clone(),
+            samples: samples as u64,
+            rows: kept_rows,
+        };
+        let dense =
+            CrossMoments { current: hessian(second.clone(), None), output_cross, output_mean: output_mean.clone(), output_rows: None };
+        let low_rank = CrossMoments {
+            current: hessian(Vec::new(), Some(now.clone())),
+            output_cross: Vec::new(),
+            output_mean,
+            output_rows: Some(outputs),
+        };
+        let bias = [0.25, -0.5];
+        let kept = [0, 2, 3, 5, 6, 7];
+        let (w_dense, b_dense) = refit_layer(&view, &weight, Some(&bias), &kept, &dense, 0.05).expect("dense solve");
+        let (w_low, b_low) = refit_layer(&view, &weight, Some(&bias), &kept, &low_rank, 0.05).expect("woodbury solve");
+        for (a, b) in w_dense.iter().zip(&w_low).chain(b_dense.expect("bias").iter().zip(&b_low.expect("bias"))) {
+            assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+        }
+        // Undamped, few rows leave A singular: no refit rather than a wild one.
+        assert!(refit_layer(&view, &weight, Some(&bias), &kept, &low_rank, 0.0).is_none());
     }
 
     #[test]
