@@ -10,6 +10,9 @@
 //! - Compensation: once every group's channels are chosen, each consumer loses the union Q of its
 //!   removed columns at once and the others become Ŵ = W − W_Q [(H⁻¹)_QQ]⁻¹ (H⁻¹)_Q,:, the exact
 //!   least-squares optimum of the kept columns on the damped H (no order of removal matters).
+//! - Sequential refit ([`refit`]): the same least squares, measured on what the pruned and
+//!   compensated prefix feeds each layer ([`CrossMoments`]), level by level in topological order
+//!   (the CLI runs the model; `--refit`).
 //!
 //! Producers' rows are simply deleted by the rewrite; the consumers absorb the change. The pass
 //! writes the compensated weights into the graph before the rewrite slices them, and the verifier
@@ -274,7 +277,7 @@ pub struct Refit {
     pub compensations: Vec<Compensation>,
     /// Layers left as they were, and why.
     pub notes: Vec<String>,
-    /// Levels of layers refit, one run of the pruned model each.
+    /// Levels of layers refit, one piece of the pruned model run for each.
     pub levels: usize,
 }
 
