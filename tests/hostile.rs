@@ -245,6 +245,18 @@ fn a_bad_reshape_behind_200000_identity_ops_is_refused_without_overflowing_the_s
     assert!(!output.exists(), "an output was written");
 }
 
+#[test]
+fn long_identity_chains_are_analysed_in_bounded_time() {
+    // 2 × 20,000 links: with a walk back along the chain per link, `groups` was quadratic (64 s
+    // for 2 × 40,000 in a release build); now a debug build takes seconds, within the hang limit.
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let model = scratch.path().join("chains.onnx");
+    std::fs::write(&model, corpus::valid_identity_chains(20_000)).expect("writing the model");
+    let r = run_limited(&[OsStr::new("groups"), model.as_os_str()]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.code, Some(0), "stderr:\n{}", r.stderr);
+    assert!(r.stdout.starts_with("0 groups"), "stdout:\n{}", r.stdout);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The corpus itself.
 

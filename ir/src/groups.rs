@@ -14,7 +14,7 @@ use crate::ops::{DimRef, Fact, Role, RuleCx, rule_for};
 use crate::shape::Dim;
 use crate::tensor::Tensor;
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// The result of the analysis: every group of a graph, in graph order.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -125,9 +125,28 @@ pub fn constant_tensor(graph: &Graph, mut v: ValueId) -> Option<&Tensor> {
     }
 }
 
+/// The values [`constant_tensor`] sees a constant behind, found in one pass over `order`
+/// (asking [`constant_tensor`] value by value walks a chain of Identity ops once per link).
+fn constant_values(graph: &Graph, order: &[crate::ids::OpId]) -> HashSet<ValueId> {
+    let mut constants: HashSet<ValueId> = graph.value_ids().filter(|&v| graph.value(v).initializer().is_some()).collect();
+    for &op in order {
+        let o = graph.op(op);
+        let constant = o.domain.is_empty()
+            && match o.op_type.as_str() {
+                "Constant" => o.attr_tensor("value").is_some(),
+                "Identity" => graph.op_input(op, 0).is_some_and(|v| constants.contains(&v)),
+                _ => false,
+            };
+        if constant {
+            constants.extend(graph.op_outputs(op).into_iter().flatten());
+        }
+    }
+    constants
+}
+
 /// Whether an op only computes a constant that [`constant_tensor`] sees through.
-fn is_constant_source(graph: &Graph, op: crate::ids::OpId) -> bool {
-    graph.op_outputs(op).into_iter().flatten().all(|v| constant_tensor(graph, v).is_some())
+fn is_constant_source(graph: &Graph, constants: &HashSet<ValueId>, op: crate::ids::OpId) -> bool {
+    graph.op_outputs(op).into_iter().flatten().all(|v| constants.contains(&v))
 }
 
 /// Axes larger than this are kept as one opaque element: they are sequence or spatial axes, and
@@ -151,12 +170,14 @@ struct Dims {
     index: HashMap<(ValueId, usize, Option<crate::ids::OpId>), usize>,
     infos: Vec<DimInfo>,
     elements: usize,
+    /// [`constant_values`] of the graph.
+    constants: HashSet<ValueId>,
 }
 
 impl Dims {
     fn get(&mut self, graph: &Graph, (v, axis): DimRef, op: Option<crate::ids::OpId>) -> Option<usize> {
         let size = graph.value(v).shape.as_ref()?.0.get(axis)?.clone();
-        let user = if constant_tensor(graph, v).is_some() { op } else { None };
+        let user = if self.constants.contains(&v) { op } else { None };
         let next = self.infos.len();
         let id = *self.index.entry((v, axis, user)).or_insert(next);
         if id == next {
@@ -198,6 +219,7 @@ pub fn analyse(graph: &Graph) -> Groups {
         Ok(order) => order,
         Err(_) => return Groups { groups: Vec::new() },
     };
+    let constants = constant_values(graph, &order);
     let mut facts = Vec::new();
     for &v in &graph.inputs {
         facts.push(Fact::Freeze { value: v, axis: None, reason: format!("`{}` is a graph input", graph.value(v).name), op: None });
@@ -205,7 +227,7 @@ pub fn analyse(graph: &Graph) -> Groups {
     for &op_id in &order {
         let op = graph.op(op_id);
         let mut cx = RuleCx { graph, op: op_id, inputs: graph.op_inputs(op_id), outputs: graph.op_outputs(op_id), facts: Vec::new() };
-        if is_constant_source(graph, op_id) {
+        if is_constant_source(graph, &constants, op_id) {
             continue;
         } else if op.has_subgraphs() {
             cx.freeze_all("runs subgraphs, whose reads are not analysed");
@@ -223,7 +245,7 @@ pub fn analyse(graph: &Graph) -> Groups {
 
     // A constant gets fresh dimensions at each use: a weight shared by two ops (exporters
     // deduplicate equal tensors) is copied on rewrite rather than tying the two ops' channels.
-    let mut dims = Dims::default();
+    let mut dims = Dims { constants, ..Dims::default() };
     let mut frozen: Vec<(usize, String)> = Vec::new();
     let mut weights: Vec<(usize, WeightSlice)> = Vec::new();
     let mut links: Vec<(usize, usize)> = Vec::new();

@@ -915,6 +915,34 @@ pub fn identity_chain(len: usize) -> Vec<u8> {
     ModelProto { graph: Some(g), ..tiny_model() }.encode_to_vec()
 }
 
+/// Not a case either: a valid model with two chains of `len` Identity ops, one carrying the
+/// Reshape target `[2, 2]` from an initializer, the other the reshaped activation, before a
+/// Relu. Asking for the constant behind each link anew made group analysis and folding quadratic
+/// in the chain's length; `tests/hostile.rs` builds it at run time.
+#[allow(dead_code, reason = "used by tests/hostile.rs, which compiles this file too")]
+pub fn valid_identity_chains(len: usize) -> Vec<u8> {
+    let link = |prefix: &str, i: usize| NodeProto {
+        input: vec![format!("{prefix}{i}")],
+        output: vec![format!("{prefix}{}", i + 1)],
+        op_type: Some("Identity".into()),
+        name: Some(format!("{prefix}_link{i}")),
+        ..Default::default()
+    };
+    let mut nodes: Vec<NodeProto> = (0..len).map(|i| link("s", i)).collect();
+    nodes.push(node("reshape", "Reshape", &["x", &format!("s{len}")], &["a0"], vec![]));
+    nodes.extend((0..len).map(|i| link("a", i)));
+    nodes.push(node("relu", "Relu", &[&format!("a{len}")], &["y"], vec![]));
+    let g = GraphProto {
+        name: Some("valid_identity_chains".into()),
+        node: nodes,
+        initializer: vec![tensor_i64("s0", &[2], &[2, 2])],
+        input: vec![f32_info("x", &[1, 4])],
+        output: vec![f32_info("y", &[2, 2])],
+        ..Default::default()
+    };
+    ModelProto { graph: Some(g), ..tiny_model() }.encode_to_vec()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Byte-level cases
 // ---------------------------------------------------------------------------------------------

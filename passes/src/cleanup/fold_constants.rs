@@ -9,7 +9,7 @@
 //! when axis 1 of `x` is known even if its batch axis is not.
 
 use crate::{Pass, PassError, PassReport};
-use prunec_ir::{DType, Graph, Model, OpId, Tensor, ValueId, ValueKind, constant_tensor};
+use prunec_ir::{DType, Graph, Model, OpId, Tensor, ValueId, ValueKind};
 use std::collections::HashMap;
 
 /// The `fold` pass.
@@ -107,7 +107,12 @@ fn evaluate(graph: &Graph, op_id: OpId, values: &mut HashMap<ValueId, Partial>) 
         if let Some(p) = values.get(&v) {
             return Some(p.clone());
         }
-        let t = constant_tensor(graph, v)?;
+        // An op output was followed already (ops go in order): if it is not in `values`, it is
+        // not a small known integer. Looking again would walk whole chains of Identity ops.
+        if graph.producer(v).is_some() {
+            return None;
+        }
+        let t = graph.value(v).initializer()?;
         if t.numel() as usize > MAX_ELEMENTS {
             return None;
         }
