@@ -35,7 +35,7 @@ pub struct Hessian {
     pub second: Vec<f64>,
     /// The diagonal of E[x xᵀ].
     pub diagonal: Vec<f64>,
-    /// E[x].
+    /// E\[x\].
     pub mean: Vec<f64>,
     /// Rows (samples × positions) the statistics were measured on; 0 when analytic.
     pub samples: u64,
@@ -127,7 +127,7 @@ pub fn dense_view(graph: &Graph, op: OpId) -> Option<DenseView> {
     }
 }
 
-/// Accumulates E[x xᵀ] and E[x] of a consumer's input columns from one activation batch.
+/// Accumulates E[x xᵀ] and E\[x\] of a consumer's input columns from one activation batch.
 ///
 /// `activation` is the op's input 0 (row-major, `shape`). Convolutions are unfolded (im2col,
 /// with pads, strides and dilations); when there are more than `max_rows` positions, an evenly
