@@ -722,30 +722,31 @@ fn obspa_without_data_measures_noise_and_verifies_the_compensated_model() {
     assert_eq!(json["options"]["hessian"], "noise");
 }
 
+/// `prunec MODEL -o OUT --criterion obspa ARGS…`: the run and its stderr, which must report an
+/// exit code 0 and a pruned model equal to the compensated and masked original.
+fn obspa_verified(model: &Path, args: &[&OsStr]) -> Run {
+    let s = Scratch::new();
+    let output = s.output();
+    let mut all = vec![model.as_os_str(), OsStr::new("-o"), output.as_os_str(), OsStr::new("--criterion"), OsStr::new("obspa")];
+    all.extend_from_slice(args);
+    let r = run(all);
+    assert_eq!(r.code, Some(0), "{args:?}, stderr:\n{}", r.stderr);
+    assert!(r.stderr.contains("equals the compensated and masked original"), "{args:?}, stderr:\n{}", r.stderr);
+    r
+}
+
 #[test]
 fn obspa_refit_on_the_pruned_prefix_still_equals_the_compensated_and_masked_original() {
     // --refit prefix and outputs run the pruned model level by level and refit the layers on what
     // it gives them; the weights they end with are the compensation verification applies.
     let model = common::root().join("testdata/models/conv_residual.onnx");
+    let scratch = Scratch::new();
+    let report = scratch.output().with_extension("json");
     let mut compensated = Vec::new();
     for mode in ["none", "prefix", "outputs"] {
-        let s = Scratch::new();
-        let report = s.output().with_extension("json");
-        let r = run([
-            model.as_os_str(),
-            OsStr::new("-o"),
-            s.output().as_os_str(),
-            OsStr::new("--criterion"),
-            OsStr::new("obspa"),
-            OsStr::new("--ratio"),
-            OsStr::new("0.5"),
-            OsStr::new("--refit"),
-            OsStr::new(mode),
-            OsStr::new("--report"),
-            report.as_os_str(),
-        ]);
-        assert_eq!(r.code, Some(0), "--refit {mode}, stderr:\n{}", r.stderr);
-        assert!(r.stderr.contains("equals the compensated and masked original"), "--refit {mode}, stderr:\n{}", r.stderr);
+        let flags =
+            [OsStr::new("--ratio"), OsStr::new("0.5"), OsStr::new("--refit"), OsStr::new(mode), OsStr::new("--report"), report.as_os_str()];
+        let r = obspa_verified(&model, &flags);
         assert_eq!(r.stderr.contains("on the pruned prefix"), mode != "none", "--refit {mode}, stderr:\n{}", r.stderr);
         let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("JSON");
         let c = &json["prune"]["compensation"];
@@ -758,26 +759,13 @@ fn obspa_refit_on_the_pruned_prefix_still_equals_the_compensated_and_masked_orig
 
     // On calibration inputs the refit is the default; on synthetic ones it is not.
     let zoo = common::shared().join("models/zoo");
-    let s = Scratch::new();
-    let model = zoo.join("mobilenet_v2.onnx");
     let inputs = zoo.join("mobilenet_v2.inputs.npz");
-    let r = run([
-        model.as_os_str(),
-        OsStr::new("-o"),
-        s.output().as_os_str(),
-        OsStr::new("--criterion"),
-        OsStr::new("obspa"),
-        OsStr::new("--inputs"),
-        inputs.as_os_str(),
-    ]);
-    assert_eq!(r.code, Some(0), "stderr:\n{}", r.stderr);
+    let r = obspa_verified(&zoo.join("mobilenet_v2.onnx"), &[OsStr::new("--inputs"), inputs.as_os_str()]);
     assert!(r.stderr.contains("on the pruned prefix"), "stderr:\n{}", r.stderr);
-    assert!(r.stderr.contains("equals the compensated and masked original"), "stderr:\n{}", r.stderr);
 
     // Magika computes a Reshape's target from its input's Shape: the pieces of the refit
     // recompute such shape arithmetic instead of feeding it back to tract as data.
-    let s = Scratch::new();
-    let inputs = s.output().with_extension("npz");
+    let inputs = scratch.output().with_extension("npz");
     let dev = common::shared().join("data/magika.dev.npz");
     let sliced = std::process::Command::new(common::python())
         .args(["-c", "import sys, numpy as np; np.savez(sys.argv[2], bytes=np.load(sys.argv[1])['bytes'][:16])"])
@@ -785,21 +773,14 @@ fn obspa_refit_on_the_pruned_prefix_still_equals_the_compensated_and_masked_orig
         .status()
         .expect("python runs");
     assert!(sliced.success());
-    let model = common::shared().join("models/real/magika/model.onnx");
-    let r = run([
-        model.as_os_str(),
-        OsStr::new("-o"),
-        s.output().as_os_str(),
-        OsStr::new("--criterion"),
-        OsStr::new("obspa"),
+    let flags = [
         OsStr::new("--inputs"),
         inputs.as_os_str(),
         OsStr::new("--input-shape"),
         OsStr::new("bytes=16,2048"),
         OsStr::new("--refit"),
         OsStr::new("outputs"),
-    ]);
-    assert_eq!(r.code, Some(0), "stderr:\n{}", r.stderr);
+    ];
+    let r = obspa_verified(&common::shared().join("models/real/magika/model.onnx"), &flags);
     assert!(r.stderr.contains("refit in 3 levels"), "stderr:\n{}", r.stderr);
-    assert!(r.stderr.contains("equals the compensated and masked original"), "stderr:\n{}", r.stderr);
 }
