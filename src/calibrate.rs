@@ -39,7 +39,7 @@ pub fn collect(model: &Model, dir: &Path, feed: &Feed, source: &str, hessians: b
     let graph = &model.graph;
     let reads: BTreeMap<String, (OpId, ValueId, usize)> =
         graph.op_ids().filter_map(|op| activation_axis(model, op).map(|(v, axis)| (graph.op(op).name.clone(), (op, v, axis)))).collect();
-    let activations = run_probed(model, dir, feed, reads.values().map(|r| r.1), false)?;
+    let activations = run_probed(model.clone(), dir, feed, reads.values().map(|r| r.1))?;
     let mut second_moments = BTreeMap::new();
     let mut dense: Vec<(OpId, TractTensor)> = Vec::new();
     for (node, (op, v, axis)) in reads {
@@ -82,7 +82,7 @@ pub fn dense_levels(model: &Model) -> Vec<(OpId, usize)> {
 pub fn dense_inputs(model: &Model, dir: &Path, feed: &Feed, layers: &[OpId]) -> Result<BTreeMap<OpId, TractTensor>, RunError> {
     let graph = &model.graph;
     let reads: Vec<(OpId, ValueId)> = layers.iter().filter_map(|&op| Some((op, activation_axis(model, op)?.0))).collect();
-    let run = run_probed(model, dir, feed, reads.iter().map(|r| r.1), true)?;
+    let run = run_probed(model.clone(), dir, feed, reads.iter().map(|r| r.1))?;
     let mut inputs = BTreeMap::new();
     for (op, v) in reads {
         if let Some(x) = activation(&run, feed, &graph.value(v).name) {
@@ -152,6 +152,9 @@ pub fn refit(
     let all: Vec<OpId> = levels.iter().map(|l| l.0).collect();
     let before = if to_originals { Some(dense_inputs(original, dir, feed, &all)?) } else { None };
     let mut compensations: BTreeMap<String, Compensation> = report.compensated.iter().map(|c| (c.node.clone(), c.clone())).collect();
+    // The original with every compensation so far; each level masks a copy of it.
+    let mut compensated = original.clone();
+    apply_compensations(&mut compensated.graph, &report.compensated).map_err(RefitError::Rewrite)?;
     let mut refit = Refit::default();
     let mut pieces = Pieces::new(original);
     for level in 0..=levels.iter().map(|l| l.1).max().unwrap_or(0) {
@@ -159,9 +162,7 @@ pub fn refit(
         if layers.is_empty() {
             continue;
         }
-        let mut current = original.clone();
-        let so_far: Vec<Compensation> = compensations.values().cloned().collect();
-        apply_compensations(&mut current.graph, &so_far).map_err(RefitError::Rewrite)?;
+        let mut current = compensated.clone();
         mask_consumers(&mut current.graph, &report.masked).map_err(|e| RefitError::Rewrite(e.to_string()))?;
         let mut now = pieces.dense_inputs(&current, dir, feed, &layers)?;
         if let Some(before) = &before {
@@ -169,6 +170,7 @@ pub fn refit(
             now.retain(|op, x| pruned.contains(graph.op(*op).name.as_str()) || before.get(op) != Some(x));
         }
         let (done, notes) = obspa::refit(graph, &report.masked, &cross_moments(graph, before.as_ref(), &now), damping);
+        apply_compensations(&mut compensated.graph, &done).map_err(RefitError::Rewrite)?;
         compensations.extend(done.into_iter().map(|c| (c.node.clone(), c)));
         refit.notes.extend(notes);
         refit.levels += 1;
@@ -252,7 +254,7 @@ impl Pieces {
             piece.graph.inputs.push(v);
             piece_feed.0.insert(graph.value(v).name.clone(), self.cache[&v].clone());
         }
-        let run = if outputs.is_empty() { BTreeMap::new() } else { run_probed(&piece, dir, &piece_feed, outputs.iter().copied(), true)? };
+        let run = if outputs.is_empty() { BTreeMap::new() } else { run_probed(piece, dir, &piece_feed, outputs.iter().copied())? };
         for &v in &outputs {
             if let Some(t) = run.get(&graph.value(v).name) {
                 self.cache.insert(v, t.clone());
@@ -271,35 +273,29 @@ impl Pieces {
     }
 }
 
-/// Runs `model` on `feed`, returning the values `probes` as well as its outputs. With
-/// `only_probes`, the outputs are dropped and so is every op the probes do not depend on: the
-/// first levels of a refit then cost a fraction of the model.
+/// Runs `model` (a scratch copy) on `feed` for the values `probes` only: its outputs are dropped
+/// and so is every op the probes do not depend on, so the first levels of a refit cost a
+/// fraction of the model.
 fn run_probed(
-    model: &Model,
+    mut model: Model,
     dir: &Path,
     feed: &Feed,
     probes: impl Iterator<Item = ValueId>,
-    only_probes: bool,
 ) -> Result<BTreeMap<String, TractTensor>, RunError> {
-    let mut probe = model.clone();
-    if only_probes {
-        probe.graph.outputs.clear();
-    }
+    model.graph.outputs.clear();
     for v in probes {
-        if !probe.graph.inputs.contains(&v) && !probe.graph.outputs.contains(&v) {
-            probe.graph.outputs.push(v);
+        if !model.graph.inputs.contains(&v) && !model.graph.outputs.contains(&v) {
+            model.graph.outputs.push(v);
         }
     }
-    if probe.graph.outputs.is_empty() {
+    if model.graph.outputs.is_empty() {
         return Ok(BTreeMap::new());
     }
-    if only_probes {
-        let dce = crate::passes::parse_pipeline("dce", &Default::default()).map_err(|e| RunError::Inputs(e.to_string()))?;
-        for pass in &dce {
-            pass.run(&mut probe).map_err(|e| RunError::Inputs(e.to_string()))?;
-        }
+    let dce = crate::passes::parse_pipeline("dce", &Default::default()).map_err(|e| RunError::Inputs(e.to_string()))?;
+    for pass in &dce {
+        pass.run(&mut model).map_err(|e| RunError::Inputs(e.to_string()))?;
     }
-    let plan = Plan::from_model(&probe, dir, feed)?;
+    let plan = Plan::from_model(&model, dir, feed)?;
     Ok(plan.run(feed)?.values.into_iter().collect())
 }
 
