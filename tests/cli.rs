@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::prunec;
+use common::{Run, prunec};
 use prost::Message;
 use prost::bytes::Bytes;
 use prunec::ir::proto::{
@@ -22,10 +22,9 @@ use prunec::ir::proto::{
     type_proto,
 };
 use std::ffi::OsStr;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// A refusal must not take longer than this (the binary starts in milliseconds).
 const QUICK: Duration = Duration::from_secs(5);
@@ -180,13 +179,6 @@ impl Scratch {
 // ---------------------------------------------------------------------------------------------
 // Running prunec.
 
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
 /// Runs prunec with `args`, killing it (and failing the test) if it hangs.
 fn run<I, S>(args: I) -> Run
 where
@@ -194,31 +186,8 @@ where
     S: AsRef<OsStr>,
 {
     let mut cmd: Command = prunec();
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let start = Instant::now();
-    let mut child = cmd.spawn().expect("starting prunec");
-    let pipe = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = r.read_to_end(&mut s);
-            String::from_utf8_lossy(&s).into_owned()
-        })
-    };
-    let out = pipe(Box::new(child.stdout.take().expect("stdout")));
-    let err = pipe(Box::new(child.stderr.take().expect("stderr")));
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for prunec") {
-            break status;
-        }
-        if start.elapsed() > HANG {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("prunec hung for more than {HANG:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let elapsed = start.elapsed();
-    let run = Run { code: status.code(), stdout: out.join().expect("stdout reader"), stderr: err.join().expect("stderr reader"), elapsed };
+    cmd.args(args);
+    let run = common::run_captured(cmd, HANG).unwrap_or_else(|e| panic!("prunec: {e}"));
     // Shown with `--nocapture`: the exact messages users see.
     eprintln!("prunec exited with {:?} in {:?}; stderr:\n{}", run.code, run.elapsed, run.stderr);
     run

@@ -17,12 +17,11 @@ mod common;
 #[path = "../xtask/src/hostile.rs"]
 mod corpus;
 
-use common::{prunec, root};
+use common::{Run, prunec, root};
 use std::ffi::{OsStr, OsString};
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// A run still going after this is a hang: it is killed and the case fails.
 const HANG: Duration = Duration::from_secs(20);
@@ -63,13 +62,6 @@ fn manifest() -> Vec<ManifestCase> {
 // ---------------------------------------------------------------------------------------------
 // Running prunec under limits.
 
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
 /// prunec with `args`, under `prlimit --as` where Linux has it, killed after [`HANG`].
 fn run_limited(args: &[&OsStr]) -> Result<Run, String> {
     let mut cmd = if cfg!(target_os = "linux") {
@@ -79,32 +71,8 @@ fn run_limited(args: &[&OsStr]) -> Result<Run, String> {
     } else {
         prunec()
     };
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let start = Instant::now();
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start prunec under prlimit (util-linux): {e}"))?;
-    let pipe = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = r.read_to_end(&mut s);
-            String::from_utf8_lossy(&s).into_owned()
-        })
-    };
-    let out = pipe(Box::new(child.stdout.take().expect("stdout is piped")));
-    let err = pipe(Box::new(child.stderr.take().expect("stderr is piped")));
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(|e| format!("waiting for prunec: {e}"))? {
-            break status;
-        }
-        if start.elapsed() > HANG {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("still running after {HANG:?}: killed"));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
-    Ok(Run { code: status.code(), stdout, stderr, elapsed: start.elapsed() })
+    cmd.args(args);
+    common::run_captured(cmd, HANG).map_err(|e| format!("prunec under prlimit (util-linux): {e}"))
 }
 
 /// What is wrong with a run that should have refused `case`, if anything.

@@ -6,8 +6,10 @@ use prunec::backends::tract::{Feed, TractTensor, load_npz, random_feed};
 use prunec::ir::Model;
 use serde_json::{Value as Json, json};
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -32,6 +34,46 @@ pub fn python() -> PathBuf {
 /// The prunec binary under test.
 pub fn prunec() -> Command {
     Command::new(env!("CARGO_BIN_EXE_prunec"))
+}
+
+/// A finished run of a command.
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+/// Runs `cmd` with stdin closed and both outputs captured (read on their own threads, so a full
+/// pipe cannot stall it). `Err` when it cannot start, or is still running after `hang`: it is
+/// then killed.
+pub fn run_captured(mut cmd: Command, hang: Duration) -> Result<Run, String> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+    let pipe = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = r.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let out = pipe(Box::new(child.stdout.take().expect("stdout is piped")));
+    let err = pipe(Box::new(child.stderr.take().expect("stderr is piped")));
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| format!("waiting for the command: {e}"))? {
+            break status;
+        }
+        if start.elapsed() > hang {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("still running after {hang:?}: killed"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    Ok(Run { code: status.code(), stdout, stderr, elapsed: start.elapsed() })
 }
 
 /// One input tensor of a feed: a constant or seeded random values.
