@@ -17,6 +17,10 @@ mod common;
 #[path = "../xtask/src/hostile.rs"]
 mod corpus;
 
+#[allow(dead_code)]
+#[path = "../xtask/src/proto.rs"]
+mod proto;
+
 use common::{Run, prunec, root};
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};

@@ -8,11 +8,13 @@
 //! error message must contain; `tests/hostile.rs` runs every command of the CLI over the corpus
 //! and checks the committed files are what this module generates.
 //!
-//! This file is also compiled into `tests/hostile.rs` (by `#[path]`), so it only uses crates
-//! both have: prost (with its `bytes` re-export), prunec-ir, anyhow and serde_json.
+//! This file is also compiled into `tests/hostile.rs` (by `#[path]`, with `proto.rs` beside it as
+//! `crate::proto`), so it only uses crates both have: prost (with its `bytes` re-export),
+//! prunec-ir, anyhow and serde_json.
 //!
 //! The output is byte-identical on every run: nothing records a time, a path or a random draw.
 
+use crate::proto::{attr, attr_graph, attr_int, attr_ints, attr_tensor, tensor_f32, tensor_i64};
 use anyhow::{Context, Result, ensure};
 use prost::Message;
 use prost::bytes::Bytes;
@@ -1057,26 +1059,6 @@ fn node(name: &str, op_type: &str, inputs: &[&str], outputs: &[&str], attribute:
     }
 }
 
-fn attr(name: &str, ty: AttributeType) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(ty as i32), ..Default::default() }
-}
-
-fn attr_int(name: &str, i: i64) -> AttributeProto {
-    AttributeProto { i: Some(i), ..attr(name, AttributeType::Int) }
-}
-
-fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
-    AttributeProto { ints: ints.to_vec(), ..attr(name, AttributeType::Ints) }
-}
-
-fn attr_tensor(name: &str, t: TensorProto) -> AttributeProto {
-    AttributeProto { t: Some(t), ..attr(name, AttributeType::Tensor) }
-}
-
-fn attr_graph(name: &str, g: GraphProto) -> AttributeProto {
-    AttributeProto { g: Some(g), ..attr(name, AttributeType::Graph) }
-}
-
 fn typed_info(name: &str, elem: DataType, shape: &[i64]) -> ValueInfoProto {
     let dim = shape.iter().map(|&d| Dimension { value: Some(dimension::Value::DimValue(d)), denotation: None }).collect();
     ValueInfoProto {
@@ -1094,26 +1076,6 @@ fn typed_info(name: &str, elem: DataType, shape: &[i64]) -> ValueInfoProto {
 
 fn f32_info(name: &str, shape: &[i64]) -> ValueInfoProto {
     typed_info(name, DataType::Float, shape)
-}
-
-fn tensor_f32(name: &str, dims: &[i64], values: &[f32]) -> TensorProto {
-    TensorProto {
-        name: Some(name.into()),
-        dims: dims.to_vec(),
-        data_type: Some(DataType::Float as i32),
-        raw_data: Some(f32_bytes(values)),
-        ..Default::default()
-    }
-}
-
-fn tensor_i64(name: &str, dims: &[i64], values: &[i64]) -> TensorProto {
-    TensorProto {
-        name: Some(name.into()),
-        dims: dims.to_vec(),
-        data_type: Some(DataType::Int64 as i32),
-        raw_data: Some(i64_bytes(values)),
-        ..Default::default()
-    }
 }
 
 fn f32_bytes(values: &[f32]) -> Bytes {

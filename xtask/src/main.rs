@@ -15,6 +15,7 @@ mod codegen;
 mod fuzz;
 mod hostile;
 mod metrics;
+mod proto;
 mod setup;
 mod testdata;
 

@@ -10,13 +10,12 @@
 //! (`/block1/conv1/Conv`, `block1.conv1.weight`, `/block1/conv1/Conv_output_0`) so the models read
 //! like the ones users bring.
 
+use crate::proto::{attr_float, attr_graph, attr_int, attr_ints, attr_tensor, tensor_f32, tensor_i64};
 use anyhow::{Context, Result, ensure};
-use bytes::Bytes;
 use prost::Message;
 use prunec_ir::proto::{
     AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, SparseTensorProto, StringStringEntryProto,
     TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
-    attribute_proto::AttributeType,
     tensor_proto::{DataLocation, DataType},
     tensor_shape_proto::{Dimension, dimension},
     type_proto,
@@ -607,49 +606,6 @@ fn opset(domain: &str, version: i64) -> OperatorSetIdProto {
 
 fn entry(key: &str, value: &str) -> StringStringEntryProto {
     StringStringEntryProto { key: Some(key.into()), value: Some(value.into()) }
-}
-
-fn attr(name: &str, ty: AttributeType) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(ty as i32), ..Default::default() }
-}
-
-fn attr_int(name: &str, i: i64) -> AttributeProto {
-    AttributeProto { i: Some(i), ..attr(name, AttributeType::Int) }
-}
-
-fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
-    AttributeProto { ints: ints.to_vec(), ..attr(name, AttributeType::Ints) }
-}
-
-fn attr_float(name: &str, f: f32) -> AttributeProto {
-    AttributeProto { f: Some(f), ..attr(name, AttributeType::Float) }
-}
-
-fn attr_tensor(name: &str, t: TensorProto) -> AttributeProto {
-    AttributeProto { t: Some(t), ..attr(name, AttributeType::Tensor) }
-}
-
-fn attr_graph(name: &str, g: GraphProto) -> AttributeProto {
-    AttributeProto { g: Some(g), ..attr(name, AttributeType::Graph) }
-}
-
-/// A tensor stored as little-endian `raw_data`, the encoding exporters use for weights.
-fn tensor_raw(name: &str, dims: &[i64], data_type: DataType, raw: Vec<u8>) -> TensorProto {
-    TensorProto {
-        name: Some(name.into()),
-        dims: dims.to_vec(),
-        data_type: Some(data_type as i32),
-        raw_data: Some(Bytes::from(raw)),
-        ..Default::default()
-    }
-}
-
-fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
-    tensor_raw(name, dims, DataType::Float, data.iter().flat_map(|v| v.to_le_bytes()).collect())
-}
-
-fn tensor_i64(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
-    tensor_raw(name, dims, DataType::Int64, data.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
 fn dim(value: i64) -> Dimension {
