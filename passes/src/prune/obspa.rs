@@ -307,13 +307,10 @@ pub fn refit(
             if m.current.columns != view.columns || m.output_mean.len() != view.rows {
                 return None;
             }
-            if !rewritable(graph, w) {
-                return skip("its weight is shared with another reader; left uncompensated");
-            }
-            let original = constant_tensor(graph, w)?;
-            if original.dtype() != prunec_ir::DType::F32 {
-                return skip("its weight is not f32; left uncompensated");
-            }
+            let original = match compensable_weight(graph, w)? {
+                Ok(t) => t,
+                Err(why) => return skip(why),
+            };
             let removed: BTreeSet<usize> = view
                 .columns_of(
                     masked
@@ -329,10 +326,8 @@ pub fn refit(
             let Some((new_weight, new_bias)) = refit_layer(&view, &weight, bias.as_ref().map(|b| b.1.as_slice()), &kept, m, damping) else {
                 return skip("its refit could not be factored");
             };
-            let to_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
-            let tensor = Some(Tensor::from_f32(weight_name, &original.dims(), &to_f32(new_weight)));
-            let bias = new_bias.zip(bias).map(|(values, (slot, _))| BiasUpdate { slot, values: to_f32(values) });
-            Some(Ok(Compensation { node: node.clone(), weight: weight_name.to_string(), tensor, bias }))
+            let bias = new_bias.zip(bias).map(|(values, (slot, _))| (slot, values));
+            Some(Ok(Compensation::new(node, weight_name, &original.dims(), Some(new_weight), bias)))
         })
         .collect();
     done_and_notes(results)
@@ -636,6 +631,29 @@ fn bias_of(graph: &Graph, op: OpId, rows: usize) -> Option<(BiasSlot, Vec<f64>)>
     }
 }
 
+/// The f32 weight `w` of a consumer, when a compensation may rewrite it in place; else the
+/// note of why the consumer stays as it was. `None` when `w` is not a constant at all.
+fn compensable_weight(graph: &Graph, w: ValueId) -> Option<Result<&Tensor, &'static str>> {
+    if !rewritable(graph, w) {
+        return Some(Err("its weight is shared with another reader; left uncompensated"));
+    }
+    let t = constant_tensor(graph, w)?;
+    Some(if t.dtype() == prunec_ir::DType::F32 { Ok(t) } else { Err("its weight is not f32; left uncompensated") })
+}
+
+impl Compensation {
+    /// A compensation of `node` from the new values (f64, rounded to the stored f32).
+    fn new(node: &str, weight: &str, dims: &[u64], new_weight: Option<Vec<f64>>, new_bias: Option<(BiasSlot, Vec<f64>)>) -> Compensation {
+        let to_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+        Compensation {
+            node: node.to_string(),
+            weight: weight.to_string(),
+            tensor: new_weight.map(|w| Tensor::from_f32(weight, dims, &to_f32(w))),
+            bias: new_bias.map(|(slot, b)| BiasUpdate { slot, values: to_f32(b) }),
+        }
+    }
+}
+
 /// Whether a constant can be replaced where it is without touching another reader: a private
 /// initializer or a `Constant` node's output, read by one op only.
 fn rewritable(graph: &Graph, v: ValueId) -> bool {
@@ -836,13 +854,10 @@ pub(crate) fn compensations(graph: &Graph, masked: &[MaskedSlice], layers: &Laye
                 return None;
             }
             let skip = |why: &str| Some(Err(format!("`{node}`: {why}")));
-            if !rewritable(graph, w) {
-                return skip("its weight is shared with another reader; left uncompensated");
-            }
-            let original = constant_tensor(graph, w)?;
-            if original.dtype() != prunec_ir::DType::F32 {
-                return skip("its weight is not f32; left uncompensated");
-            }
+            let original = match compensable_weight(graph, w)? {
+                Ok(t) => t,
+                Err(why) => return skip(why),
+            };
             let q = view.columns_of(indices.iter().copied());
             let (new_weight, new_bias) = match method {
                 Method::Obs => {
@@ -857,10 +872,7 @@ pub(crate) fn compensations(graph: &Graph, masked: &[MaskedSlice], layers: &Laye
                     (None, Some((slot, bias)))
                 }
             };
-            let to_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
-            let tensor = new_weight.map(|w| Tensor::from_f32(weight, &original.dims(), &to_f32(w)));
-            let bias = new_bias.map(|(slot, b)| BiasUpdate { slot, values: to_f32(b) });
-            Some(Ok(Compensation { node: node.to_string(), weight: weight.to_string(), tensor, bias }))
+            Some(Ok(Compensation::new(node, weight, &original.dims(), new_weight, new_bias)))
         })
         .collect();
     done_and_notes(results)
