@@ -671,19 +671,7 @@ fn obspa_without_data_measures_noise_and_verifies_the_compensated_model() {
     let s = Scratch::new();
     let model = common::root().join("testdata/models/conv_residual.onnx");
     let report = s.output().with_extension("json");
-    let r = run([
-        model.as_os_str(),
-        OsStr::new("-o"),
-        s.output().as_os_str(),
-        OsStr::new("--criterion"),
-        OsStr::new("obspa"),
-        OsStr::new("--ratio"),
-        OsStr::new("0.5"),
-        OsStr::new("--report"),
-        report.as_os_str(),
-    ]);
-    assert_eq!(r.code, Some(0), "stderr:\n{}", r.stderr);
-    assert!(r.stderr.contains("equals the compensated and masked original"), "stderr:\n{}", r.stderr);
+    obspa_verified(&model, &[OsStr::new("--ratio"), OsStr::new("0.5"), OsStr::new("--report"), report.as_os_str()]);
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("JSON");
     let c = &json["prune"]["compensation"];
     assert!(c["hessian"].as_str().is_some_and(|h| h.starts_with("noise")), "{c:#}");
