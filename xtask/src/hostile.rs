@@ -322,12 +322,10 @@ pub fn cases() -> Result<Vec<Case>> {
             "int64_data_too_long",
             "a Reshape shape with 3 int64_data entries for dims [2]",
             "tensor `shape` has 3 entries in int64_data",
-            {
-                reshape_model(|s| {
-                    s.raw_data = None;
-                    s.int64_data = vec![1, 4, 1];
-                })
-            },
+            reshape_model(|s| {
+                s.raw_data = None;
+                s.int64_data = vec![1, 4, 1];
+            }),
         ),
         model(
             "negative_dims",
