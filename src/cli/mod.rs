@@ -53,10 +53,7 @@ pub(crate) fn load(path: &Path, input_shapes: &[String]) -> Result<Loaded> {
     let mut loaded = read_model(path, &ReadOptions { infer_shapes: input_shapes.is_empty() })
         .with_context(|| format!("reading `{}`", path.display()))?;
     if !input_shapes.is_empty() {
-        let graph = &loaded.model.graph;
-        let names: Vec<String> =
-            graph.inputs.iter().filter(|&&v| graph.value(v).initializer().is_none()).map(|&v| graph.value(v).name.clone()).collect();
-        let shapes = args::input_shapes(input_shapes, &names)?;
+        let shapes = args::input_shapes(input_shapes, &runtime_inputs(&loaded.model.graph))?;
         loaded.infer_shapes(&shapes);
     }
     Ok(loaded)
