@@ -404,7 +404,7 @@ fn magika_features_recur_in_each_quarter_of_the_conv_input() {
     // With the shapes known that is one group, and removing features must slice both sides alike.
     let case = all_cases().into_iter().find(|c| c.name == "magika").expect("case");
     let mut loaded = read_model(&case.path, &ReadOptions { infer_shapes: false }).expect("the model reads");
-    loaded.infer_shapes(&[("bytes".to_string(), vec![2, 2048])].into_iter().collect());
+    loaded.infer_shapes(&[("bytes".to_string(), vec![2, 2048])].into_iter().collect()).expect("magika is consistent at these sizes");
     let inputs = feed(&case, &loaded.model);
     let mut folded = loaded.model.clone();
     prunec::passes::run_pipeline(&mut folded, &prunec::passes::parse_pipeline("fold", &Default::default()).expect("registered"))

@@ -223,6 +223,12 @@ pub(crate) fn check_ops(graph: &Graph) -> Result<(), ReadError> {
             }
             "Reshape" => check_reshape(graph, id).map_err(invalid)?,
             "MatMul" => check_matmul(graph, id).map_err(invalid)?,
+            "Gemm" => check_gemm(graph, id).map_err(invalid)?,
+            "Concat" => check_concat(graph, id).map_err(invalid)?,
+            "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Mod" | "Where" | "Max" | "Min" | "Sum" | "Mean" | "Equal" | "Less" | "LessOrEqual"
+            | "Greater" | "GreaterOrEqual" | "And" | "Or" | "Xor" | "BitwiseAnd" | "BitwiseOr" | "BitwiseXor" => {
+                check_broadcast(graph, id).map_err(invalid)?
+            }
             _ => {}
         }
     }
@@ -305,8 +311,8 @@ fn check_conv(graph: &Graph, id: OpId) -> Result<(), String> {
 /// MatMul's output rank follows from its operands' (numpy semantics); the group analysis maps
 /// axes by rank arithmetic and must not meet a recorded output rank that contradicts them.
 fn check_matmul(graph: &Graph, id: OpId) -> Result<(), String> {
-    let rank = |v: Option<ValueId>| v.and_then(|v| known_rank(graph, v));
-    let (Some(ra), Some(rb)) = (rank(graph.op_input(id, 0)), rank(graph.op_input(id, 1))) else { return Ok(()) };
+    let (Some(a), Some(b)) = (graph.op_input(id, 0), graph.op_input(id, 1)) else { return Ok(()) };
+    let (Some(ra), Some(rb)) = (known_rank(graph, a), known_rank(graph, b)) else { return Ok(()) };
     if ra == 0 || rb == 0 {
         return Err(format!("multiplies operands of ranks {ra} and {rb}; MatMul takes no scalars"));
     }
@@ -315,10 +321,151 @@ fn check_matmul(graph: &Graph, id: OpId) -> Result<(), String> {
         (1, r) | (r, 1) => r - 1,
         (a, b) => a.max(b),
     };
-    if let Some(ry) = rank(graph.op_output(id, 0))
+    if let Some(ry) = graph.op_output(id, 0).and_then(|y| known_rank(graph, y))
         && ry != expected
     {
         return Err(format!("records an output of rank {ry}, but operands of ranks {ra} and {rb} give rank {expected}"));
+    }
+    let (k_a, k_b) = (known_dim(graph, a, ra - 1), known_dim(graph, b, if rb == 1 { 0 } else { rb - 2 }));
+    if let (Some(k_a), Some(k_b)) = (k_a, k_b)
+        && k_a != k_b
+    {
+        return Err(format!(
+            "multiplies {} by {}: the inner dimensions {k_a} and {k_b} differ",
+            shown_shape(graph, a),
+            shown_shape(graph, b)
+        ));
+    }
+    // The batch axes (all but the last two) broadcast against each other.
+    if ra > 2 && rb > 2 {
+        let batch = |v: ValueId, r: usize| (0..r - 2).map(|i| known_dim(graph, v, i)).collect::<Vec<_>>();
+        broadcast_dims(&[batch(a, ra), batch(b, rb)]).map_err(|(x, y)| {
+            format!("multiplies {} by {}: batch sizes {x} and {y} do not broadcast", shown_shape(graph, a), shown_shape(graph, b))
+        })?;
+    }
+    Ok(())
+}
+
+/// A value's shape as the message shows it: its name and the dims known of it (`?` unknown).
+fn shown_shape(graph: &Graph, v: ValueId) -> String {
+    let name = &graph.value(v).name;
+    let dims: Option<Vec<String>> = match constant_tensor(graph, v) {
+        Some(t) => Some(t.dims().iter().map(u64::to_string).collect()),
+        None => graph.value(v).shape.as_ref().map(|s| s.0.iter().map(|d| d.known().map_or("?".to_string(), |d| d.to_string())).collect()),
+    };
+    match dims {
+        Some(d) => format!("`{name}` [{}]", d.join(", ")),
+        None => format!("`{name}`"),
+    }
+}
+
+/// Numpy broadcasting of shapes given as known-or-unknown sizes, aligned at the right: the pair
+/// of sizes that cannot broadcast, if there is one. Unknown sizes agree with anything.
+fn broadcast_dims(shapes: &[Vec<Option<u64>>]) -> Result<(), (u64, u64)> {
+    let rank = shapes.iter().map(Vec::len).max().unwrap_or(0);
+    for axis in 0..rank {
+        let mut seen: Option<u64> = None;
+        for s in shapes {
+            let Some(&Some(d)) = (axis + s.len()).checked_sub(rank).and_then(|i| s.get(i)) else { continue };
+            match seen {
+                _ if d == 1 => {}
+                None => seen = Some(d),
+                Some(e) if e == d => {}
+                Some(e) => return Err((e, d)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The known-or-unknown sizes of a value whose rank is known.
+fn maybe_dims(graph: &Graph, v: ValueId) -> Option<Vec<Option<u64>>> {
+    let rank = known_rank(graph, v)?;
+    Some((0..rank).map(|i| known_dim(graph, v, i)).collect())
+}
+
+/// Elementwise ops broadcast their inputs against each other (numpy's multidirectional rule).
+fn check_broadcast(graph: &Graph, id: OpId) -> Result<(), String> {
+    let inputs: Vec<ValueId> = graph.op_inputs(id).into_iter().flatten().collect();
+    let shapes: Vec<Vec<Option<u64>>> = inputs.iter().filter_map(|&v| maybe_dims(graph, v)).collect();
+    broadcast_dims(&shapes).map_err(|(a, b)| {
+        let shown: Vec<String> = inputs.iter().map(|&v| shown_shape(graph, v)).collect();
+        format!("has inputs {} whose sizes {a} and {b} do not broadcast", shown.join(" and "))
+    })
+}
+
+/// Gemm computes `alpha·A'·B' + beta·C` of 2-D operands (A' = Aᵀ with transA, B' = Bᵀ with
+/// transB): the inner sizes agree, and C broadcasts to the `[M, N]` result.
+fn check_gemm(graph: &Graph, id: OpId) -> Result<(), String> {
+    let op = graph.op(id);
+    let (Some(a), Some(b)) = (graph.op_input(id, 0), graph.op_input(id, 1)) else { return Ok(()) };
+    for v in [a, b] {
+        if let Some(r) = known_rank(graph, v).filter(|&r| r != 2) {
+            return Err(format!("has operand {} of rank {r}; Gemm multiplies 2-D matrices", shown_shape(graph, v)));
+        }
+    }
+    let (trans_a, trans_b) = (op.attr_int("transA").unwrap_or(0) != 0, op.attr_int("transB").unwrap_or(0) != 0);
+    let m = known_dim(graph, a, usize::from(trans_a));
+    let k_a = known_dim(graph, a, usize::from(!trans_a));
+    let k_b = known_dim(graph, b, usize::from(trans_b));
+    let n = known_dim(graph, b, usize::from(!trans_b));
+    if let (Some(k_a), Some(k_b)) = (k_a, k_b)
+        && k_a != k_b
+    {
+        return Err(format!(
+            "multiplies {} (transA={}) by {} (transB={}): the inner dimensions {k_a} and {k_b} differ",
+            shown_shape(graph, a),
+            u8::from(trans_a),
+            shown_shape(graph, b),
+            u8::from(trans_b)
+        ));
+    }
+    if let Some(c) = graph.op_input(id, 2)
+        && let Some(c_dims) = maybe_dims(graph, c)
+    {
+        // Unidirectional: C's sizes are 1 or the result's.
+        let result = [m, n];
+        let fits = c_dims.len() <= 2
+            && c_dims.iter().rev().zip(result.iter().rev()).all(|(c, r)| match (c, r) {
+                (Some(c), Some(r)) => *c == 1 || c == r,
+                _ => true,
+            });
+        if !fits {
+            let show = |d: Option<u64>| d.map_or("?".to_string(), |d| d.to_string());
+            return Err(format!("has C {} that does not broadcast to the result [{}, {}]", shown_shape(graph, c), show(m), show(n)));
+        }
+    }
+    Ok(())
+}
+
+/// Concat joins inputs of one rank that agree on every axis but `axis`.
+fn check_concat(graph: &Graph, id: OpId) -> Result<(), String> {
+    let op = graph.op(id);
+    let axis = op.attr_int("axis").unwrap_or(0);
+    let inputs: Vec<ValueId> = graph.op_inputs(id).into_iter().flatten().collect();
+    let ranked: Vec<(ValueId, Vec<Option<u64>>)> = inputs.iter().filter_map(|&v| Some((v, maybe_dims(graph, v)?))).collect();
+    let Some((first, dims)) = ranked.first() else { return Ok(()) };
+    let rank = dims.len();
+    if let Some((v, _)) = ranked.iter().find(|(_, d)| d.len() != rank) {
+        return Err(format!("joins {} and {} of different ranks", shown_shape(graph, *first), shown_shape(graph, *v)));
+    }
+    let Some(a) = normalize_axis(axis, rank) else { return Err(format!("has axis {axis} for inputs of rank {rank}")) };
+    for i in (0..rank).filter(|&i| i != a) {
+        let mut seen: Option<(ValueId, u64)> = None;
+        for (v, d) in &ranked {
+            let Some(d) = d[i] else { continue };
+            match seen {
+                None => seen = Some((*v, d)),
+                Some((_, e)) if e == d => {}
+                Some((w, e)) => {
+                    return Err(format!(
+                        "joins {} and {} on axis {a}, but they differ on axis {i} ({e} and {d})",
+                        shown_shape(graph, w),
+                        shown_shape(graph, *v)
+                    ));
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -397,40 +544,174 @@ fn check_if(graph: &Graph, id: OpId) -> Result<(), String> {
     Ok(())
 }
 
-/// A Reshape to a constant shape keeps the element count of an input whose shape is recorded.
+/// A Reshape's constant target is a shape (at most one -1, no size below -1, no 0 beside a -1
+/// when zeros are literal) that keeps the element count of an input whose shape is known.
 fn check_reshape(graph: &Graph, id: OpId) -> Result<(), String> {
     let op = graph.op(id);
-    if op.attr_int("allowzero").unwrap_or(0) != 0 {
-        return Ok(());
+    let allowzero = op.attr_int("allowzero").unwrap_or(0) != 0;
+    let Some(target) = graph.op_input(id, 1).and_then(|s| constant_tensor(graph, s)?.to_i64_vec()) else { return Ok(()) };
+    if target.iter().filter(|&&t| t == -1).count() > 1 {
+        return Err(format!("reshapes to {target:?}, which has more than one -1 (at most one size can be inferred)"));
     }
-    let input = graph.op_input(id, 0).and_then(|x| known_dims(graph, x));
-    let target = graph.op_input(id, 1).and_then(|s| constant_tensor(graph, s)?.to_i64_vec());
-    let (Some(input), Some(target)) = (input, target) else { return Ok(()) };
+    if let Some(t) = target.iter().find(|&&t| t < -1) {
+        return Err(format!("reshapes to {target:?}, which holds the size {t}"));
+    }
+    if allowzero && target.contains(&0) && target.contains(&-1) {
+        return Err(format!("reshapes to {target:?} with allowzero=1: a literal 0 leaves the -1 undetermined"));
+    }
+    let Some(input) = graph.op_input(id, 0).and_then(|x| known_dims(graph, x)) else { return Ok(()) };
     let numel = input.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
     let mut known = 1u64;
-    let mut inferred = 0;
+    let mut inferred = false;
     for (i, &t) in target.iter().enumerate() {
         let d = match t {
             -1 => {
-                inferred += 1;
+                inferred = true;
                 continue;
             }
-            0 => input.get(i).copied(),
-            t if t > 0 => Some(t as u64),
-            _ => None,
+            0 if !allowzero => input.get(i).copied(),
+            t => Some(t as u64),
         };
         match d.and_then(|d| known.checked_mul(d)) {
             Some(k) => known = k,
-            None => return Err(format!("reshapes to {target:?}, which is not a valid shape")),
+            None => return Err(format!("reshapes an input of shape {input:?} to {target:?}, which is not a valid shape")),
         }
     }
     let fits = match (numel, inferred) {
-        (Some(n), 0) => n == known,
-        (Some(n), 1) => known != 0 && n % known == 0,
-        _ => false,
+        (Some(n), false) => n == known,
+        (Some(n), true) => known != 0 && n % known == 0,
+        (None, _) => false,
     };
     if !fits {
         return Err(format!("reshapes an input of shape {input:?} to {target:?}: the element counts differ"));
+    }
+    Ok(())
+}
+
+/// The newest opset of the default domain in the vendored onnx.proto's release (ONNX 1.23).
+const MAX_ONNX_OPSET: i64 = 28;
+
+fn is_default_domain(domain: &str) -> bool {
+    matches!(domain, "" | "ai.onnx")
+}
+
+/// The model imports the opsets its nodes use, in versions that exist. IR version 3 made
+/// `opset_import` mandatory; a node of a domain the model does not import has no defined meaning
+/// (ONNX's checker: "No opset import for domain"). Model-local functions are called in their own
+/// domain, which is accepted whether it is imported or not.
+pub(crate) fn check_opsets(model: &proto::ModelProto, graph: &proto::GraphProto) -> Result<(), ReadError> {
+    for o in &model.opset_import {
+        let domain = o.domain.as_deref().unwrap_or("");
+        let version = o.version.unwrap_or(0);
+        if is_default_domain(domain) && !(1..=MAX_ONNX_OPSET).contains(&version) {
+            return Err(ReadError::Invalid(format!(
+                "the model imports opset {version} of the default ONNX domain, which does not exist (1 to {MAX_ONNX_OPSET})"
+            )));
+        }
+    }
+    let ir_version = model.ir_version.unwrap_or(0);
+    if ir_version < 3 {
+        return Ok(());
+    }
+    if model.opset_import.is_empty() {
+        return Err(ReadError::Invalid(format!(
+            "the model has no opset_import, which ONNX requires since IR version 3 (it declares ir_version {ir_version})"
+        )));
+    }
+    let imported = |domain: &str| {
+        model.opset_import.iter().any(|o| {
+            let d = o.domain.as_deref().unwrap_or("");
+            d == domain || (is_default_domain(d) && is_default_domain(domain))
+        })
+    };
+    let local = |domain: &str| model.functions.iter().any(|f| f.domain() == domain);
+    let mut pending = vec![graph.node.as_slice()];
+    while let Some(nodes) = pending.pop() {
+        for n in nodes {
+            let domain = n.domain();
+            if !imported(domain) && !local(domain) {
+                let shown = if is_default_domain(domain) { "the default ONNX domain".to_string() } else { format!("domain `{domain}`") };
+                return Err(ReadError::Invalid(format!(
+                    "node `{}` ({}) is an op of {shown}, which the model's opset_import does not import",
+                    n.name(),
+                    n.op_type()
+                )));
+            }
+            pending.extend(n.attribute.iter().flat_map(|a| a.g.iter().chain(&a.graphs)).map(|g| g.node.as_slice()));
+        }
+    }
+    Ok(())
+}
+
+/// Model-local functions do not call themselves, directly or through other functions: ONNX
+/// defines a call as the function's body inlined, and inlining (or inferring shapes through) a
+/// recursive function never ends.
+pub(crate) fn check_function_calls(model: &proto::ModelProto) -> Result<(), ReadError> {
+    let functions = &model.functions;
+    let identity = |f: &proto::FunctionProto| (f.domain().to_string(), f.name().to_string(), f.overload().to_string());
+    let index: std::collections::HashMap<_, usize> = functions.iter().enumerate().map(|(i, f)| (identity(f), i)).collect();
+    // Every function's callees, nodes of subgraphs in its body included.
+    let callees: Vec<Vec<usize>> = functions
+        .iter()
+        .map(|f| {
+            let mut out = Vec::new();
+            let mut pending = vec![f.node.as_slice()];
+            while let Some(nodes) = pending.pop() {
+                for n in nodes {
+                    let key = (n.domain().to_string(), n.op_type().to_string(), n.overload().to_string());
+                    out.extend(index.get(&key).copied());
+                    pending.extend(n.attribute.iter().flat_map(|a| a.g.iter().chain(&a.graphs)).map(|g| g.node.as_slice()));
+                }
+            }
+            out.sort_unstable();
+            out.dedup();
+            out
+        })
+        .collect();
+    // Depth-first search with an explicit stack (a model decides how long its call chains are);
+    // a callee found on the current path closes a cycle.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        OnPath,
+        Done,
+    }
+    let mut mark = vec![Mark::New; functions.len()];
+    for root in 0..functions.len() {
+        if mark[root] != Mark::New {
+            continue;
+        }
+        let mut path: Vec<(usize, usize)> = vec![(root, 0)];
+        mark[root] = Mark::OnPath;
+        while let Some(&mut (f, ref mut next)) = path.last_mut() {
+            let Some(&callee) = callees[f].get(*next) else {
+                mark[f] = Mark::Done;
+                path.pop();
+                continue;
+            };
+            *next += 1;
+            match mark[callee] {
+                Mark::Done => {}
+                Mark::New => {
+                    mark[callee] = Mark::OnPath;
+                    path.push((callee, 0));
+                }
+                Mark::OnPath => {
+                    let start = path.iter().position(|&(g, _)| g == callee).unwrap_or(0);
+                    let name = |i: usize| {
+                        let f = &functions[i];
+                        if f.domain().is_empty() { format!("`{}`", f.name()) } else { format!("`{}.{}`", f.domain(), f.name()) }
+                    };
+                    let cycle: Vec<String> = path[start..].iter().map(|&(g, _)| name(g)).chain([name(callee)]).collect();
+                    let what = if cycle.len() == 2 { "calls itself" } else { "calls itself through other functions" };
+                    return Err(ReadError::Invalid(format!(
+                        "model-local function {} {what}: {}; a function call is its body inlined, which would never end",
+                        name(callee),
+                        cycle.join(" -> ")
+                    )));
+                }
+            }
+        }
     }
     Ok(())
 }

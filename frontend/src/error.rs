@@ -15,9 +15,15 @@ pub enum ReadError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The path is a folder or a device.
-    #[error("`{}` is not a regular file", .0.display())]
-    NotAFile(PathBuf),
+    /// The path is a folder, a device, a FIFO or a socket: opening a FIFO for reading blocks
+    /// until a writer comes, and a device can stream without end.
+    #[error("`{}` is not a regular file but {kind}", path.display())]
+    NotAFile {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead, as a phrase ("a FIFO (named pipe)").
+        kind: &'static str,
+    },
     /// The file has no bytes at all (an empty protobuf would decode as a model with no graph).
     #[error("`{}` is empty, not an ONNX model", .0.display())]
     Empty(PathBuf),

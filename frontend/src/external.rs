@@ -109,6 +109,12 @@ impl ExternalData {
         let path = self.dir.join(rel);
         // Canonicalising resolves symlinks, so a link pointing outside the folder is caught too.
         let real = path.canonicalize().map_err(|e| format!("file `{location}` cannot be opened: {e}"))?;
+        // Only regular files hold data: a FIFO would block the read, a device stream forever.
+        // `metadata` does not open the file, so asking cannot block either.
+        let meta = std::fs::metadata(&real).map_err(|e| format!("file `{location}` cannot be opened: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!("file `{location}` is not a regular file but {}", crate::file_kind(&meta)));
+        }
         if !real.starts_with(&canonical_dir) {
             return Err(format!("location `{location}` resolves to `{}`, outside the model's folder", real.display()));
         }

@@ -6,8 +6,8 @@
 //! after it partly unknown, and [`InferenceReport`] says which.
 
 use prost::Message;
-use prunec_ir::{DType, Dim, Model, Shape};
-use std::collections::BTreeMap;
+use prunec_ir::{DType, Dim, Model, Shape, ValueId};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::{Factoid, GenericFactoid, InferenceModelExt, ShapeFactoid};
@@ -63,7 +63,8 @@ pub(crate) fn infer_shapes(model: &mut Model, bytes: &[u8], dir: &Path, input_sh
         }
     };
     let ids: Vec<_> = graph.value_ids().collect();
-    for id in ids {
+    let recorded: HashMap<ValueId, Shape> = ids.iter().filter_map(|&id| Some((id, graph.value(id).shape.clone()?))).collect();
+    for &id in &ids {
         let value = graph.value_mut(id);
         if let Some((dtype, shape)) = facts.get(&value.name) {
             value.dtype = value.dtype.or(*dtype);
@@ -71,12 +72,54 @@ pub(crate) fn infer_shapes(model: &mut Model, bytes: &[u8], dir: &Path, input_sh
                 value.shape = Some(merge(value.shape.as_ref(), shape));
             }
         }
-        if value.shape.as_ref().is_none_or(|s| s.0.iter().any(|d| *d == Dim::Unknown)) {
-            report.unknown.push(value.name.clone());
-        }
     }
+    propagate_through_elementwise(graph, &recorded);
+    report.unknown = ids.iter().map(|&id| graph.value(id)).filter(|v| !complete_shape(v)).map(|v| v.name.clone()).collect();
     report.unknown.sort();
     report
+}
+
+fn complete_shape(v: &prunec_ir::Value) -> bool {
+    v.shape.as_ref().is_some_and(|s| s.0.iter().all(|d| *d != Dim::Unknown))
+}
+
+/// Ops whose one output has the shape of their first input, by the operator spec.
+const SAME_SHAPE: &[&str] = &[
+    "Abs", "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "BatchNormalization", "Cast", "Ceil", "Celu", "Clip", "Cos", "Cosh",
+    "Dropout", "Elu", "Erf", "Exp", "Floor", "Gelu", "HardSigmoid", "HardSwish", "Identity", "InstanceNormalization",
+    "LayerNormalization", "LeakyRelu", "Log", "LogSoftmax", "LpNormalization", "Mish", "Neg", "Not", "Reciprocal", "Relu", "Round",
+    "Selu", "Sigmoid", "Sign", "Sin", "Sinh", "Softmax", "Softplus", "Softsign", "Sqrt", "Tan", "Tanh", "ThresholdedRelu",
+];
+
+/// Gives, in one pass in graph order, the values that an op of [`SAME_SHAPE`] computes the
+/// sizes of its input, wherever the model did not record them. tract infers facts in both
+/// directions, so a contradiction downstream (a Conv weight that expects other channels) can
+/// leave such a value unknown or give it the contradicting size; the reader's op checks need
+/// the size the input implies to name the contradiction.
+fn propagate_through_elementwise(graph: &mut prunec_ir::Graph, recorded: &HashMap<ValueId, Shape>) {
+    let Ok(order) = graph.topo_order() else { return };
+    for op in order {
+        let o = graph.op(op);
+        if !matches!(o.domain.as_str(), "" | "ai.onnx") || !SAME_SHAPE.contains(&o.op_type.as_str()) {
+            continue;
+        }
+        let (Some(x), Some(y)) = (graph.op_input(op, 0), graph.op_output(op, 0)) else { continue };
+        let Some(input) = graph.value(x).shape.clone() else { continue };
+        let current = graph.value(y).shape.clone();
+        if current.as_ref().is_some_and(|c| c.rank() != input.rank()) {
+            continue;
+        }
+        let record = recorded.get(&y).filter(|r| r.rank() == input.rank());
+        let dims = (0..input.rank())
+            .map(|axis| {
+                let recorded_dim = record.map(|r| &r.0[axis]).filter(|d| matches!(d, Dim::Known(_)));
+                let from_input = Some(&input.0[axis]).filter(|d| matches!(d, Dim::Known(_)));
+                let inferred = current.as_ref().map(|c| &c.0[axis]).filter(|d| **d != Dim::Unknown);
+                recorded_dim.or(from_input).or(inferred).unwrap_or(&input.0[axis]).clone()
+            })
+            .collect();
+        graph.value_mut(y).shape = Some(Shape(dims));
+    }
 }
 
 type Facts = BTreeMap<String, (Option<DType>, Option<Shape>)>;

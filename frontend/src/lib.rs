@@ -48,9 +48,12 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// Runs shape inference again with concrete shapes for some graph inputs (by name).
-    pub fn infer_shapes(&mut self, input_shapes: &BTreeMap<String, Vec<u64>>) {
+    /// Runs shape inference again with concrete shapes for some graph inputs (by name), then
+    /// checks the ops' rules against the shapes it found: a contradiction that only inference
+    /// reveals (a Reshape of a computed value to another element count, say) is refused too.
+    pub fn infer_shapes(&mut self, input_shapes: &BTreeMap<String, Vec<u64>>) -> Result<(), ReadError> {
         self.inference = infer::infer_shapes(&mut self.model, &self.source, &self.dir, input_shapes);
+        check::check_ops(&self.model.graph)
     }
 }
 
@@ -74,7 +77,7 @@ fn decode(bytes: Bytes, dir: &Path, path: &Path, options: &ReadOptions) -> Resul
     let model = lift::lift(proto, dir)?;
     let mut loaded = Loaded { model, dir: dir.to_path_buf(), inference: InferenceReport::skipped(), source: bytes };
     if options.infer_shapes {
-        loaded.infer_shapes(&BTreeMap::new());
+        loaded.infer_shapes(&BTreeMap::new())?;
     }
     Ok(loaded)
 }
@@ -130,10 +133,17 @@ pub(crate) fn map_file(path: &Path) -> Result<Bytes, ReadError> {
 /// [`map_file`], with the handle that gives the map's pages back once read (none for an empty file).
 pub(crate) fn map_file_with_pages(path: &Path) -> Result<(Bytes, Option<std::sync::Arc<external::MappedFile>>), ReadError> {
     let io = |source| ReadError::Io { path: path.to_path_buf(), source };
-    let file = std::fs::File::open(path).map_err(io)?;
+    // The type is checked before opening (a FIFO's open blocks until a writer comes), and the
+    // open itself does not block, in case the path was swapped for one in between.
+    let not_a_file = |meta: &std::fs::Metadata| ReadError::NotAFile { path: path.to_path_buf(), kind: file_kind(meta) };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(not_a_file(&meta));
+    }
+    let file = open_nonblocking(path).map_err(io)?;
     let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {
-        return Err(ReadError::NotAFile(path.to_path_buf()));
+        return Err(not_a_file(&meta));
     }
     if meta.len() == 0 {
         return Ok((Bytes::new(), None));
@@ -144,6 +154,38 @@ pub(crate) fn map_file_with_pages(path: &Path) -> Result<(Bytes, Option<std::syn
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
     let mapped = std::sync::Arc::new(external::MappedFile(map));
     Ok((Bytes::from_owner(external::SharedMap(mapped.clone())), Some(mapped)))
+}
+
+/// Opens a file for reading without waiting on it: a FIFO opened this way returns at once
+/// instead of blocking for a writer.
+fn open_nonblocking(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    options.open(path)
+}
+
+/// What a file that is not a regular file is, for the message that refuses it.
+pub(crate) fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    let ty = meta.file_type();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if ty.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if ty.is_socket() {
+            return "a socket";
+        }
+        if ty.is_char_device() {
+            return "a character device";
+        }
+        if ty.is_block_device() {
+            return "a block device";
+        }
+    }
+    if ty.is_dir() { "a folder" } else { "neither a file nor a folder" }
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@ pub(crate) fn lift(mut proto: proto::ModelProto, dir: &Path) -> Result<Model, Re
     check::check_is_onnx(&proto)?;
     let graph = proto.graph.take().ok_or(IrError::MissingGraph)?;
     check::check_ir_version(&proto)?;
-    check_opsets(&proto)?;
+    check::check_opsets(&proto, &graph)?;
+    check::check_function_calls(&proto)?;
     for f in &proto.functions {
         reject_nested_external(f.node.iter())?;
         check::check_attributes(&f.node)?;
@@ -26,23 +27,6 @@ pub(crate) fn lift(mut proto: proto::ModelProto, dir: &Path) -> Result<Model, Re
     check::check_value_types(&graph)?;
     check::check_ops(&graph)?;
     Ok(Model { shell: proto, graph })
-}
-
-/// The newest opset of the default domain in the vendored onnx.proto's release (ONNX 1.23).
-const MAX_ONNX_OPSET: i64 = 28;
-
-/// Opset imports name versions that exist.
-fn check_opsets(model: &proto::ModelProto) -> Result<(), ReadError> {
-    for o in &model.opset_import {
-        let domain = o.domain.as_deref().unwrap_or("");
-        let version = o.version.unwrap_or(0);
-        if (domain.is_empty() || domain == "ai.onnx") && !(1..=MAX_ONNX_OPSET).contains(&version) {
-            return Err(ReadError::Invalid(format!(
-                "the model imports opset {version} of the default ONNX domain, which does not exist (1 to {MAX_ONNX_OPSET})"
-            )));
-        }
-    }
-    Ok(())
 }
 
 fn lift_graph(g: proto::GraphProto, externals: &mut ExternalData) -> Result<Graph, ReadError> {

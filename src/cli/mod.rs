@@ -54,7 +54,7 @@ pub(crate) fn load(path: &Path, input_shapes: &[String]) -> Result<Loaded> {
         .with_context(|| format!("reading `{}`", path.display()))?;
     if !input_shapes.is_empty() {
         let shapes = args::input_shapes(input_shapes, &runtime_inputs(&loaded.model.graph))?;
-        loaded.infer_shapes(&shapes);
+        loaded.infer_shapes(&shapes).with_context(|| format!("reading `{}`", path.display()))?;
     }
     Ok(loaded)
 }

@@ -20,7 +20,7 @@ use prost::Message;
 use prost::bytes::Bytes;
 use prost::encoding::{WireType, encode_key, encode_varint};
 use prunec_ir::proto::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, SparseTensorProto, StringStringEntryProto, TensorProto,
+    AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, SparseTensorProto, StringStringEntryProto, TensorProto,
     TensorShapeProto, TypeProto, ValueInfoProto,
     attribute_proto::AttributeType,
     tensor_proto::{DataLocation, DataType},
@@ -59,6 +59,18 @@ pub enum Entry {
     File(String, Vec<u8>),
     /// A symbolic link and its target (relative to the link's folder).
     Symlink(String, String),
+    /// A FIFO (named pipe). Git stores no FIFOs, so the committed corpus lacks these entries;
+    /// `tests/hostile.rs` runs the corpus as generated.
+    Fifo(String),
+    /// A Unix socket, likewise not in the committed corpus.
+    Socket(String),
+}
+
+impl Entry {
+    /// Whether git can store the entry: only such entries are in the committed corpus.
+    pub fn is_committed(&self) -> bool {
+        matches!(self, Entry::File(..) | Entry::Symlink(..))
+    }
 }
 
 impl Case {
@@ -72,12 +84,17 @@ impl Case {
 }
 
 /// `cargo xtask hostile [--out DIR]`: writes the corpus to `DIR` (default `testdata/hostile/`,
-/// which is emptied first so a removed case does not linger).
+/// which is emptied first so a removed case does not linger). `cargo xtask hostile --mixed-chain
+/// N FILE` writes the valid long-chain model of [`valid_mixed_chain`] instead, for BENCHMARKS.md.
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let out = match args {
         [] => root.join(CORPUS_DIR),
         [flag, dir] if flag == "--out" => PathBuf::from(dir),
-        _ => anyhow::bail!("usage: cargo xtask hostile [--out DIR]"),
+        [flag, n, file] if flag == "--mixed-chain" => {
+            let n: usize = n.parse().with_context(|| format!("--mixed-chain takes a number of ops, not `{n}`"))?;
+            return write(Path::new(file), &valid_mixed_chain(n));
+        }
+        _ => anyhow::bail!("usage: cargo xtask hostile [--out DIR | --mixed-chain N FILE]"),
     };
     if out.exists() {
         fs::remove_dir_all(&out).with_context(|| format!("emptying {}", out.display()))?;
@@ -85,6 +102,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let cases = write_corpus(&out)?;
     let bytes: u64 = cases.iter().flat_map(|c| &c.files).map(|e| if let Entry::File(_, b) = e { b.len() as u64 } else { 0 }).sum();
     eprintln!("wrote {} hostile cases ({bytes} bytes) to {}", cases.len(), out.display());
+    let special = cases.iter().flat_map(|c| &c.files).filter(|e| !e.is_committed()).count();
+    eprintln!("{special} FIFOs and sockets among them are not stored by git; the tests make them afresh");
     Ok(())
 }
 
@@ -98,6 +117,8 @@ pub fn write_corpus(dir: &Path) -> Result<Vec<Case>> {
             match entry {
                 Entry::File(rel, bytes) => write(&dir.join(rel), bytes)?,
                 Entry::Symlink(rel, target) => symlink(&dir.join(rel), target)?,
+                Entry::Fifo(rel) => fifo(&dir.join(rel))?,
+                Entry::Socket(rel) => socket(&dir.join(rel))?,
             }
         }
     }
@@ -130,6 +151,30 @@ fn symlink(path: &Path, target: &str) -> Result<()> {
 #[cfg(not(unix))]
 fn symlink(path: &Path, _target: &str) -> Result<()> {
     anyhow::bail!("{}: the hostile corpus holds a symlink, which needs a Unix file system", path.display())
+}
+
+/// Makes a FIFO with coreutils' `mkfifo` (std has no call for it, and the test that compiles
+/// this file has no libc).
+fn fifo(path: &Path) -> Result<()> {
+    let dir = path.parent().expect("corpus paths have a parent folder");
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let status = std::process::Command::new("mkfifo").arg(path).status().context("running mkfifo (coreutils)")?;
+    ensure!(status.success(), "mkfifo {} failed: {status}", path.display());
+    Ok(())
+}
+
+/// Leaves a Unix socket file behind: binding creates it, and dropping the listener keeps it.
+#[cfg(unix)]
+fn socket(path: &Path) -> Result<()> {
+    let dir = path.parent().expect("corpus paths have a parent folder");
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::os::unix::net::UnixListener::bind(path).with_context(|| format!("binding a socket at {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn socket(path: &Path) -> Result<()> {
+    anyhow::bail!("{}: the hostile corpus holds a Unix socket", path.display())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -563,6 +608,173 @@ pub fn cases() -> Result<Vec<Case>> {
         external_folder_location(),
         external_symlink_outside(),
         external_in_subgraph(),
+        // Opset imports: required since IR version 3, and every node's domain among them.
+        model(
+            "opset_import_missing",
+            "a model of IR version 8 without any opset_import",
+            "the model has no opset_import, which ONNX requires since IR version 3 (it declares ir_version 8)",
+            ModelProto { opset_import: vec![], ..tiny_model() },
+        ),
+        model(
+            "opset_import_missing_ir_version_3",
+            "a model of IR version 3, the first that requires opset_import, without any",
+            "the model has no opset_import, which ONNX requires since IR version 3 (it declares ir_version 3)",
+            ModelProto { opset_import: vec![], ir_version: Some(3), ..tiny_model() },
+        ),
+        model(
+            "opset_import_lacks_the_default_domain",
+            "a model importing only `com.microsoft`, whose nodes are default-domain ops",
+            "node `matmul` (MatMul) is an op of the default ONNX domain, which the model's opset_import does not import",
+            ModelProto { opset_import: vec![opset("com.microsoft", 1)], ..tiny_model() },
+        ),
+        model(
+            "opset_import_lacks_a_node_domain",
+            "a node of domain `com.example`, which the model does not import",
+            "node `relu` (Relu) is an op of domain `com.example`, which the model's opset_import does not import",
+            tiny_with(|g| g.node[1].domain = Some("com.example".into())),
+        ),
+        model(
+            "opset_import_lacks_a_domain_used_in_a_branch",
+            "an If branch holding a node of domain `com.example`, which the model does not import",
+            "node `then_relu` (Relu) is an op of domain `com.example`",
+            opset_in_branch(),
+        ),
+        // Model-local functions that call themselves: inlining them would never end.
+        model(
+            "function_calls_itself",
+            "a model-local function whose body calls itself",
+            "model-local function `local.f` calls itself: `local.f` -> `local.f`",
+            with_functions(&[("f", &["f"])]),
+        ),
+        model(
+            "functions_call_each_other",
+            "two model-local functions that call each other",
+            "model-local function `local.f` calls itself through other functions: `local.f` -> `local.g` -> `local.f`",
+            with_functions(&[("f", &["g"]), ("g", &["f"])]),
+        ),
+        model(
+            "functions_call_in_a_ring_of_three",
+            "three model-local functions calling each other in a ring, beside one that is not recursive",
+            "model-local function `local.f` calls itself through other functions: `local.f` -> `local.g` -> `local.h` -> `local.f`",
+            with_functions(&[("leaf", &[]), ("f", &["leaf", "g"]), ("g", &["h"]), ("h", &["f"])]),
+        ),
+        model(
+            "function_calls_itself_in_an_if_branch",
+            "a model-local function whose body calls itself inside an If branch",
+            "model-local function `local.f` calls itself: `local.f` -> `local.f`",
+            function_recursing_in_branch(),
+        ),
+        // Shapes that contradict an op's rule, recorded or found by shape inference.
+        model(
+            "reshape_computed_value_to_another_size",
+            "a Reshape of a MatMul's [1, 4] output (shape not recorded, inferred) to [3, 3]",
+            "node `reshape` (Reshape) reshapes an input of shape [1, 4] to [3, 3]: the element counts differ",
+            computed_reshape(&[3, 3]),
+        ),
+        model(
+            "reshape_minus_one_does_not_divide",
+            "a Reshape of a computed [1, 4] value to [-1, 3]",
+            "node `reshape` (Reshape) reshapes an input of shape [1, 4] to [-1, 3]: the element counts differ",
+            computed_reshape(&[-1, 3]),
+        ),
+        model(
+            "reshape_two_minus_ones",
+            "a Reshape target [-1, -1]",
+            "node `reshape` (Reshape) reshapes to [-1, -1], which has more than one -1",
+            computed_reshape(&[-1, -1]),
+        ),
+        model(
+            "reshape_three_minus_ones",
+            "a Reshape of a recorded [1, 4] value to [-1, 2, -1, -1]",
+            "node `reshape` (Reshape) reshapes to [-1, 2, -1, -1], which has more than one -1",
+            reshape_model(|s| {
+                s.dims = vec![4];
+                s.raw_data = Some(i64_bytes(&[-1, 2, -1, -1]));
+            }),
+        ),
+        model(
+            "reshape_size_below_minus_one",
+            "a Reshape target [-2, 2]",
+            "node `reshape` (Reshape) reshapes to [-2, 2], which holds the size -2",
+            computed_reshape(&[-2, 2]),
+        ),
+        model(
+            "conv_weight_expects_more_channels",
+            "a Conv weight of 6 input channels for a recorded input of 4",
+            "node `conv` (Conv) has group 1 and weight `W` of 6 input channels per group, but its input has 4 channels",
+            conv_with(|_, g| g.initializer[0] = tensor_f32("W", &[8, 6, 3, 3], &weights(8 * 6 * 9))),
+        ),
+        model(
+            "conv_weight_expects_more_channels_computed",
+            "a Conv weight of 6 input channels for a computed input of 4 (its shape inferred)",
+            "node `conv` (Conv) has group 1 and weight `W` of 6 input channels per group, but its input has 4 channels",
+            conv_with(|n, g| {
+                g.initializer[0] = tensor_f32("W", &[8, 6, 3, 3], &weights(8 * 6 * 9));
+                g.node.insert(0, node("pre", "Relu", &["x"], &["xr"], vec![]));
+                n.input[0] = "xr".into();
+            }),
+        ),
+        model(
+            "conv_grouped_weight_expects_more_channels",
+            "a Conv of group 2 whose weight has 4 input channels per group, for an input of 4",
+            "node `conv` (Conv) has group 2 and weight `W` of 4 input channels per group, but its input has 4 channels",
+            conv_with(|n, _| set_attr(n, attr_int("group", 2))),
+        ),
+        model(
+            "gemm_inner_dimensions_differ",
+            "a Gemm of A [1, 4] by B [5, 3]",
+            "node `gemm` (Gemm) multiplies `x` [1, 4] (transA=0) by `B` [5, 3] (transB=0): the inner dimensions 4 and 5 differ",
+            gemm_model(&[5, 3], 0, None),
+        ),
+        model(
+            "gemm_inner_dimensions_differ_trans_b",
+            "a Gemm of A [1, 4] by Bᵀ with B [3, 5]",
+            "node `gemm` (Gemm) multiplies `x` [1, 4] (transA=0) by `B` [3, 5] (transB=1): the inner dimensions 4 and 5 differ",
+            gemm_model(&[3, 5], 1, None),
+        ),
+        model(
+            "gemm_bias_does_not_broadcast",
+            "a Gemm of [1, 4] by [4, 3] with a bias C of 4 elements",
+            "node `gemm` (Gemm) has C `C` [4] that does not broadcast to the result [1, 3]",
+            gemm_model(&[4, 3], 0, Some(4)),
+        ),
+        model(
+            "matmul_inner_dimensions_differ",
+            "a MatMul of [1, 4] by [5, 4]",
+            "node `matmul` (MatMul) multiplies `x` [1, 4] by `W` [5, 4]: the inner dimensions 4 and 5 differ",
+            tiny_with_weight(|w| *w = tensor_f32("W", &[5, 4], &weights(20))),
+        ),
+        model(
+            "add_shapes_do_not_broadcast",
+            "an Add of a computed [1, 4] value and a constant of 3 elements",
+            "node `add` (Add) has inputs `h` [1, 4] and `b` [3] whose sizes 4 and 3 do not broadcast",
+            tiny_with(|g| {
+                g.node[1] = node("add", "Add", &["h", "b"], &["y"], vec![]);
+                g.initializer.push(tensor_f32("b", &[3], &weights(3)));
+                g.output[0].r#type = None;
+            }),
+        ),
+        model(
+            "concat_sizes_differ_off_the_axis",
+            "a Concat on axis 1 of [1, 4] and a constant [2, 4]",
+            "node `concat` (Concat) joins `h` [1, 4] and `c` [2, 4] on axis 1, but they differ on axis 0 (1 and 2)",
+            tiny_with(|g| {
+                g.node[1] = node("concat", "Concat", &["h", "c"], &["y"], vec![attr_int("axis", 1)]);
+                g.initializer.push(tensor_f32("c", &[2, 4], &weights(8)));
+                g.output[0].r#type = None;
+            }),
+        ),
+        // External data that is not a regular file: never opened for reading.
+        external_special("external_data_is_a_fifo", "an external-data file that is a FIFO (opening it would block)", "a FIFO", Entry::Fifo),
+        external_special("external_data_is_a_socket", "an external-data file that is a Unix socket", "a socket", Entry::Socket),
+        external_device("external_data_is_dev_zero", "/dev/zero"),
+        external_device("external_data_is_dev_null", "/dev/null"),
+        Case {
+            name: "model_is_a_fifo",
+            what: "the model path itself is a FIFO",
+            expect: "model.onnx` is not a regular file but a FIFO (named pipe)",
+            files: vec![Entry::Fifo("model_is_a_fifo/model.onnx".into())],
+        },
     ];
     cases.sort_by_key(|c| c.name);
     Ok(cases)
@@ -667,6 +879,127 @@ fn external_in_subgraph() -> Case {
             Entry::File(format!("{name}/w.bin"), f32_bytes(&weights(16)).to_vec()),
         ],
     }
+}
+
+/// A folder case whose external-data file `w.bin` is a special file made by `make`.
+fn external_special(name: &'static str, what: &'static str, kind: &'static str, make: fn(String) -> Entry) -> Case {
+    let expect = match kind {
+        "a FIFO" => "tensor `W`: external data file `w.bin` is not a regular file but a FIFO (named pipe)",
+        _ => "tensor `W`: external data file `w.bin` is not a regular file but a socket",
+    };
+    Case {
+        name,
+        what,
+        expect,
+        files: vec![Entry::File(format!("{name}/model.onnx"), external_model("w.bin", None, None).encode_to_vec()), make(format!("{name}/w.bin"))],
+    }
+}
+
+/// A folder case whose `w.bin` is a committed symlink to a device: the device's type is
+/// refused before anything opens it (a read of `/dev/zero` never ends).
+fn external_device(name: &'static str, device: &'static str) -> Case {
+    Case {
+        name,
+        what: if device == "/dev/zero" { "an external-data file that links to /dev/zero" } else { "an external-data file that links to /dev/null" },
+        expect: "tensor `W`: external data file `w.bin` is not a regular file but a character device",
+        files: vec![
+            Entry::File(format!("{name}/model.onnx"), external_model("w.bin", None, None).encode_to_vec()),
+            Entry::Symlink(format!("{name}/w.bin"), device.into()),
+        ],
+    }
+}
+
+fn opset(domain: &str, version: i64) -> OperatorSetIdProto {
+    OperatorSetIdProto { domain: Some(domain.into()), version: Some(version) }
+}
+
+/// `y = If(cond) then Relu(x) (domain com.example) else Neg(x)`.
+fn opset_in_branch() -> ModelProto {
+    let mut m = if_branch_counts();
+    let g = m.graph.as_mut().expect("the If model has a graph");
+    let branches = &mut g.node[0].attribute;
+    let then = branches[0].g.as_mut().expect("then_branch");
+    then.node[0].domain = Some("com.example".into());
+    let e = branches[1].g.as_mut().expect("else_branch");
+    e.node.truncate(1);
+    e.output.truncate(1);
+    m
+}
+
+/// The tiny model whose Relu is replaced by a call of the model-local function `local.<first>`;
+/// each function `(name, callees)` applies Relu, then calls its callees in a chain.
+fn with_functions(functions: &[(&str, &[&str])]) -> ModelProto {
+    let function = |name: &str, callees: &[&str]| {
+        let mut nodes = vec![node(&format!("{name}_relu"), "Relu", &["a"], &["r0"], vec![])];
+        for (i, callee) in callees.iter().enumerate() {
+            let mut call = node(&format!("{name}_calls_{callee}"), callee, &[&format!("r{i}")], &[&format!("r{}", i + 1)], vec![]);
+            call.domain = Some("local".into());
+            nodes.push(call);
+        }
+        nodes.push(node(&format!("{name}_out"), "Identity", &[&format!("r{}", callees.len())], &["b"], vec![]));
+        FunctionProto {
+            name: Some(name.into()),
+            domain: Some("local".into()),
+            input: vec!["a".into()],
+            output: vec!["b".into()],
+            node: nodes,
+            opset_import: vec![opset("", 13), opset("local", 1)],
+            ..Default::default()
+        }
+    };
+    let first = functions.iter().find(|(_, c)| !c.is_empty()).map_or("f", |(n, _)| n);
+    let mut m = tiny_with(|g| {
+        g.node[1] = node("call", first, &["h"], &["y"], vec![]);
+        g.node[1].domain = Some("local".into());
+    });
+    m.opset_import.push(opset("local", 1));
+    m.functions = functions.iter().map(|(n, c)| function(n, c)).collect();
+    m
+}
+
+/// A model-local function `local.f` whose body calls `f` inside the then_branch of an If.
+fn function_recursing_in_branch() -> ModelProto {
+    let mut m = with_functions(&[("f", &[])]);
+    let mut call = node("then_calls_f", "f", &["a"], &["t"], vec![]);
+    call.domain = Some("local".into());
+    let then_branch = GraphProto { name: Some("then".into()), node: vec![call], output: vec![f32_info("t", &[1, 4])], ..Default::default() };
+    let else_branch = GraphProto {
+        name: Some("else".into()),
+        node: vec![node("else_neg", "Neg", &["a"], &["e"], vec![])],
+        output: vec![f32_info("e", &[1, 4])],
+        ..Default::default()
+    };
+    let f = &mut m.functions[0];
+    f.input.push("cond".into());
+    f.node = vec![node("f_if", "If", &["cond"], &["b"], vec![attr_graph("then_branch", then_branch), attr_graph("else_branch", else_branch)])];
+    let g = m.graph.as_mut().expect("graph");
+    g.input.push(typed_info("cond", DataType::Bool, &[]));
+    g.node[1].input.push("cond".into());
+    m
+}
+
+/// `x: f32[1,4] -> MatMul(x, W) -> h -> Reshape(h, target) -> y`, with nothing recorded of `h`
+/// or `y`: only shape inference knows `h` is `[1, 4]`.
+fn computed_reshape(target: &[i64]) -> ModelProto {
+    tiny_with(|g| {
+        g.node[1] = node("reshape", "Reshape", &["h", "shape"], &["y"], vec![]);
+        g.initializer.push(tensor_i64("shape", &[target.len() as i64], target));
+        g.output[0].r#type = None;
+    })
+}
+
+/// `x: f32[1,4] -> Gemm(x, B, C?) -> y`, B of dims `b` and C of `c` elements.
+fn gemm_model(b: &[i64], trans_b: i64, c: Option<i64>) -> ModelProto {
+    tiny_with(|g| {
+        let mut inputs = vec!["x", "B"];
+        g.initializer = vec![tensor_f32("B", b, &weights((b[0] * b[1]) as usize))];
+        if let Some(c) = c {
+            inputs.push("C");
+            g.initializer.push(tensor_f32("C", &[c], &weights(c as usize)));
+        }
+        g.node = vec![node("gemm", "Gemm", &inputs, &["y"], vec![attr_int("transB", trans_b)])];
+        g.output[0].r#type = None;
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -938,6 +1271,36 @@ pub fn valid_identity_chains(len: usize) -> Vec<u8> {
         initializer: vec![tensor_i64("s0", &[2], &[2, 2])],
         input: vec![f32_info("x", &[1, 4])],
         output: vec![f32_info("y", &[2, 2])],
+        ..Default::default()
+    };
+    ModelProto { graph: Some(g), ..tiny_model() }.encode_to_vec()
+}
+
+/// Not a case: a valid model `x: f32[1,16] -> Gemm(16 -> 32) -> len ops alternating Identity
+/// and Relu -> Gemm(32 -> 8) -> y`, one 32-channel group that every analysis and pass must
+/// follow through the chain in linear time; `tests/hostile.rs` builds it at run time and
+/// BENCHMARKS.md times it.
+pub fn valid_mixed_chain(len: usize) -> Vec<u8> {
+    let mut nodes = vec![node("gemm_in", "Gemm", &["x", "W1", "B1"], &["h0"], vec![attr_int("transB", 1)])];
+    nodes.extend((0..len).map(|i| NodeProto {
+        input: vec![format!("h{i}")],
+        output: vec![format!("h{}", i + 1)],
+        op_type: Some(if i % 2 == 0 { "Identity" } else { "Relu" }.into()),
+        name: Some(format!("link{i}")),
+        ..Default::default()
+    }));
+    nodes.push(node("gemm_out", "Gemm", &[&format!("h{len}"), "W2", "B2"], &["y"], vec![attr_int("transB", 1)]));
+    let g = GraphProto {
+        name: Some("valid_mixed_chain".into()),
+        node: nodes,
+        initializer: vec![
+            tensor_f32("W1", &[32, 16], &weights(32 * 16)),
+            tensor_f32("B1", &[32], &weights(32)),
+            tensor_f32("W2", &[8, 32], &weights(8 * 32)),
+            tensor_f32("B2", &[8], &weights(8)),
+        ],
+        input: vec![f32_info("x", &[1, 16])],
+        output: vec![f32_info("y", &[1, 8])],
         ..Default::default()
     };
     ModelProto { graph: Some(g), ..tiny_model() }.encode_to_vec()
