@@ -825,7 +825,7 @@ fn a_pruned_model_that_differs_from_the_masked_original_is_not_written() {
         &s,
         &model,
         &["--ratio", "0.5"],
-        &["verification failed for the result for", "differs from the masked original on output `y`"],
+        &["verification failed on the result for", "differs from the masked original on output `y`"],
     );
 }
 

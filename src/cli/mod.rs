@@ -113,7 +113,7 @@ fn compile(a: &CompileArgs) -> Result<()> {
         match prunec::verify::verify(&original, &loaded.model, prune, &loaded.dir, &feed, prunec::verify::MASKING_TOLERANCE) {
             Ok(v) => Some(v),
             Err(e @ prunec::verify::VerifyError::OriginalNotRunnable(_)) => return Err(unverified(model_path, "cannot verify", &e)),
-            Err(e) => return Err(unverified(model_path, "verification failed for", &e)),
+            Err(e) => return Err(unverified(model_path, "verification failed on", &e)),
         }
     };
     if !passes.is_empty() {
@@ -333,8 +333,7 @@ fn smooth_image_noise(t: &prunec::backends::tract::TractTensor) -> Option<prunec
 }
 
 /// Inputs for verification: `--inputs`, then seeded random values at `--input-shape` or the
-/// recorded shapes.
-/// An `--inputs` file that gives some inputs but not all is said on stderr, naming the inputs
+/// recorded shapes. An `--inputs` file that gives some inputs but not all is said on stderr, naming the inputs
 /// that get random values (`purpose`: what the inputs are for).
 fn verification_feed(model: &prunec::ir::Model, a: &CompileArgs, purpose: &str) -> Result<prunec::backends::tract::Feed> {
     use prunec::backends::tract::{Feed, load_npz, random_feed};
