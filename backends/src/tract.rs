@@ -160,7 +160,8 @@ pub fn load_npz(path: &Path, model: &Model) -> Result<Feed, RunError> {
     if !expected.is_empty() && !expected.iter().any(|n| feed.0.contains_key(*n)) {
         let quoted = |names: &[&str]| names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
         let given: Vec<&str> = names.iter().map(String::as_str).collect();
-        return Err(err(&format!(
+        // The caller names the file; say only what is wrong with it.
+        return Err(RunError::Inputs(format!(
             "no array is named like an input of the model: it expects {}, the file has {}",
             quoted(&expected),
             if given.is_empty() { "no arrays".to_string() } else { quoted(&given) }
