@@ -65,9 +65,17 @@ pub enum VerifyError {
     /// The original does not run in tract: nothing to compare against (not the pruned model's fault).
     #[error("tract cannot run the original model: {0}")]
     OriginalNotRunnable(RunError),
-    /// The pruned model does not run or its outputs changed shape: a prunec bug.
+    /// The pruned model does not run: a prunec bug.
     #[error("the pruned model does not run in tract: {0}")]
     PrunedNotRunnable(RunError),
+    /// An output of the pruned model is missing or changed shape or type: a prunec bug.
+    #[error("the pruned model's output `{output}` {what}")]
+    OutputChanged {
+        /// The output.
+        output: String,
+        /// What changed.
+        what: String,
+    },
     /// The pruned model differs from the masked original: a prunec bug.
     #[error("the pruned model differs from the masked original on output `{output}` by {rel:.3e} of its scale (tolerance {tolerance:e})")]
     MaskingMismatch {
@@ -126,9 +134,13 @@ pub fn verify(
     let masking_not_expected = report.map(|r| r.normalized.clone()).unwrap_or_default();
     let mut outputs = Vec::new();
     for (i, (name, want)) in reference.values.iter().enumerate() {
-        let have =
-            &got.values.get(i).ok_or_else(|| VerifyError::PrunedNotRunnable(RunError::Inputs(format!("output `{name}` is missing"))))?.1;
-        let d = compare(want, have).map_err(|e| VerifyError::PrunedNotRunnable(RunError::Inputs(format!("output `{name}`: {e}"))))?;
+        let changed = |what: String| VerifyError::OutputChanged { output: name.clone(), what };
+        let have = &got.values.get(i).ok_or_else(|| changed("is missing".into()))?.1;
+        if have.shape() != want.shape() || have.datum_type() != want.datum_type() {
+            let of = |t: &crate::backends::tract::TractTensor| format!("{:?}{:?}", t.datum_type(), t.shape());
+            return Err(changed(format!("is {}, the original's {}", of(have), of(want))));
+        }
+        let d = compare(want, have).map_err(|e| changed(e.to_string()))?;
         let masked_rel = match &masked {
             Some(m) => {
                 let dm = compare(&m.values[i].1, have).map_err(|e| VerifyError::Mask(e.to_string()))?;

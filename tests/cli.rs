@@ -1,4 +1,4 @@
-//! The `prunec` command line on models it must refuse.
+//! The `prunec` command line on models it must refuse, and on verification that cannot pass.
 //!
 //! Every bad model is built here, in a temporary folder, by breaking one small valid model
 //! (`x: f32[1,4] -> MatMul(W: f32[4,4]) -> Relu -> y`). For each, prunec:
@@ -547,7 +547,8 @@ fn an_unknown_pass_is_refused_before_reading_the_model_listing_the_known_passes(
 fn a_shape_inference_failure_is_reported_quietly_not_as_a_panic() {
     // A valid model whose constant tract evaluates while inferring shapes: 2^48 f32 elements,
     // more than any address space, so tract's allocation fails and it panics. prunec must still
-    // compile the model, say why shapes are unknown, and print no panic.
+    // compile the model, say why shapes are unknown, and print no panic; tract cannot run it
+    // either, so only --no-verify writes it (exit code 3 otherwise).
     let s = Scratch::new();
     let shape: Vec<u8> = [1i64 << 24, 1 << 24].iter().flat_map(|d| d.to_le_bytes()).collect();
     let model = s.model(&model_with(|g| {
@@ -563,6 +564,10 @@ fn a_shape_inference_failure_is_reported_quietly_not_as_a_panic() {
         g.output[0].r#type = None;
     }));
     let r = run([model.as_os_str(), OsStr::new("-o"), s.output().as_os_str()]);
+    assert_eq!(r.code, Some(3), "stderr:\n{}", r.stderr);
+    assert!(r.stderr.contains("tract cannot run the original model"), "stderr:\n{}", r.stderr);
+    assert!(!r.stderr.contains("panicked"), "a handled panic was printed:\n{}", r.stderr);
+    let r = run([model.as_os_str(), OsStr::new("-o"), s.output().as_os_str(), OsStr::new("--no-verify")]);
     assert_eq!(r.code, Some(0), "stderr:\n{}", r.stderr);
     assert!(!r.stderr.contains("panicked"), "a handled panic was printed:\n{}", r.stderr);
     assert!(r.elapsed < QUICK, "took {:?}", r.elapsed);
@@ -740,4 +745,167 @@ fn obspa_refit_on_the_pruned_prefix_still_equals_the_compensated_and_masked_orig
     ];
     let r = obspa_verified(&common::shared().join("models/real/magika/model.onnx"), &flags);
     assert!(r.stderr.contains("refit in 3 levels"), "stderr:\n{}", r.stderr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Verification: only `--no-verify` writes a model that was not verified. Where verification was
+// meant to run and fails or cannot run, prunec exits with code 3, says why and writes nothing.
+
+/// `x: f32[1,4] -> MatMul(W1) -> Add(B) -> Exp -> MatMul(W2) -> y`: the four hidden channels
+/// form one prunable group. `W1` is zero and `B` 1000, so every hidden channel is `exp(1000)`,
+/// infinite; `W2` is positive, so `y` is infinite too.
+fn two_layer_model(f: impl FnOnce(&mut GraphProto)) -> ModelProto {
+    let mut m = valid_model();
+    let g = m.graph.as_mut().expect("graph");
+    g.node = vec![
+        node("mm1", "MatMul", &["x", "W1"], &["h"]),
+        node("bias", "Add", &["h", "B"], &["hb"]),
+        node("exp", "Exp", &["hb"], &["e"]),
+        node("mm2", "MatMul", &["e", "W2"], &["y"]),
+    ];
+    g.initializer = vec![f32_tensor("W1", &[4, 4], &[0.0; 16]), f32_tensor("B", &[4], &[1000.0; 4]), f32_tensor("W2", &[4, 4], &[0.5; 16])];
+    f(g);
+    m
+}
+
+/// `prunec MODEL -o out/pruned.onnx ARGS` must exit with code 3, say every phrase of `expected`
+/// and leave the output folder as it was: `existing` (if any) untouched, nothing else there.
+#[track_caller]
+fn assert_unverified(scratch: &Scratch, model: &Path, args: &[&str], expected: &[&str]) {
+    let before = scratch.out_entries();
+    let existing = std::fs::read(scratch.output()).ok();
+    let r = run([model.as_os_str(), OsStr::new("-o"), scratch.output().as_os_str()].into_iter().chain(args.iter().map(OsStr::new)));
+    assert_eq!(r.code, Some(3), "expected exit code 3; stderr:\n{}", r.stderr);
+    for phrase in expected.iter().chain(&["nothing was written"]) {
+        assert!(r.stderr.contains(phrase), "stderr does not say {phrase:?}:\n{}", r.stderr);
+    }
+    assert!(!r.stderr.contains("panicked"), "prunec panicked:\n{}", r.stderr);
+    assert_eq!(scratch.out_entries(), before, "the output folder changed");
+    assert_eq!(std::fs::read(scratch.output()).ok(), existing, "the existing output was changed");
+}
+
+#[test]
+fn a_model_tract_cannot_run_is_not_written_unverified() {
+    let s = Scratch::new();
+    // A second output from an op of a domain tract does not know; the hidden group is prunable.
+    let model = s.model(&{
+        let mut m = two_layer_model(|g| {
+            g.node.push(NodeProto { domain: Some("com.example".into()), ..node("custom", "Mystery", &["x"], &["z"]) });
+            g.output.push(f32_info("z", &[1, 4]));
+            g.initializer[0] = f32_tensor("W1", &[4, 4], &weight_values());
+            g.initializer[1] = f32_tensor("B", &[4], &[0.0; 4]);
+        });
+        m.opset_import.push(OperatorSetIdProto { domain: Some("com.example".into()), version: Some(1) });
+        m
+    });
+    assert_unverified(&s, &model, &["--ratio", "0.5"], &["cannot verify the result for", "tract cannot run the original model"]);
+    let previous = b"an earlier result".to_vec();
+    std::fs::write(s.output(), &previous).expect("existing output");
+    assert_unverified(&s, &model, &["--ratio", "0.5"], &["tract cannot run the original model"]);
+    // The same command with --no-verify writes the model.
+    let r = run([
+        model.as_os_str(),
+        OsStr::new("-o"),
+        s.output().as_os_str(),
+        OsStr::new("--ratio"),
+        OsStr::new("0.5"),
+        OsStr::new("--no-verify"),
+    ]);
+    assert_eq!(r.code, Some(0), "stderr:\n{}", r.stderr);
+    assert_ne!(std::fs::read(s.output()).expect("output"), previous);
+}
+
+#[test]
+fn a_pruned_model_that_differs_from_the_masked_original_is_not_written() {
+    // Masking zeroes the removed channels' rows of W2: 0 × ∞ is NaN in the masked original,
+    // while the pruned model, without those channels, stays infinite.
+    let s = Scratch::new();
+    let model = s.model(&two_layer_model(|_| {}));
+    assert_unverified(
+        &s,
+        &model,
+        &["--ratio", "0.5"],
+        &["verification failed on the result for", "differs from the masked original on output `y`"],
+    );
+}
+
+#[test]
+fn verify_refuses_a_pruned_model_whose_output_changed_shape() {
+    // No pruning run gives such a model (the rewrite never changes an output), so verification is
+    // handed one: the CLI turns every verification error into exit code 3, as tested above.
+    use prunec::frontend::{ReadOptions, read_bytes};
+    let read = |m: &ModelProto| read_bytes(Bytes::from(m.encode_to_vec()), Path::new("."), &ReadOptions::default()).expect("reads").model;
+    let original = read(&valid_model());
+    let wider = read(&model_with(|g| {
+        g.initializer[0] = f32_tensor("W", &[4, 6], &[0.25; 24]);
+        g.output[0] = f32_info("y", &[1, 6]);
+    }));
+    let feed = prunec::backends::tract::random_feed(&original, Default::default(), &Default::default(), 1).expect("feed");
+    let e = prunec::verify::verify(&original, &wider, None, Path::new("."), &feed, 1e-4).expect_err("the output changed shape");
+    assert!(matches!(e, prunec::verify::VerifyError::OutputChanged { .. }), "{e}");
+    assert_eq!(e.to_string(), "the pruned model's output `y` is F32[1, 6], the original's F32[1, 4]");
+}
+
+#[test]
+fn a_model_over_a_gib_of_weights_is_neither_verified_nor_written_unasked() {
+    // W: f32[4, 72 Mi] external, in a sparse file: 1.125 GiB of weights that take no disk space.
+    let s = Scratch::new();
+    let columns: i64 = 72 << 20;
+    let data = std::fs::File::create(s.model_dir().join("w.bin")).expect("data file");
+    data.set_len((4 * columns * 4) as u64).expect("sparse file");
+    let model = s.model(&model_with(|g| {
+        let entry = |k: &str, v: &str| StringStringEntryProto { key: Some(k.into()), value: Some(v.into()) };
+        g.initializer[0] = TensorProto {
+            name: Some("W".into()),
+            dims: vec![4, columns],
+            data_type: Some(DataType::Float as i32),
+            data_location: Some(DataLocation::External as i32),
+            external_data: vec![entry("location", "w.bin")],
+            ..Default::default()
+        };
+        g.output[0] = f32_info("y", &[1, columns]);
+    }));
+    assert_unverified(&s, &model, &[], &["GiB of weights, over the 1 GiB", "pass --verify", "or --no-verify"]);
+}
+
+#[test]
+fn inputs_whose_arrays_name_no_input_are_an_error_naming_both() {
+    let s = Scratch::new();
+    let model = s.model(&valid_model());
+    let npz = s.model_dir().join("inputs.npz");
+    savez(&npz, &["images", "labels"]);
+    let r = run([model.as_os_str(), OsStr::new("-o"), s.output().as_os_str(), OsStr::new("--inputs"), npz.as_os_str()]);
+    assert_eq!(r.code, Some(1), "stderr:\n{}", r.stderr);
+    for phrase in ["no array is named like an input of the model", "it expects `x`", "the file has `images`, `labels`"] {
+        assert!(r.stderr.contains(phrase), "stderr does not say {phrase:?}:\n{}", r.stderr);
+    }
+    assert_eq!(s.out_entries(), Vec::<String>::new(), "files were left in the output folder");
+}
+
+#[test]
+fn inputs_that_give_some_inputs_say_which_were_generated() {
+    let s = Scratch::new();
+    // `x` and a second input `bias` added to the weights' product.
+    let model = s.model(&model_with(|g| {
+        g.node.insert(1, node("add", "Add", &["h", "bias"], &["hb"]));
+        g.node[2].input[0] = "hb".into();
+        g.input.push(f32_info("bias", &[1, 4]));
+    }));
+    let npz = s.model_dir().join("inputs.npz");
+    savez(&npz, &["x", "labels"]);
+    let r = run([model.as_os_str(), OsStr::new("-o"), s.output().as_os_str(), OsStr::new("--inputs"), npz.as_os_str()]);
+    assert_eq!(r.code, Some(0), "stderr:\n{}", r.stderr);
+    assert!(r.stderr.contains("has no array for input `bias`; verification feeds it seeded random values"), "stderr:\n{}", r.stderr);
+    assert!(!r.stderr.contains("input `x`"), "stderr:\n{}", r.stderr);
+}
+
+/// Writes an `.npz` of f32[1, 4] arrays with the given names.
+fn savez(path: &Path, names: &[&str]) {
+    let arrays = names.iter().map(|n| format!("{n}=np.ones((1, 4), np.float32)")).collect::<Vec<_>>().join(", ");
+    let status = Command::new(common::python())
+        .args(["-c", &format!("import sys, numpy as np; np.savez(sys.argv[1], {arrays})")])
+        .arg(path)
+        .status()
+        .expect("python runs");
+    assert!(status.success());
 }

@@ -185,3 +185,55 @@ fn per_tensor_external_data_puts_each_tensor_in_its_own_file() {
     let manifest = [json!({ "original": case.path, "output": out, "feed": feed_json(&case), "max_abs": 0.0 })];
     validate_with_python(&manifest, scratch.path());
 }
+
+/// Graph outputs with symbolic dimensions, and records of one value that disagree, come back
+/// byte for byte: an old converter's model (IR version 6, opset 12, `com.microsoft` domains)
+/// whose output `scores` is declared f32[1, seqlen] while value_info lists it with no shape, whose
+/// input `mask` is also an output, and whose value_info repeats an entry between others and names
+/// a value the graph does not hold; and the zoo's resnet18 with every value and weight recorded,
+/// batch named `batch` in its input, output and inner records.
+#[test]
+fn passes_none_gives_back_every_record_byte_for_byte() {
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let py = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(common::python())
+            .arg(common::root().join("tests/validate/exporters.py"))
+            .args(args)
+            .output()
+            .expect("running python");
+        assert!(out.status.success(), "exporters.py failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(std::path::PathBuf::from).collect::<Vec<_>>()
+    };
+    let legacy = scratch.path().join("legacy.onnx");
+    py(&[std::ffi::OsStr::new("legacy"), legacy.as_os_str()]);
+    let resnet = common::shared().join("models/zoo/resnet18.onnx");
+    let mut models = py(&[std::ffi::OsStr::new("make"), resnet.as_os_str(), scratch.path().as_os_str()]);
+    models.insert(0, legacy.clone());
+    let mut manifest = Vec::new();
+    for model in &models {
+        let out = model.with_extension("out.onnx");
+        let o = prunec().arg(model).arg("-o").arg(&out).args(["--passes", "none"]).output().expect("running prunec");
+        assert!(o.status.success(), "{}: {}", model.display(), String::from_utf8_lossy(&o.stderr));
+        let (want, got) = (std::fs::read(model).expect("model"), std::fs::read(&out).expect("output"));
+        assert_eq!(decode_inline(model), decode_inline(&out), "{}: the written protobuf differs from the input", model.display());
+        assert!(want == got, "{}: the protobuf is the same but the bytes are not", model.display());
+        let feed = if *model == legacy {
+            json!({ "tensors": [
+                { "name": "x", "dtype": "float32", "shape": [1, 5, 4], "fill": "random" },
+                { "name": "mask", "dtype": "float32", "shape": [1, 5], "fill": "random" },
+            ] })
+        } else {
+            json!({ "npz": common::shared().join("models/zoo/resnet18.inputs.npz") })
+        };
+        manifest.push(json!({ "original": model, "output": out, "feed": feed, "max_abs": 0.0 }));
+    }
+    validate_with_python(&manifest, scratch.path());
+    let declared =
+        proto::ModelProto::decode(std::fs::read(legacy.with_extension("out.onnx")).expect("output").as_slice()).expect("decodes");
+    let scores = &declared.graph.expect("graph").output[0];
+    assert_eq!(scores.name(), "scores");
+    let Some(proto::type_proto::Value::TensorType(t)) = scores.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+        panic!("no tensor type")
+    };
+    assert_eq!(t.shape.as_ref().map(|s| s.dim.len()), Some(2), "the output keeps its declared f32[1, seqlen]");
+}

@@ -9,7 +9,7 @@
 use crate::WriteError;
 use prost::Message;
 use prunec_ir::proto::{self, tensor_proto::DataLocation};
-use prunec_ir::{Graph, Model, Tensor, Value, ValueId};
+use prunec_ir::{Graph, InfoList, Listed, Model, Tensor, Value, ValueId};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -227,7 +227,6 @@ fn build_model(model: &Model, policy: ExternalData, data: &mut DataFile) -> Resu
 
 fn build_graph(graph: &Graph, policy: ExternalData, data: &mut DataFile) -> Result<proto::GraphProto, WriteError> {
     let mut g = graph.shell.clone();
-    let orphan_value_info = std::mem::take(&mut g.value_info);
     let name_of = |id: Option<ValueId>| id.map(|v| graph.value(v).name.clone()).unwrap_or_default();
     for op_id in graph.topo_order()? {
         let op = graph.op(op_id);
@@ -262,15 +261,23 @@ fn build_graph(graph: &Graph, policy: ExternalData, data: &mut DataFile) -> Resu
             g.sparse_initializer.push((**s).clone());
         }
     }
-    g.input = graph.inputs.iter().map(|&v| value_info(graph.value(v))).collect();
-    g.output = graph.outputs.iter().map(|&v| value_info(graph.value(v))).collect();
-    g.value_info = graph.value_infos.iter().map(|&v| value_info(graph.value(v))).chain(orphan_value_info).collect();
+    g.input = graph.inputs.iter().map(|&v| value_info(graph.value(v), InfoList::Input)).collect();
+    g.output = graph.outputs.iter().map(|&v| value_info(graph.value(v), InfoList::Output)).collect();
+    g.value_info = graph
+        .value_infos
+        .iter()
+        .map(|l| match l {
+            Listed::Value(v) => value_info(graph.value(*v), InfoList::ValueInfo),
+            Listed::Orphan(info) => (**info).clone(),
+        })
+        .collect();
     Ok(g)
 }
 
-/// The stored form of a value's type: what the model recorded, or what the IR knows.
-fn value_info(v: &Value) -> proto::ValueInfoProto {
-    if let Some(info) = &v.info {
+/// The stored form of a value's type in one list of the graph: what the model recorded there,
+/// or what the IR knows.
+fn value_info(v: &Value, list: InfoList) -> proto::ValueInfoProto {
+    if let Some(info) = v.record(list) {
         let mut info = info.clone();
         info.name = Some(v.name.clone());
         return info;

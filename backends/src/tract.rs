@@ -50,7 +50,8 @@ impl Plan {
     }
 
     fn build(bytes: &[u8], dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
-        let pb = tract_onnx::pb::ModelProto::decode(bytes).map_err(|e| RunError::Tract(e.to_string()))?;
+        let mut pb = tract_onnx::pb::ModelProto::decode(bytes).map_err(|e| RunError::Tract(e.to_string()))?;
+        specialise(&mut pb, feed);
         let parsed = tract_onnx::onnx().parse(&pb, dir.to_str())?;
         let mut model = parsed.model;
         let graph = pb.graph.as_ref().ok_or_else(|| RunError::Tract("model has no graph".into()))?;
@@ -80,20 +81,91 @@ impl Plan {
     }
 }
 
+/// Gives every recorded dimension named like an open input dimension the size `feed` gives that
+/// input there, and leaves unknown every other name in `value_info` and the outputs (a sympy
+/// expression of dynamo's, a size computed inside the model). A plan is built for the feed's
+/// concrete shapes, and tract refuses a record that keeps the symbol ("Impossible to unify
+/// Sym(batch) with Val(2)"); what a record no longer says, tract infers. Only tract's copy of
+/// the model changes.
+fn specialise(pb: &mut tract_onnx::pb::ModelProto, feed: &Feed) {
+    use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension::Value as D};
+    use tract_onnx::pb::{GraphProto, ValueInfoProto, type_proto::Value as T};
+    // tract's protobuf knows tensor types only.
+    fn dims(info: &mut ValueInfoProto) -> Option<&mut Vec<Dimension>> {
+        let T::TensorType(t) = info.r#type.as_mut()?.value.as_mut()?;
+        t.shape.as_mut().map(|s| &mut s.dim)
+    }
+    fn rewrite(graph: &mut GraphProto, sizes: &BTreeMap<String, Option<i64>>) {
+        let inputs = graph.input.iter_mut().map(|i| (i, false));
+        let records = inputs.chain(graph.output.iter_mut().chain(graph.value_info.iter_mut()).map(|i| (i, true)));
+        for (info, recorded) in records {
+            for d in dims(info).into_iter().flatten() {
+                let Some(D::DimParam(p)) = &d.value else { continue };
+                match sizes.get(p) {
+                    Some(Some(size)) => d.value = Some(D::DimValue(*size)),
+                    // Inputs keep their names: a subgraph's are its own, and the graph's get
+                    // their sizes from the feed.
+                    _ if recorded => d.value = None,
+                    _ => {}
+                }
+            }
+        }
+        for node in &mut graph.node {
+            for a in &mut node.attribute {
+                for g in a.g.iter_mut().chain(a.graphs.iter_mut()) {
+                    rewrite(g, sizes);
+                }
+            }
+        }
+    }
+    let Some(graph) = pb.graph.as_mut() else { return };
+    let mut sizes: BTreeMap<String, Option<i64>> = BTreeMap::new();
+    for input in &mut graph.input {
+        let Some(tensor) = feed.0.get(&input.name) else { continue };
+        let Some(input_dims) = dims(input) else { continue };
+        for (d, &size) in input_dims.iter().zip(tensor.shape()) {
+            if let Some(D::DimParam(p)) = &d.value {
+                // A name fed two different sizes stays a name: tract then says what disagrees.
+                let entry = sizes.entry(p.clone()).or_insert(Some(size as i64));
+                if *entry != Some(size as i64) {
+                    *entry = None;
+                }
+            }
+        }
+    }
+    rewrite(graph, &sizes);
+}
+
 /// Reads the arrays of an `.npz` file whose names are inputs of `model`; other arrays (labels)
-/// are ignored.
+/// are ignored, but a file none of whose arrays is named like an input is refused: its inputs
+/// would silently be replaced by random ones. An array's `.npy` suffix (as `numpy.savez` may
+/// leave it in the archive) is not part of its name.
 pub fn load_npz(path: &Path, model: &Model) -> Result<Feed, RunError> {
     let err = |e: &dyn std::fmt::Display| RunError::Inputs(format!("`{}`: {e}", path.display()));
     let file = std::fs::File::open(path).map_err(|e| err(&e))?;
     let mut npz = ndarray_npy::NpzReader::new(file).map_err(|e| err(&e))?;
+    let graph = &model.graph;
     let mut feed = Feed::default();
-    for name in npz.names().map_err(|e| err(&e))? {
-        let Some(id) = model.graph.value_by_name(&name) else { continue };
-        if !model.graph.inputs.contains(&id) {
+    let names = npz.names().map_err(|e| err(&e))?;
+    for name in &names {
+        let Some(id) = graph.value_by_name(name) else { continue };
+        if !graph.inputs.contains(&id) {
             continue;
         }
-        let tensor = read_array(&mut npz, &name).map_err(|e| err(&format!("array `{name}`: {e}")))?;
-        feed.0.insert(name, tensor);
+        let tensor = read_array(&mut npz, name).map_err(|e| err(&format!("array `{name}`: {e}")))?;
+        feed.0.insert(name.clone(), tensor);
+    }
+    let expected: Vec<&str> =
+        graph.inputs.iter().map(|&v| graph.value(v)).filter(|v| v.initializer().is_none()).map(|v| v.name.as_str()).collect();
+    if !expected.is_empty() && !expected.iter().any(|n| feed.0.contains_key(*n)) {
+        let quoted = |names: &[&str]| names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+        let given: Vec<&str> = names.iter().map(String::as_str).collect();
+        // The caller names the file; say only what is wrong with it.
+        return Err(RunError::Inputs(format!(
+            "no array is named like an input of the model: it expects {}, the file has {}",
+            quoted(&expected),
+            if given.is_empty() { "no arrays".to_string() } else { quoted(&given) }
+        )));
     }
     Ok(feed)
 }

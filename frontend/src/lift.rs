@@ -3,7 +3,7 @@
 use crate::ReadError;
 use crate::check;
 use crate::external::ExternalData;
-use prunec_ir::{Attribute, Graph, IrError, Model, NodeMeta, Op, Value, ValueKind, captured_names, proto};
+use prunec_ir::{Attribute, Graph, InfoList, IrError, Listed, Model, NodeMeta, Op, Value, ValueKind, captured_names, proto};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -144,22 +144,25 @@ fn lift_graph(g: proto::GraphProto, externals: &mut ExternalData) -> Result<Grap
         }
     }
 
+    // A value named in several lists keeps each list's record: they may differ (a converter's
+    // value_info entry for an output, with no shape, beside the output's declared shape), and
+    // `--passes none` gives every list back as read.
     for info in output {
         let id = graph.value_by_name(info.name()).ok_or_else(|| IrError::UndefinedOutput(info.name().to_string()))?;
-        if graph.value(id).info.is_none() {
-            graph.value_mut(id).set_info(info);
+        if !graph.outputs.contains(&id) {
+            graph.value_mut(id).add_record(InfoList::Output, info);
         }
         graph.outputs.push(id);
     }
     for info in value_info {
         match graph.value_by_name(info.name()) {
-            Some(id) if !graph.value_infos.contains(&id) => {
-                graph.value_mut(id).set_info(info);
-                graph.value_infos.push(id);
+            Some(id) if !graph.value_infos.contains(&Listed::Value(id)) => {
+                graph.value_mut(id).add_record(InfoList::ValueInfo, info);
+                graph.value_infos.push(Listed::Value(id));
             }
             // A value_info naming no value (or repeating one) describes nothing the IR holds;
-            // keep it verbatim so the writer emits it again.
-            _ => graph.shell.value_info.push(info),
+            // keep it verbatim, in its place, so the writer emits it again.
+            _ => graph.value_infos.push(Listed::Orphan(Box::new(info))),
         }
     }
     graph.topo_order()?;

@@ -37,8 +37,9 @@ pub struct Graph {
     pub initializers: Vec<ValueId>,
     /// Sparse initializers in their stored order.
     pub sparse_initializers: Vec<ValueId>,
-    /// Values listed in `value_info`, in their stored order.
-    pub value_infos: Vec<ValueId>,
+    /// The `value_info` list in its stored order: values of the IR, and records that describe
+    /// none (a name the graph does not hold, or a second record of a value), kept verbatim.
+    pub value_infos: Vec<Listed>,
     next_seq: u64,
 }
 
@@ -150,12 +151,39 @@ pub struct Value {
     /// What defines it.
     pub kind: ValueKind,
     /// The `ValueInfoProto` the model stores for it (from `input`, `output` or `value_info`),
-    /// whose `type` is the recorded type. Written back as is.
+    /// whose `type` is the recorded type: the record of the first list that names the value, in
+    /// the order input, output, value_info. Written back as is, but for the sizes a pass changes.
     pub info: Option<proto::ValueInfoProto>,
+    /// The value's records in further lists, where it is named in more than one.
+    pub more_info: Vec<(InfoList, proto::ValueInfoProto)>,
     /// Element type, recorded or inferred.
     pub dtype: Option<DType>,
     /// Shape, recorded or inferred; `None` when nothing is known, not even the rank.
     pub shape: Option<Shape>,
+}
+
+/// One entry of a graph's `value_info` list.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Listed {
+    /// A value of the IR; its record is [`Value::record`] of [`InfoList::ValueInfo`].
+    Value(ValueId),
+    /// A record the IR holds no value for, or a repeated record of a value: written back as read
+    /// while no pass runs, and dropped by [`Graph::reconcile_records`] once it names a value,
+    /// since nothing keeps it in step with that value's shape.
+    Orphan(Box<proto::ValueInfoProto>),
+}
+
+/// The list of a `GraphProto` a value's record comes from. A value may be recorded in several
+/// (a graph output also listed in `value_info`, a graph input that is also an output), and the
+/// records may differ: each list gets its own back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InfoList {
+    /// `input`.
+    Input,
+    /// `output`.
+    Output,
+    /// `value_info`.
+    ValueInfo,
 }
 
 /// Fields of a `ValueInfoProto` other than name and type, for building values.
@@ -170,7 +198,7 @@ pub struct ValueInfoMeta {
 impl Value {
     /// A value with nothing known about it yet.
     pub fn new(name: impl Into<String>, kind: ValueKind) -> Value {
-        let mut v = Value { name: name.into(), kind, info: None, dtype: None, shape: None };
+        let mut v = Value { name: name.into(), kind, info: None, more_info: Vec::new(), dtype: None, shape: None };
         match &v.kind {
             ValueKind::Initializer(t) => {
                 v.dtype = Some(t.dtype());
@@ -188,27 +216,50 @@ impl Value {
     /// Records the model's `ValueInfoProto` for this value, taking dtype and shape from it where
     /// the value has none yet.
     pub fn set_info(&mut self, info: proto::ValueInfoProto) {
+        self.absorb(&info);
+        self.info = Some(info);
+    }
+
+    /// Records the value's `ValueInfoProto` from `list`: the main record if it has none yet,
+    /// else a further one (an earlier list's record is never replaced by a later one's).
+    pub fn add_record(&mut self, list: InfoList, info: proto::ValueInfoProto) {
+        if self.info.is_none() {
+            return self.set_info(info);
+        }
+        self.absorb(&info);
+        self.more_info.retain(|(l, _)| *l != list);
+        self.more_info.push((list, info));
+    }
+
+    /// The record to write in `list`: the one read from it, else the main one.
+    pub fn record(&self, list: InfoList) -> Option<&proto::ValueInfoProto> {
+        self.more_info.iter().find(|(l, _)| *l == list).map(|(_, i)| i).or(self.info.as_ref())
+    }
+
+    /// Every record of the value, to change.
+    pub fn records_mut(&mut self) -> impl Iterator<Item = &mut proto::ValueInfoProto> {
+        self.info.iter_mut().chain(self.more_info.iter_mut().map(|(_, i)| i))
+    }
+
+    fn absorb(&mut self, info: &proto::ValueInfoProto) {
         if let Some(ty) = &info.r#type {
             self.dtype = self.dtype.or(dtype_of_type(ty));
             if self.shape.is_none() {
                 self.shape = Shape::from_type(ty);
             }
         }
-        self.info = Some(info);
     }
 
-    /// Sets the size of one axis, in the shape and in the recorded `ValueInfoProto` (which the
+    /// Sets the size of one axis, in the shape and in every recorded `ValueInfoProto` (which the
     /// writer emits as is), after a pass changed it.
     pub fn set_dim(&mut self, axis: usize, size: u64) {
         if let Some(d) = self.shape.as_mut().and_then(|s| s.0.get_mut(axis)) {
             *d = crate::shape::Dim::Known(size);
         }
-        let recorded = self.info.as_mut().and_then(|i| i.r#type.as_mut()).and_then(|t| match &mut t.value {
-            Some(proto::type_proto::Value::TensorType(tt)) => tt.shape.as_mut(),
-            _ => None,
-        });
-        if let Some(d) = recorded.and_then(|s| s.dim.get_mut(axis)) {
-            d.value = Some(proto::tensor_shape_proto::dimension::Value::DimValue(size as i64));
+        for info in self.records_mut() {
+            if let Some(d) = crate::records::recorded_shape_mut(info).and_then(|s| s.dim.get_mut(axis)) {
+                d.value = Some(proto::tensor_shape_proto::dimension::Value::DimValue(size as i64));
+            }
         }
     }
 
@@ -356,12 +407,14 @@ impl Graph {
         id
     }
 
-    /// Replaces the tensor of an initializer, keeping its name, and takes its shape.
+    /// Replaces the tensor of an initializer, keeping its name, and takes its shape, into the
+    /// value and its records (exporters record weights in `value_info` too).
     pub fn set_initializer(&mut self, id: ValueId, tensor: Tensor) {
         let value = self.value_mut(id);
         let tensor = tensor.renamed(&value.name);
         value.shape = Some(Shape::known(&tensor.dims()));
         value.kind = ValueKind::Initializer(tensor);
+        value.reconcile_records();
     }
 
     /// Whether an initializer may be changed where it is: it is not part of the model's
@@ -555,7 +608,7 @@ impl Graph {
         self.by_name.remove(&value.name);
         self.initializers.retain(|v| *v != id);
         self.sparse_initializers.retain(|v| *v != id);
-        self.value_infos.retain(|v| *v != id);
+        self.value_infos.retain(|l| *l != Listed::Value(id));
         value
     }
 

@@ -28,6 +28,7 @@ mod groups;
 mod guard;
 mod ids;
 mod ops;
+mod records;
 mod rng;
 mod shape;
 mod stats;
@@ -35,7 +36,7 @@ mod tensor;
 
 pub use dump::dump;
 pub use error::IrError;
-pub use graph::{Attribute, Edge, Graph, Model, NodeMeta, Op, Value, ValueInfoMeta, ValueKind, captured_names};
+pub use graph::{Attribute, Edge, Graph, InfoList, Listed, Model, NodeMeta, Op, Value, ValueInfoMeta, ValueKind, captured_names};
 pub use groups::{Group, GroupAxis, Groups, WeightSlice, analyse as analyse_groups, constant_tensor};
 pub use guard::catch_quietly;
 pub use ids::{OpId, ValueId};

@@ -120,6 +120,8 @@ pub fn run_pipeline(model: &mut Model, passes: &[Box<dyn Pass>]) -> Result<Vec<P
     for pass in passes {
         let start = Instant::now();
         let report = pass.run(model)?;
+        // Recorded shapes are written back as they are; none may contradict what the pass did.
+        model.graph.reconcile_records();
         model.graph.topo_order().map_err(|source| PassError::BrokeGraph { pass: pass.name(), source })?;
         runs.push(PassRun { name: pass.name(), report, elapsed: start.elapsed() });
     }

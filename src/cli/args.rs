@@ -7,7 +7,14 @@ use std::path::PathBuf;
 
 /// prunec: prune ONNX models structurally, from the exported file alone.
 #[derive(Debug, Parser)]
-#[command(name = "prunec", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(
+    name = "prunec",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Exit codes: 0 success; 1 error; 2 usage; 3 verification failed or could not run (nothing written; \
+                  --no-verify writes an unverified model)."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -42,15 +49,17 @@ pub struct CompileArgs {
     /// to the end of the pipeline).
     #[arg(long)]
     pub fold_bn: bool,
-    /// Skip the check that runs the original, pruned and masked models in tract.
+    /// Skip the check that runs the original, pruned and masked models in tract: the only way to
+    /// write a model that was not verified. Without it, a verification that fails or cannot run
+    /// writes nothing and exits with code 3.
     #[arg(long)]
     pub no_verify: bool,
-    /// Verify even when the weights exceed 1 GiB, above which verification (several copies of
-    /// the weights in tract) is skipped by default.
+    /// Verify a model of more than 1 GiB of weights (several copies of the weights in tract);
+    /// above that size prunec refuses (exit 3) unless --verify or --no-verify says which.
     #[arg(long, conflicts_with = "no_verify")]
     pub verify: bool,
     /// Inputs for verification (`.npz`, arrays named like the graph inputs); inputs not in it
-    /// get seeded random values.
+    /// get seeded random values (said on stderr), and a file with none of them is an error.
     #[arg(long, value_name = "FILE.npz")]
     pub inputs: Option<PathBuf>,
     /// Concrete shape of an input for verification and shape inference, as for `inspect`.

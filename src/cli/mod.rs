@@ -77,6 +77,7 @@ fn compile(a: &CompileArgs) -> Result<()> {
     } else {
         read_model(model_path, &ReadOptions { infer_shapes }).with_context(|| format!("reading `{}`", model_path.display()))?
     };
+    refuse_unasked_big_verification(&loaded.model, &passes, a)?;
     let measured = if passes.iter().any(|p| p.name() == "prune") { calibration(&loaded, a)? } else { None };
     let (calibration, feed) = match measured {
         Some((calibration, feed)) => (Some(std::sync::Arc::new(calibration)), Some(feed)),
@@ -104,44 +105,21 @@ fn compile(a: &CompileArgs) -> Result<()> {
     let after = model_stats(&loaded.model);
     let prune = runs.iter().rev().find_map(|r| r.report.prune.as_ref());
 
-    let mut verification_skipped = None;
     let verification = if a.no_verify || passes.is_empty() {
         None
-    } else if !a.verify && before.weight_bytes > prunec::verify::VERIFY_MAX_WEIGHT_BYTES {
-        let why = format!(
-            "the model has {:.2} GiB of weights, over the {} GiB above which verification (several copies of the weights in tract) is skipped; pass --verify to force it",
-            before.weight_bytes as f64 / (1u64 << 30) as f64,
-            prunec::verify::VERIFY_MAX_WEIGHT_BYTES >> 30
-        );
-        eprintln!("verification skipped: {why}");
-        verification_skipped = Some(why);
-        None
     } else {
-        let feed = verification_feed(&original, a)?;
+        let feed = verification_feed(&original, a, "verification")?;
         check_feed_matches_input_shapes(&original, &feed, a)?;
         match prunec::verify::verify(&original, &loaded.model, prune, &loaded.dir, &feed, prunec::verify::MASKING_TOLERANCE) {
             Ok(v) => Some(v),
-            Err(e @ prunec::verify::VerifyError::OriginalNotRunnable(_)) => {
-                eprintln!("verification skipped: {e}");
-                verification_skipped = Some(e.to_string());
-                None
-            }
-            Err(e) => return Err(e).context(format!("verifying the result for `{}`; nothing was written", model_path.display())),
+            Err(e @ prunec::verify::VerifyError::OriginalNotRunnable(_)) => return Err(unverified(model_path, "cannot verify", &e)),
+            Err(e) => return Err(unverified(model_path, "verification failed on", &e)),
         }
     };
-
     if !passes.is_empty() {
         pin_input_shapes(&mut loaded.model, a)?;
     }
-    let summary = report::Summary {
-        runs: &runs,
-        prune,
-        before: &before,
-        after: &after,
-        verification: verification.as_ref(),
-        verification_skipped: verification_skipped.as_deref(),
-        args: a,
-    };
+    let summary = report::Summary { runs: &runs, prune, before: &before, after: &after, verification: verification.as_ref(), args: a };
     summary.print();
     if let Some(path) = &a.report {
         summary.write_json(path)?;
@@ -159,6 +137,42 @@ fn compile(a: &CompileArgs) -> Result<()> {
     };
     eprintln!("wrote {} ({} bytes){data}", written.model.display(), written.model_bytes);
     Ok(())
+}
+
+/// Verification was meant to run and did not pass, or could not run: nothing is written, and
+/// the binary exits with code 3. Only `--no-verify` writes a model that was not verified.
+#[derive(Debug)]
+pub struct Unverified(pub String);
+
+impl std::fmt::Display for Unverified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unverified {}
+
+fn unverified(model: &Path, what: &str, e: &prunec::verify::VerifyError) -> anyhow::Error {
+    Unverified(format!("{what} the result for `{}`: {e}; nothing was written (--no-verify writes the model unverified)", model.display()))
+        .into()
+}
+
+/// Verifying a model of more than [`prunec::verify::VERIFY_MAX_WEIGHT_BYTES`] of weights takes
+/// several times its size in memory, so it is not started unasked; but an unverified model is
+/// never written unasked either: the user says which, before the passes spend any time.
+fn refuse_unasked_big_verification(model: &prunec::ir::Model, passes: &[Box<dyn prunec::passes::Pass>], a: &CompileArgs) -> Result<()> {
+    let bytes = model_stats(model).weight_bytes;
+    if a.verify || a.no_verify || passes.is_empty() || bytes <= prunec::verify::VERIFY_MAX_WEIGHT_BYTES {
+        return Ok(());
+    }
+    Err(Unverified(format!(
+        "not verifying `{}` unasked: it has {:.2} GiB of weights, over the {} GiB above which verification (several copies of the weights in tract) \
+         must be asked for; nothing was written: pass --verify to verify anyway, or --no-verify to write the model unverified",
+        a.model.as_deref().unwrap_or(Path::new("")).display(),
+        bytes as f64 / (1u64 << 30) as f64,
+        prunec::verify::VERIFY_MAX_WEIGHT_BYTES >> 30
+    ))
+    .into())
 }
 
 /// The passes specialised the model to `--input-shape`; verifying it on `--inputs` of another
@@ -185,9 +199,16 @@ fn pin_input_shapes(model: &mut prunec::ir::Model, a: &CompileArgs) -> Result<()
     let graph = &mut model.graph;
     for (name, dims) in args::input_shapes(&a.input_shapes, &runtime_inputs(graph))? {
         let Some(id) = graph.value_by_name(&name) else { continue };
-        let Some(shape) = declared_shape_mut(graph.value_mut(id)) else { continue };
-        if shape.dim.len() != dims.len() || (0..dims.len()).any(|axis| declared_open(shape, axis)) {
-            shape.dim = dims.iter().map(|&d| Dimension { value: Some(DimValue::DimValue(d as i64)), denotation: None }).collect();
+        // Every record of the input: it may be an output or listed in value_info too.
+        let mut pinned = false;
+        for record in graph.value_mut(id).records_mut() {
+            let Some(shape) = declared_shape_mut(record) else { continue };
+            if shape.dim.len() != dims.len() || (0..dims.len()).any(|axis| declared_open(shape, axis)) {
+                shape.dim = dims.iter().map(|&d| Dimension { value: Some(DimValue::DimValue(d as i64)), denotation: None }).collect();
+                pinned = true;
+            }
+        }
+        if pinned {
             eprintln!("note: input `{name}` now declares {dims:?}: the model was specialised to --input-shape");
         }
     }
@@ -207,7 +228,7 @@ fn calibration(loaded: &Loaded, a: &CompileArgs) -> Result<Option<(prunec::passe
     let model = &loaded.model;
     let (feed, source) = match (&a.inputs, hessian) {
         (Some(inputs), _) if criterion.needs_calibration() || hessian == HessianSource::Calib => {
-            (verification_feed(model, a)?, format!("`{}`", inputs.display()))
+            (verification_feed(model, a, "calibration")?, format!("`{}`", inputs.display()))
         }
         (None, _) if criterion.needs_calibration() || hessian == HessianSource::Calib => {
             anyhow::bail!(
@@ -312,14 +333,29 @@ fn smooth_image_noise(t: &prunec::backends::tract::TractTensor) -> Option<prunec
 }
 
 /// Inputs for verification: `--inputs`, then seeded random values at `--input-shape` or the
-/// recorded shapes.
-fn verification_feed(model: &prunec::ir::Model, a: &CompileArgs) -> Result<prunec::backends::tract::Feed> {
+/// recorded shapes. An `--inputs` file that gives some inputs but not all is said on stderr, naming the inputs
+/// that get random values (`purpose`: what the inputs are for).
+fn verification_feed(model: &prunec::ir::Model, a: &CompileArgs, purpose: &str) -> Result<prunec::backends::tract::Feed> {
     use prunec::backends::tract::{Feed, load_npz, random_feed};
+    let names = runtime_inputs(&model.graph);
     let given = match &a.inputs {
-        Some(path) => load_npz(path, model).with_context(|| format!("reading inputs `{}`", path.display()))?,
+        Some(path) => {
+            let given = load_npz(path, model).with_context(|| format!("reading inputs `{}`", path.display()))?;
+            let generated: Vec<String> = names.iter().filter(|n| !given.0.contains_key(*n)).map(|n| format!("`{n}`")).collect();
+            if !generated.is_empty() {
+                eprintln!(
+                    "note: `{}` has no array for input {}; {purpose} feeds {} seeded random values (seed {})",
+                    path.display(),
+                    generated.join(", "),
+                    if generated.len() == 1 { "it" } else { "them" },
+                    a.prune.seed
+                );
+            }
+            given
+        }
         None => Feed::default(),
     };
-    let shapes = args::input_shapes(&a.input_shapes, &runtime_inputs(&model.graph))?;
+    let shapes = args::input_shapes(&a.input_shapes, &names)?;
     Ok(random_feed(model, given, &shapes, a.prune.seed)?)
 }
 
@@ -336,9 +372,9 @@ fn declared_shape(v: &prunec::ir::Value) -> Option<&prunec::ir::proto::TensorSha
     }
 }
 
-/// [`declared_shape`], to change.
-fn declared_shape_mut(v: &mut prunec::ir::Value) -> Option<&mut prunec::ir::proto::TensorShapeProto> {
-    match v.info.as_mut()?.r#type.as_mut()?.value.as_mut()? {
+/// The shape a record declares, to change.
+fn declared_shape_mut(info: &mut prunec::ir::proto::ValueInfoProto) -> Option<&mut prunec::ir::proto::TensorShapeProto> {
+    match info.r#type.as_mut()?.value.as_mut()? {
         prunec::ir::proto::type_proto::Value::TensorType(t) => t.shape.as_mut(),
         _ => None,
     }

@@ -20,8 +20,6 @@ pub struct Summary<'a> {
     pub after: &'a ModelStats,
     /// What verification found, if it ran.
     pub verification: Option<&'a Verification>,
-    /// Why verification was skipped, when it was meant to run but did not.
-    pub verification_skipped: Option<&'a str>,
     /// The command line.
     pub args: &'a CompileArgs,
 }
@@ -115,7 +113,7 @@ impl Summary<'_> {
 
     /// Writes the whole report as JSON.
     pub fn write_json(&self, path: &Path) -> Result<()> {
-        let Summary { runs, prune, before, after, verification, verification_skipped, args: a } = *self;
+        let Summary { runs, prune, before, after, verification, args: a } = *self;
         let passes: Vec<serde_json::Value> = runs
             .iter()
             .map(|r| {
@@ -136,7 +134,6 @@ impl Summary<'_> {
             "after": after,
             "prune": prune,
             "verification": verification,
-            "verification_skipped": verification_skipped,
         });
         let text = serde_json::to_string_pretty(&report)? + "\n";
         std::fs::write(path, text).with_context(|| format!("writing the report `{}`", path.display()))
