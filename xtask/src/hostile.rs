@@ -20,8 +20,8 @@ use prost::Message;
 use prost::bytes::Bytes;
 use prost::encoding::{WireType, encode_key, encode_varint};
 use prunec_ir::proto::{
-    AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, SparseTensorProto, StringStringEntryProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto,
+    AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, SparseTensorProto, StringStringEntryProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
     attribute_proto::AttributeType,
     tensor_proto::{DataLocation, DataType},
     tensor_shape_proto::{Dimension, dimension},
@@ -891,7 +891,10 @@ fn external_special(name: &'static str, what: &'static str, kind: &'static str, 
         name,
         what,
         expect,
-        files: vec![Entry::File(format!("{name}/model.onnx"), external_model("w.bin", None, None).encode_to_vec()), make(format!("{name}/w.bin"))],
+        files: vec![
+            Entry::File(format!("{name}/model.onnx"), external_model("w.bin", None, None).encode_to_vec()),
+            make(format!("{name}/w.bin")),
+        ],
     }
 }
 
@@ -900,7 +903,11 @@ fn external_special(name: &'static str, what: &'static str, kind: &'static str, 
 fn external_device(name: &'static str, device: &'static str) -> Case {
     Case {
         name,
-        what: if device == "/dev/zero" { "an external-data file that links to /dev/zero" } else { "an external-data file that links to /dev/null" },
+        what: if device == "/dev/zero" {
+            "an external-data file that links to /dev/zero"
+        } else {
+            "an external-data file that links to /dev/null"
+        },
         expect: "tensor `W`: external data file `w.bin` is not a regular file but a character device",
         files: vec![
             Entry::File(format!("{name}/model.onnx"), external_model("w.bin", None, None).encode_to_vec()),
@@ -962,7 +969,8 @@ fn function_recursing_in_branch() -> ModelProto {
     let mut m = with_functions(&[("f", &[])]);
     let mut call = node("then_calls_f", "f", &["a"], &["t"], vec![]);
     call.domain = Some("local".into());
-    let then_branch = GraphProto { name: Some("then".into()), node: vec![call], output: vec![f32_info("t", &[1, 4])], ..Default::default() };
+    let then_branch =
+        GraphProto { name: Some("then".into()), node: vec![call], output: vec![f32_info("t", &[1, 4])], ..Default::default() };
     let else_branch = GraphProto {
         name: Some("else".into()),
         node: vec![node("else_neg", "Neg", &["a"], &["e"], vec![])],
@@ -971,7 +979,8 @@ fn function_recursing_in_branch() -> ModelProto {
     };
     let f = &mut m.functions[0];
     f.input.push("cond".into());
-    f.node = vec![node("f_if", "If", &["cond"], &["b"], vec![attr_graph("then_branch", then_branch), attr_graph("else_branch", else_branch)])];
+    f.node =
+        vec![node("f_if", "If", &["cond"], &["b"], vec![attr_graph("then_branch", then_branch), attr_graph("else_branch", else_branch)])];
     let g = m.graph.as_mut().expect("graph");
     g.input.push(typed_info("cond", DataType::Bool, &[]));
     g.node[1].input.push("cond".into());
