@@ -166,7 +166,8 @@ pub fn run(loaded: &mut Loaded, passes: &[Box<dyn Pass>]) -> Result<Report, Erro
 pub fn emit(loaded: &Loaded, path: &Path, format: Format, options: &EmitOptions) -> Result<u64, Error> {
     match format {
         Format::Onnx => Ok(write_model(&loaded.model, path, &options.onnx)?.model_bytes),
-        Format::Nnef => Ok(crate::backends::nnef::write_nnef(&loaded.model, &loaded.dir, &options.input_shapes, path)?),
+        // The properties an archive leaves out are ONNX metadata tract cannot read back from NNEF text.
+        Format::Nnef => Ok(crate::backends::nnef::write_nnef(&loaded.model, &loaded.dir, &options.input_shapes, path)?.0),
     }
 }
 

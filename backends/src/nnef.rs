@@ -158,21 +158,55 @@ pub fn load_archive(path: &Path) -> Result<Arc<TypedSimplePlan>, NnefError> {
         .map_err(|e| NnefError::Tract(format!("loading `{}`: {e:#}", path.display())))
 }
 
-/// The archive of a decluttered model as bytes: a deterministic tar, gzip-compressed.
-pub fn archive(typed: &TypedModel) -> Result<Vec<u8>, NnefError> {
-    let typed = expand_gelu_exact(typed).map_err(|e| NnefError::Tract(format!("{e:#}")))?;
+/// An archive as bytes, and the model properties it leaves out.
+#[derive(Clone, Debug)]
+pub struct Archive {
+    /// The `.nnef.tgz` bytes.
+    pub bytes: Vec<u8>,
+    /// Properties (ONNX metadata, as tract names them: `onnx.metadata_props.KEY`) whose text
+    /// tract 0.23.9's NNEF reader cannot parse back (it has no escape for `'`, and reads `\n`
+    /// as `n`), left out so that the archive loads; sorted.
+    pub omitted_properties: Vec<String>,
+}
+
+/// Removes the string properties that tract's NNEF writer would make unreadable: it prints
+/// strings with Rust's `{:?}`, whose escapes (and unescaped `'`) its parser does not read back.
+fn drop_unreadable_properties(typed: &mut TypedModel) -> Vec<String> {
+    let readable = |s: &String| !s.contains(['\'', '"', '\\']) && format!("{s:?}").len() == s.len() + 2;
+    let mut omitted: Vec<String> = typed
+        .properties
+        .iter()
+        .filter(|(_, t)| {
+            t.datum_type() == String::datum_type()
+                && t.try_as_plain_ram().ok().and_then(|v| v.as_slice::<String>().ok().map(|s| !s.iter().all(readable))).unwrap_or(true)
+        })
+        .map(|(k, _)| k.clone())
+        .collect();
+    omitted.sort();
+    for key in &omitted {
+        typed.properties.remove(key);
+    }
+    omitted
+}
+
+/// The archive of a decluttered model: a deterministic tar, gzip-compressed.
+pub fn archive(typed: &TypedModel) -> Result<Archive, NnefError> {
+    let mut typed = expand_gelu_exact(typed).map_err(|e| NnefError::Tract(format!("{e:#}")))?;
+    let omitted_properties = drop_unreadable_properties(&mut typed);
     let encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     let encoder = match framework().write_to_tar_with_config(&typed, encoder, false, true) {
         Ok(encoder) => encoder,
         Err(e) => return Err(serialise_error(e)),
     };
-    encoder.finish().map_err(|e| NnefError::Tract(format!("compressing the archive: {e}")))
+    let bytes = encoder.finish().map_err(|e| NnefError::Tract(format!("compressing the archive: {e}")))?;
+    Ok(Archive { bytes, omitted_properties })
 }
 
 /// The `graph.nnef` text of a decluttered model (what the archive holds beside the tensors).
 pub fn graph_text(typed: &TypedModel) -> Result<String, NnefError> {
     let fw = framework();
-    let typed = expand_gelu_exact(typed).map_err(|e| NnefError::Tract(format!("{e:#}")))?;
+    let mut typed = expand_gelu_exact(typed).map_err(|e| NnefError::Tract(format!("{e:#}")))?;
+    drop_unreadable_properties(&mut typed);
     let proto = tract_nnef::ser::to_proto_model(&fw, &typed).map_err(serialise_error)?;
     let mut text = Vec::new();
     tract_nnef::ast::dump::Dumper::new(&fw, &mut text).document(&proto.doc).map_err(|e| NnefError::Tract(format!("{e:#}")))?;
@@ -180,17 +214,19 @@ pub fn graph_text(typed: &TypedModel) -> Result<String, NnefError> {
 }
 
 /// Writes the model as a tract NNEF archive (`.nnef.tgz`) at `path`, atomically: the archive is
-/// complete before it replaces anything. Returns the archive's size in bytes.
-pub fn write_nnef(model: &Model, dir: &Path, shapes: &InputShapes, path: &Path) -> Result<u64, NnefError> {
+/// complete before it replaces anything. Returns its size in bytes and the properties left out
+/// (see [`Archive::omitted_properties`]).
+pub fn write_nnef(model: &Model, dir: &Path, shapes: &InputShapes, path: &Path) -> Result<(u64, Vec<String>), NnefError> {
     let typed = decluttered(model, dir, shapes)?;
-    let bytes = prunec_ir::catch_quietly(|| archive(&typed)).map_err(|m| NnefError::Tract(format!("internal failure: {m}")))??;
+    let Archive { bytes, omitted_properties } =
+        prunec_ir::catch_quietly(|| archive(&typed)).map_err(|m| NnefError::Tract(format!("internal failure: {m}")))??;
     let io = |source| NnefError::Io { path: path.to_path_buf(), source };
     let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(folder).map_err(io)?;
     tmp.write_all(&bytes).map_err(io)?;
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;
-    Ok(bytes.len() as u64)
+    Ok((bytes.len() as u64, omitted_properties))
 }
 
 /// Turns tract's "no serializer" failure into the op and node at fault; other failures pass.
@@ -212,8 +248,9 @@ fn serialise_error(e: TractError) -> NnefError {
 fn unserializable_hint(op: &str) -> Option<String> {
     if op.starts_with("DequantizeLinear") || op.starts_with("QuantizeLinear") {
         Some(
-            "QDQ-quantised models cannot be written as NNEF; emit ONNX, or add the `dequantize` pass (`--passes ...,dequantize`), \
-             which replaces DequantizeLinear of constant weights by their exact float values"
+            "tract stores no quantised activations in NNEF, and their float form is not exact (Quantize rounds and clamps), so \
+             prunec offers none: emit ONNX for this model. DequantizeLinear of constant weights is folded exactly \
+             (by tract here, by the `dequantize` pass in ONNX output)"
                 .into(),
         )
     } else {

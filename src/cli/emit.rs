@@ -24,8 +24,11 @@ pub fn tract_outputs(loaded: &Loaded, a: &CompileArgs) -> Result<Option<PathBuf>
     for (format, path) in &outputs {
         if *format == Format::Nnef {
             let shapes = args::input_shapes(&a.input_shapes, &super::runtime_inputs(&loaded.model.graph))?;
-            let bytes = prunec::backends::nnef::write_nnef(&loaded.model, &loaded.dir, &shapes, path)
+            let (bytes, omitted) = prunec::backends::nnef::write_nnef(&loaded.model, &loaded.dir, &shapes, path)
                 .with_context(|| format!("writing the tract NNEF archive `{}`; nothing was written", path.display()))?;
+            for key in omitted {
+                eprintln!("note: the archive leaves out the property `{key}`: tract's NNEF reader cannot parse its text back");
+            }
             eprintln!("wrote {} ({bytes} bytes, tract {} NNEF)", path.display(), prunec::backends::nnef::TRACT_VERSION);
         }
     }
