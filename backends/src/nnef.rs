@@ -158,6 +158,43 @@ pub fn load_archive(path: &Path) -> Result<Arc<TypedSimplePlan>, NnefError> {
         .map_err(|e| NnefError::Tract(format!("loading `{}`: {e:#}", path.display())))
 }
 
+/// Makes the node names independent of the order tract's declutter happened to visit nodes in.
+///
+/// When two nodes want the same name, tract suffixes the later one (`name.1`, `name.2`), and
+/// which one is later depends on hash-map order inside some rewrites (the NNEF serialiser's
+/// einsum to matmul one), so the same model can give archives that differ only by swapped names. Each
+/// base name with a suffixed member is handed out again, `name`, `name.1`, ... in evaluation
+/// order, which depends only on the graph; the model's inputs and outputs keep theirs.
+fn canonical_names(typed: &mut TypedModel) -> TractResult<()> {
+    // The serialiser's own rewrites (einsum to matmul among them) are where the names race;
+    // run them first (running them again inside the serialiser finds nothing left to do), and
+    // drop what they left dead, whose names would otherwise count.
+    tract_nnef::ser::rewrite_model(typed)?;
+    *typed = std::mem::take(typed).into_compact()?;
+    fn split(name: &str) -> (&str, bool) {
+        match name.rsplit_once('.') {
+            Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => (base, true),
+            _ => (name, false),
+        }
+    }
+    let fixed: std::collections::BTreeSet<usize> = typed.inputs.iter().chain(typed.outputs.iter()).map(|o| o.node).collect();
+    let held: std::collections::BTreeSet<String> = fixed.iter().map(|&id| typed.node(id).name.clone()).collect();
+    let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for id in typed.eval_order()? {
+        groups.entry(split(&typed.node(id).name).0.to_string()).or_default().push(id);
+    }
+    for (base, ids) in groups {
+        if !ids.iter().any(|&id| split(&typed.node(id).name).1) {
+            continue;
+        }
+        let mut free = std::iter::once(base.clone()).chain((1..).map(|i| format!("{base}.{i}"))).filter(|n| !held.contains(n));
+        for id in ids.into_iter().filter(|id| !fixed.contains(id)) {
+            typed.node_mut(id).name = free.next().unwrap_or_default();
+        }
+    }
+    Ok(())
+}
+
 /// An archive as bytes, and the model properties it leaves out.
 #[derive(Clone, Debug)]
 pub struct Archive {
@@ -192,6 +229,7 @@ fn drop_unreadable_properties(typed: &mut TypedModel) -> Vec<String> {
 /// The archive of a decluttered model: a deterministic tar, gzip-compressed.
 pub fn archive(typed: &TypedModel) -> Result<Archive, NnefError> {
     let mut typed = expand_gelu_exact(typed).map_err(|e| NnefError::Tract(format!("{e:#}")))?;
+    canonical_names(&mut typed).map_err(|e| NnefError::Tract(format!("{e:#}")))?;
     let omitted_properties = drop_unreadable_properties(&mut typed);
     let encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     let encoder = match framework().write_to_tar_with_config(&typed, encoder, false, true) {
@@ -206,6 +244,7 @@ pub fn archive(typed: &TypedModel) -> Result<Archive, NnefError> {
 pub fn graph_text(typed: &TypedModel) -> Result<String, NnefError> {
     let fw = framework();
     let mut typed = expand_gelu_exact(typed).map_err(|e| NnefError::Tract(format!("{e:#}")))?;
+    canonical_names(&mut typed).map_err(|e| NnefError::Tract(format!("{e:#}")))?;
     drop_unreadable_properties(&mut typed);
     let proto = tract_nnef::ser::to_proto_model(&fw, &typed).map_err(serialise_error)?;
     let mut text = Vec::new();
