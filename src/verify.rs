@@ -7,12 +7,12 @@
 //! price of pruning, reported but not judged.
 
 use crate::backends::RunError;
+use crate::backends::latency::{Latency, interleaved};
 use crate::backends::tract::{Feed, Plan, compare};
 use crate::ir::Model;
 use crate::passes::prune::{PruneReport, apply_compensations, mask_consumers};
 use serde::Serialize;
 use std::path::Path;
-use std::time::Duration;
 
 /// Largest difference to the masked original, relative to the output's scale, that the CLI
 /// counts as equal. Float sums taken in another order (tract packs a narrower convolution
@@ -31,7 +31,8 @@ pub const VERIFY_MAX_WEIGHT_BYTES: u64 = 1 << 30;
 pub struct Verification {
     /// Per output.
     pub outputs: Vec<OutputCheck>,
-    /// Fastest of the timed runs of the original, in milliseconds.
+    /// Median of three runs of the original in tract, in milliseconds, timed in alternation with
+    /// the pruned model (`prunec bench` measures more runs, and in ONNX Runtime too).
     pub original_ms: f64,
     /// Same for the pruned model.
     pub pruned_ms: f64,
@@ -91,17 +92,6 @@ pub enum VerifyError {
     Mask(String),
 }
 
-/// Runs a plan a warm-up time and then `runs` times; the outputs and the fastest time.
-fn timed(plan: &Plan, feed: &Feed, runs: usize) -> Result<(crate::backends::tract::Outputs, Duration), RunError> {
-    let mut out = plan.run(feed)?;
-    let mut best = Duration::MAX;
-    for _ in 0..runs {
-        out = plan.run(feed)?;
-        best = best.min(out.elapsed);
-    }
-    Ok((out, best))
-}
-
 /// Compares `pruned` with `original` (and with the masked original when `report` says what was
 /// removed) on `feed`. `dir` is where external data of both models is found; `tolerance` bounds
 /// the difference to the masked original relative to each output's scale.
@@ -114,12 +104,15 @@ pub fn verify(
     tolerance: f64,
 ) -> Result<Verification, VerifyError> {
     const RUNS: usize = 3;
-    let plan = Plan::from_model(original, dir, feed).map_err(VerifyError::OriginalNotRunnable)?;
-    let (reference, original_time) = timed(&plan, feed, RUNS).map_err(VerifyError::OriginalNotRunnable)?;
-    drop(plan);
-    let plan = Plan::from_model(pruned, dir, feed).map_err(VerifyError::PrunedNotRunnable)?;
-    let (got, pruned_time) = timed(&plan, feed, RUNS).map_err(VerifyError::PrunedNotRunnable)?;
-    drop(plan);
+    let original_plan = Plan::from_model(original, dir, feed).map_err(VerifyError::OriginalNotRunnable)?;
+    let reference = original_plan.run(feed).map_err(VerifyError::OriginalNotRunnable)?;
+    let pruned_plan = Plan::from_model(pruned, dir, feed).map_err(VerifyError::PrunedNotRunnable)?;
+    let got = pruned_plan.run(feed).map_err(VerifyError::PrunedNotRunnable)?;
+    // The runs above were the warm-up; timed in alternation as `prunec bench` times them.
+    let (original_times, pruned_times) =
+        interleaved(&original_plan, &pruned_plan, feed, 0, RUNS).map_err(VerifyError::PrunedNotRunnable)?;
+    drop((original_plan, pruned_plan));
+    let median = |t: &[f64]| Latency::of(t).map_or(f64::NAN, |l| l.median_ms);
     let masked = match report.filter(|r| !r.masked.is_empty()) {
         Some(r) => {
             let mut m = original.clone();
@@ -163,8 +156,8 @@ pub fn verify(
     }
     Ok(Verification {
         outputs,
-        original_ms: original_time.as_secs_f64() * 1e3,
-        pruned_ms: pruned_time.as_secs_f64() * 1e3,
+        original_ms: median(&original_times),
+        pruned_ms: median(&pruned_times),
         masking_expected,
         masking_not_expected,
     })

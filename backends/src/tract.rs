@@ -170,6 +170,29 @@ pub fn load_npz(path: &Path, model: &Model) -> Result<Feed, RunError> {
     Ok(feed)
 }
 
+/// Writes a feed as an `.npz` file (arrays named like the inputs), for another runtime to read
+/// the same inputs.
+pub fn save_npz(feed: &Feed, path: &Path) -> Result<(), RunError> {
+    let err = |e: &dyn std::fmt::Display| RunError::Inputs(format!("`{}`: {e}", path.display()));
+    let file = std::fs::File::create(path).map_err(|e| err(&e))?;
+    let mut npz = ndarray_npy::NpzWriter::new(file);
+    for (name, tensor) in &feed.0 {
+        macro_rules! try_type {
+            ($($t:ty),*) => {
+                $(if tensor.datum_type() == <$t>::datum_type() {
+                    let view = tensor.to_plain_array_view::<$t>().map_err(|e| err(&e))?;
+                    npz.add_array(name.as_str(), &view).map_err(|e| err(&e))?;
+                    continue;
+                })*
+            };
+        }
+        try_type!(f32, f64, i64, i32, bool, u8, i8);
+        return Err(err(&format!("input `{name}` has type {:?}, which cannot be saved", tensor.datum_type())));
+    }
+    npz.finish().map_err(|e| err(&e))?;
+    Ok(())
+}
+
 fn read_array(npz: &mut ndarray_npy::NpzReader<std::fs::File>, name: &str) -> Result<TractTensor, String> {
     use tract_ndarray::{ArrayD, OwnedRepr};
     macro_rules! try_type {

@@ -75,6 +75,11 @@ pub const REGISTRY: &[Registration] = &[
         build: |_| Box::new(cleanup::FoldBatchNorm),
     },
     Registration {
+        name: "dequantize",
+        summary: "replace DequantizeLinear of constant weights by the float weights it computes (exact; for NNEF output)",
+        build: |_| Box::new(cleanup::Dequantize),
+    },
+    Registration {
         name: "prune",
         summary: "remove the weakest channels of every prunable dependency group (--ratio, --criterion, --target)",
         build: |o| Box::new(prune::ChannelPruning { options: o.prune.clone() }),

@@ -71,6 +71,11 @@ pub struct CompileArgs {
     /// Plan and report, but write no model.
     #[arg(long)]
     pub dry_run: bool,
+    /// Output formats, comma-separated: `onnx`, `nnef` (a tract NNEF archive), or `onnx,nnef`
+    /// for both from one run, the second beside `--output` with its own ending (`out.onnx` and
+    /// `out.nnef.tgz`). Default: the format `--output` names (`.nnef.tgz` is NNEF, else ONNX).
+    #[arg(long, value_delimiter = ',', value_parser = parse_format, value_name = "FORMATS")]
+    pub emit: Vec<prunec::Format>,
 }
 
 /// Options of the `prune` pass.
@@ -266,6 +271,9 @@ pub enum Command {
     Groups(GroupsArgs),
     /// List the passes `--passes` accepts.
     Passes,
+    /// Compare an original and a pruned model: latency in tract (and ONNX Runtime, when its
+    /// Python package is found), parameters, MACs, weight bytes and output cosine.
+    Bench(super::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -309,6 +317,14 @@ pub struct GroupsArgs {
 /// Parses the process arguments; exits with code 2 on a usage error.
 pub fn parse() -> Cli {
     Cli::parse()
+}
+
+fn parse_format(s: &str) -> Result<prunec::Format, String> {
+    match s.trim() {
+        "onnx" => Ok(prunec::Format::Onnx),
+        "nnef" | "tract" => Ok(prunec::Format::Nnef),
+        _ => Err(format!("unknown output format `{s}`; expected onnx or nnef")),
+    }
 }
 
 fn parse_data_layout(s: &str) -> Result<prunec::backends::onnx::DataLayout, String> {

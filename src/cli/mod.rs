@@ -1,6 +1,8 @@
 //! The only module that knows about the terminal, clap and exit codes.
 
 pub mod args;
+mod bench;
+mod emit;
 mod inspect;
 mod report;
 
@@ -33,6 +35,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let list: String = prunec::passes::REGISTRY.iter().map(|r| format!("{:<12} {}\n", r.name, r.summary)).collect();
             emit(&list)
         }
+        Some(Command::Bench(a)) => bench::run(&a),
         None => compile(&cli.compile),
     }
 }
@@ -60,7 +63,7 @@ pub(crate) fn load(path: &Path, input_shapes: &[String]) -> Result<Loaded> {
 }
 
 fn compile(a: &CompileArgs) -> Result<()> {
-    let (Some(model_path), Some(output)) = (&a.model, &a.output) else {
+    let (Some(model_path), Some(_)) = (&a.model, &a.output) else {
         unreachable!("clap requires MODEL and --output without a subcommand");
     };
     // Parse the pipeline before reading: a typo should not cost a model load.
@@ -128,6 +131,8 @@ fn compile(a: &CompileArgs) -> Result<()> {
         eprintln!("dry run: nothing written");
         return Ok(());
     }
+    // The tract archive first: a model tract cannot serialise is refused before anything is written.
+    let Some(output) = &emit::tract_outputs(&loaded, a)? else { return Ok(()) };
     let written = write_model(&loaded.model, output, &WriteOptions { external_data: a.external_data, layout: a.external_data_layout })
         .with_context(|| format!("writing `{}`", output.display()))?;
     let data = match (&written.data, written.data_files) {

@@ -91,6 +91,7 @@ impl Summary<'_> {
                 v.pruned_ms,
                 format!("{:.2}x", v.pruned_ms / v.original_ms)
             );
+            eprintln!("{:<12} (median of 3 runs each, alternating; `prunec bench ORIGINAL PRUNED` measures latency to rely on)", "");
             let inputs = a
                 .inputs
                 .as_ref()

@@ -1,7 +1,8 @@
 //! `cargo xtask setup`: the Python validators the test suite calls.
 //!
 //! Creates `.venv` at the workspace root with the pinned packages of
-//! `tests/validate/requirements.txt` (the reference ONNX checker and ONNX Runtime). Idempotent.
+//! `tests/validate/requirements.txt` (the reference ONNX checker, ONNX Runtime, tract's Python
+//! bindings and maturin). Idempotent.
 
 use anyhow::{Context, Result, bail};
 use std::path::Path;

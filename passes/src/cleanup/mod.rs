@@ -1,11 +1,13 @@
 //! Cleanup passes: rewrites that shrink a graph without changing what it computes.
 
 mod dce;
+mod dequantize;
 mod fold_bn;
 mod fold_constants;
 mod identity;
 
 pub(crate) use dce::DeadCodeElimination;
+pub(crate) use dequantize::Dequantize;
 pub(crate) use fold_bn::FoldBatchNorm;
 pub(crate) use fold_constants::FoldConstants;
 pub(crate) use identity::IdentityElimination;
