@@ -137,7 +137,7 @@ pub fn load(path: &Path, input_shapes: &InputShapes) -> Result<Loaded, Error> {
     let read = |source| Error::Read { path: path.to_path_buf(), source };
     let mut loaded = read_model(path, &ReadOptions { infer_shapes: input_shapes.is_empty() }).map_err(read)?;
     if !input_shapes.is_empty() {
-        loaded.infer_shapes(input_shapes);
+        loaded.infer_shapes(input_shapes).map_err(read)?;
     }
     Ok(loaded)
 }

@@ -75,8 +75,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let feed = random_feed(&original.model, given, &shapes, a.seed)?;
     // MACs depend on the input size: count them at the size that is timed.
     let fed: BTreeMap<String, Vec<u64>> = feed.0.iter().map(|(n, t)| (n.clone(), t.shape().iter().map(|&d| d as u64).collect())).collect();
-    original.infer_shapes(&fed);
-    pruned.infer_shapes(&fed);
+    original.infer_shapes(&fed).with_context(|| format!("reading `{}` at the timed input sizes", a.original.display()))?;
+    pruned.infer_shapes(&fed).with_context(|| format!("reading `{}` at the timed input sizes", a.pruned.display()))?;
     let (before, after) = (model_stats(&original.model), model_stats(&pruned.model));
     drop((original, pruned));
 
