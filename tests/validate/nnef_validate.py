@@ -11,7 +11,6 @@ an output is measured against, for outputs whose range is known, such as probabi
 whose values on the test input are all near 0). Prints one line per case and exits 1 if
 any case fails.
 """
-import json
 import os
 import sys
 
@@ -19,7 +18,7 @@ import numpy as np
 import tract
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from validate import make_feed, session  # noqa: E402
+from validate import make_feed, run_cases, session  # noqa: E402
 
 
 def tract_model(path):
@@ -61,21 +60,7 @@ def check_case(case):
 
 
 def main():
-    with open(sys.argv[1]) as f:
-        cases = json.load(f)
-    failed = 0
-    for case in cases:
-        try:
-            problems, detail = check_case(case)
-        except Exception as e:  # a load or run failure in tract is a failure of that case
-            problems, detail = [f"{type(e).__name__}: {e}"], ""
-        status = "ok  " if not problems else "FAIL"
-        print(f"{status} {case['nnef']} {detail}")
-        for p in problems:
-            print(f"     {p}")
-        failed += bool(problems)
-    print(f"nnef_validate: tract {tract.version()}: {len(cases) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    run_cases(check_case, f"nnef_validate: tract {tract.version()}", "nnef")
 
 
 if __name__ == "__main__":

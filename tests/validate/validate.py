@@ -129,22 +129,28 @@ def check_case(case):
     return problems, detail
 
 
-def main():
+def run_cases(check, label, key):
+    """Runs `check` on every case of the JSON file named on the command line, prints one line per
+    case (its `key` field) and a closing count under `label`, and exits 1 if any case failed."""
     with open(sys.argv[1]) as f:
         cases = json.load(f)
     failed = 0
     for case in cases:
         try:
-            problems, detail = check_case(case)
+            problems, detail = check(case)
         except Exception as e:  # a checker or runtime rejection is a failure of that case
             problems, detail = [f"{type(e).__name__}: {e}"], ""
         status = "ok  " if not problems else "FAIL"
-        print(f"{status} {case['output']} {detail}")
+        print(f"{status} {case[key]} {detail}")
         for p in problems:
             print(f"     {p}")
         failed += bool(problems)
-    print(f"validate: {len(cases) - failed} passed, {failed} failed")
+    print(f"{label}: {len(cases) - failed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
+
+
+def main():
+    run_cases(check_case, "validate", "output")
 
 
 if __name__ == "__main__":
