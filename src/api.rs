@@ -29,7 +29,8 @@
 use crate::backends::nnef::{InputShapes, NnefError};
 use crate::backends::onnx::{WriteOptions, write_model};
 use crate::backends::tract_onnx::prelude::TypedSimplePlan;
-use crate::backends::{RunError, WriteError};
+use crate::backends::WriteError;
+use crate::runtime::RunError;
 use crate::frontend::{Loaded, ReadError, ReadOptions, read_model};
 use crate::ir::{ModelStats, model_stats};
 use crate::passes::{Pass, PassError, PipelineOptions};
@@ -149,7 +150,7 @@ pub fn pipeline(list: &str, options: &PipelineOptions) -> Result<Vec<Box<dyn Pas
 
 /// Runs the passes on the loaded model, in place. Criteria that measure activations (wanda,
 /// obspa and flap with measured statistics) need their `Calibration` in the pipeline options:
-/// see [`crate::calibrate::collect`].
+/// see [`crate::runtime::calibrate::collect`].
 pub fn run(loaded: &mut Loaded, passes: &[Box<dyn Pass>]) -> Result<Report, Error> {
     let before = model_stats(&loaded.model);
     let runs = crate::passes::run_pipeline(&mut loaded.model, passes)?;

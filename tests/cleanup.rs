@@ -21,7 +21,7 @@ fn folding_identity_elimination_and_batchnorm_folding_keep_the_outputs() {
         folded.push(format!("{}: {removed} ops removed", case.name));
         let inputs = feed(case, &loaded.model);
         let v =
-            prunec::verify::verify(&loaded.model, &model, None, &loaded.dir, &inputs, 0.0).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+            prunec::runtime::verify::verify(&loaded.model, &model, None, &loaded.dir, &inputs, 0.0).unwrap_or_else(|e| panic!("{}: {e}", case.name));
         for o in &v.outputs {
             // Folding reassociates float products: 1e-5 of the output's scale, or 1e-5 absolute
             // for outputs near zero (a sigmoid map of a random image).

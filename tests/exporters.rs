@@ -16,7 +16,7 @@
 mod common;
 
 use common::{prunec, python, root, shared};
-use prunec::backends::tract::{Plan, load_npz};
+use prunec::runtime::tract::{Plan, load_npz};
 use prunec::frontend::{ReadOptions, read_model};
 use std::path::{Path, PathBuf};
 use std::process::Command;

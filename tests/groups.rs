@@ -93,7 +93,7 @@ fn an_unknown_op_freezes_only_what_it_touches() {
 /// biases, BatchNorm statistics) may reach an output: if it does, a reader is missing.
 #[test]
 fn groups_list_every_reader_of_their_channels() {
-    use prunec::backends::tract::{Plan, compare};
+    use prunec::runtime::tract::{Plan, compare};
     use prunec::ir::{Model, Role, Tensor, Value, ValueKind, constant_tensor};
     use std::collections::HashMap;
 

@@ -7,7 +7,7 @@ mod common;
 
 use common::{Case, FeedSpec, all_cases, feed, feed_json, prunec, python, root, run_captured, shared};
 use prunec::backends::nnef::load_archive;
-use prunec::backends::tract::{Plan, compare};
+use prunec::runtime::tract::{Plan, compare};
 use prunec::backends::tract_onnx::prelude::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};

@@ -55,7 +55,7 @@ fn pruned_models_equal_their_masked_originals() {
             // The bound for the synthetic and zoo models; the real ones are deeper and
             // end in softmaxes over thousands of classes (see MASKING_TOLERANCE).
             let tolerance = if case.path.starts_with(common::shared().join("models/real")) { 1e-4 } else { 1e-5 };
-            let v = prunec::verify::verify(&loaded.model, &pruned, Some(&report), &loaded.dir, &inputs, tolerance)
+            let v = prunec::runtime::verify::verify(&loaded.model, &pruned, Some(&report), &loaded.dir, &inputs, tolerance)
                 .unwrap_or_else(|e| panic!("{} at ratio {ratio}: {e}", case.name));
             let (before, after) = (model_stats(&loaded.model).parameters, model_stats(&pruned).parameters);
             if report.channels_removed > 0 {
@@ -81,7 +81,7 @@ fn pruned_models_equal_their_masked_originals() {
                 v
             } else {
                 let (pruned, report) = prune(&loaded.model, PruneOptions { keep_normalized: true, ..at_ratio(ratio) });
-                let v = prunec::verify::verify(&loaded.model, &pruned, Some(&report), &loaded.dir, &inputs, tolerance)
+                let v = prunec::runtime::verify::verify(&loaded.model, &pruned, Some(&report), &loaded.dir, &inputs, tolerance)
                     .unwrap_or_else(|e| panic!("{} at ratio {ratio}, normalised groups kept: {e}", case.name));
                 assert!(report.channels_removed == 0 || v.masking_expected, "{}: {:?}", case.name, report.normalized);
                 v
@@ -227,7 +227,7 @@ fn a_packed_qkv_projection_loses_whole_heads_of_q_k_and_v_together() {
         assert_eq!(in_proj.len(), 2 * 3 * 32, "q, k and v each keep two heads of 32");
     }
     let inputs = feed(&common::all_cases().into_iter().find(|c| c.name == "tiny_vit").expect("case"), &model);
-    let v = prunec::verify::verify(&model, &pruned, Some(&report), &loaded.dir, &inputs, 1e-5).expect("masking equivalence holds");
+    let v = prunec::runtime::verify::verify(&model, &pruned, Some(&report), &loaded.dir, &inputs, 1e-5).expect("masking equivalence holds");
     assert!(v.masking_expected && v.outputs.iter().all(|o| o.scale > 0.1), "the check is not vacuous: {v:?}");
 }
 
@@ -238,9 +238,9 @@ fn wanda_weighs_weights_by_the_activations_they_read() {
     // on that data than magnitude alone (L2) keeps it.
     let shared = common::shared();
     let loaded = load(&shared.join("models/zoo/resnet18.onnx"));
-    let inputs = prunec::backends::tract::load_npz(&shared.join("models/zoo/resnet18.inputs.npz"), &loaded.model).expect("inputs");
+    let inputs = prunec::runtime::tract::load_npz(&shared.join("models/zoo/resnet18.inputs.npz"), &loaded.model).expect("inputs");
     let calibration =
-        prunec::calibrate::collect(&loaded.model, &loaded.dir, &inputs, "resnet18.inputs.npz", false).expect("calibration runs");
+        prunec::runtime::calibrate::collect(&loaded.model, &loaded.dir, &inputs, "resnet18.inputs.npz", false).expect("calibration runs");
     assert!(calibration.second_moments.len() >= 20, "{:?}", calibration.second_moments.keys());
     let conv1 = &calibration.second_moments["/layer1/layer1.0/conv1/Conv"];
     assert_eq!(conv1.len(), 64);
@@ -248,7 +248,7 @@ fn wanda_weighs_weights_by_the_activations_they_read() {
 
     let cosine = |options: PruneOptions| {
         let (pruned, report) = prune(&loaded.model, options);
-        let v = prunec::verify::verify(&loaded.model, &pruned, Some(&report), &loaded.dir, &inputs, 1e-5).expect("verified");
+        let v = prunec::runtime::verify::verify(&loaded.model, &pruned, Some(&report), &loaded.dir, &inputs, 1e-5).expect("verified");
         v.outputs[0].cosine
     };
     let wanda = cosine(PruneOptions {
@@ -377,7 +377,7 @@ fn compensated_models_equal_their_compensated_and_masked_originals() {
     for case in all_cases().iter().filter(|c| names.contains(&c.name.as_str())) {
         let loaded = load(&case.path);
         let inputs = feed(case, &loaded.model);
-        let calibration = prunec::calibrate::collect(&loaded.model, &loaded.dir, &inputs, &case.name, true).expect("calibration runs");
+        let calibration = prunec::runtime::calibrate::collect(&loaded.model, &loaded.dir, &inputs, &case.name, true).expect("calibration runs");
         assert!(!calibration.hessians.is_empty(), "{}: no consumer Hessian measured", case.name);
         for (criterion, hessian) in
             [(Criterion::Obspa, HessianSource::Calib), (Criterion::Flap, HessianSource::Calib), (Criterion::Obspa, HessianSource::Bn)]
@@ -390,7 +390,7 @@ fn compensated_models_equal_their_compensated_and_masked_originals() {
                 assert!(compensation.layers_compensated > 0, "{what}: nothing compensated: {compensation:?}");
             }
             let tolerance = if case.path.starts_with(common::shared().join("models/real")) { 1e-4 } else { 1e-5 };
-            let v = prunec::verify::verify(&loaded.model, &pruned, Some(&report), &loaded.dir, &inputs, tolerance)
+            let v = prunec::runtime::verify::verify(&loaded.model, &pruned, Some(&report), &loaded.dir, &inputs, tolerance)
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
             assert!(v.masking_expected && report.channels_removed > 0, "{what}: nothing checked by masking");
         }
@@ -415,7 +415,7 @@ fn magika_features_recur_in_each_quarter_of_the_conv_input() {
     let conv = embedding.weights.iter().find(|w| w.node.ends_with("Conv_0/Conv2D")).expect("the conv reads the embedding");
     assert_eq!(conv.indices[5], vec![5, 69, 133, 197]);
     for (criterion, ratio) in [(Criterion::L2, 0.3), (Criterion::L2, 0.5), (Criterion::Obspa, 0.5)] {
-        let calibration = prunec::calibrate::collect(&loaded.model, &loaded.dir, &inputs, "test", true).expect("calibration runs");
+        let calibration = prunec::runtime::calibrate::collect(&loaded.model, &loaded.dir, &inputs, "test", true).expect("calibration runs");
         let options = PruneOptions {
             criterion,
             hessian: prunec::passes::prune::HessianSource::Calib,
@@ -424,7 +424,7 @@ fn magika_features_recur_in_each_quarter_of_the_conv_input() {
         };
         let (pruned, report) = prune(&loaded.model, options);
         assert!(report.channels_removed >= 19, "{criterion:?} at {ratio}: {report:?}");
-        let v = prunec::verify::verify(&loaded.model, &pruned, Some(&report), &loaded.dir, &inputs, 1e-4)
+        let v = prunec::runtime::verify::verify(&loaded.model, &pruned, Some(&report), &loaded.dir, &inputs, 1e-4)
             .unwrap_or_else(|e| panic!("{criterion:?} at {ratio}: {e}"));
         assert!(v.masking_expected, "{criterion:?} at {ratio}: nothing checked by masking");
     }

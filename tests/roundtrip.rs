@@ -11,7 +11,7 @@ mod common;
 
 use common::{Case, all_cases, feed, feed_json, inspect_json, prunec, validate_with_python};
 use prost::Message;
-use prunec::backends::tract::{Plan, compare};
+use prunec::runtime::tract::{Plan, compare};
 use prunec::frontend::{ReadOptions, read_model};
 use prunec::ir::proto;
 use serde_json::json;

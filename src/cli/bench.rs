@@ -1,15 +1,15 @@
 //! `prunec bench ORIGINAL PRUNED`: what the pruning bought, measured.
 //!
 //! Both models run on the same inputs in one process, in alternation after a warm-up (see
-//! `prunec::backends::latency`), in tract and, when a Python with `onnxruntime` is found, in
+//! `prunec::runtime::latency`), in tract and, when a Python with `onnxruntime` is found, in
 //! ONNX Runtime with the same thread count. Sizes come from the IR statistics, the output
 //! cosine from the tract runs.
 
 use super::args;
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use prunec::backends::latency::{Latency, interleaved};
-use prunec::backends::tract::{Feed, Plan, compare, load_npz, random_feed, save_npz};
+use prunec::runtime::latency::{Latency, interleaved};
+use prunec::runtime::tract::{Feed, Plan, compare, load_npz, random_feed, save_npz};
 use prunec::ir::{ModelStats, model_stats};
 use serde_json::{Value as Json, json};
 use std::collections::BTreeMap;

@@ -113,9 +113,9 @@ fn compile(a: &CompileArgs) -> Result<()> {
     } else {
         let feed = verification_feed(&original, a, "verification")?;
         check_feed_matches_input_shapes(&original, &feed, a)?;
-        match prunec::verify::verify(&original, &loaded.model, prune, &loaded.dir, &feed, prunec::verify::MASKING_TOLERANCE) {
+        match prunec::runtime::verify::verify(&original, &loaded.model, prune, &loaded.dir, &feed, prunec::runtime::verify::MASKING_TOLERANCE) {
             Ok(v) => Some(v),
-            Err(e @ prunec::verify::VerifyError::OriginalNotRunnable(_)) => return Err(unverified(model_path, "cannot verify", &e)),
+            Err(e @ prunec::runtime::verify::VerifyError::OriginalNotRunnable(_)) => return Err(unverified(model_path, "cannot verify", &e)),
             Err(e) => return Err(unverified(model_path, "verification failed on", &e)),
         }
     };
@@ -157,17 +157,17 @@ impl std::fmt::Display for Unverified {
 
 impl std::error::Error for Unverified {}
 
-fn unverified(model: &Path, what: &str, e: &prunec::verify::VerifyError) -> anyhow::Error {
+fn unverified(model: &Path, what: &str, e: &prunec::runtime::verify::VerifyError) -> anyhow::Error {
     Unverified(format!("{what} the result for `{}`: {e}; nothing was written (--no-verify writes the model unverified)", model.display()))
         .into()
 }
 
-/// Verifying a model of more than [`prunec::verify::VERIFY_MAX_WEIGHT_BYTES`] of weights takes
+/// Verifying a model of more than [`prunec::runtime::verify::VERIFY_MAX_WEIGHT_BYTES`] of weights takes
 /// several times its size in memory, so it is not started unasked; but an unverified model is
 /// never written unasked either: the user says which, before the passes spend any time.
 fn refuse_unasked_big_verification(model: &prunec::ir::Model, passes: &[Box<dyn prunec::passes::Pass>], a: &CompileArgs) -> Result<()> {
     let bytes = model_stats(model).weight_bytes;
-    if a.verify || a.no_verify || passes.is_empty() || bytes <= prunec::verify::VERIFY_MAX_WEIGHT_BYTES {
+    if a.verify || a.no_verify || passes.is_empty() || bytes <= prunec::runtime::verify::VERIFY_MAX_WEIGHT_BYTES {
         return Ok(());
     }
     Err(Unverified(format!(
@@ -175,14 +175,14 @@ fn refuse_unasked_big_verification(model: &prunec::ir::Model, passes: &[Box<dyn 
          must be asked for; nothing was written: pass --verify to verify anyway, or --no-verify to write the model unverified",
         a.model.as_deref().unwrap_or(Path::new("")).display(),
         bytes as f64 / (1u64 << 30) as f64,
-        prunec::verify::VERIFY_MAX_WEIGHT_BYTES >> 30
+        prunec::runtime::verify::VERIFY_MAX_WEIGHT_BYTES >> 30
     ))
     .into())
 }
 
 /// The passes specialised the model to `--input-shape`; verifying it on `--inputs` of another
 /// shape would fail inside the model, so say what disagrees instead.
-fn check_feed_matches_input_shapes(model: &prunec::ir::Model, feed: &prunec::backends::tract::Feed, a: &CompileArgs) -> Result<()> {
+fn check_feed_matches_input_shapes(model: &prunec::ir::Model, feed: &prunec::runtime::tract::Feed, a: &CompileArgs) -> Result<()> {
     for (name, dims) in args::input_shapes(&a.input_shapes, &runtime_inputs(&model.graph))? {
         let Some(given) = feed.0.get(&name) else { continue };
         let given: Vec<u64> = given.shape().iter().map(|&d| d as u64).collect();
@@ -223,7 +223,7 @@ fn pin_input_shapes(model: &mut prunec::ir::Model, a: &CompileArgs) -> Result<()
 /// Runs the model (for a pipeline that prunes) for the statistics the criterion needs: activation moments for wanda, consumer
 /// Hessians for obspa and flap (on `--inputs`, or on seeded synthetic inputs for
 /// `--hessian noise`). `None` when the criterion needs no run.
-fn calibration(loaded: &Loaded, a: &CompileArgs) -> Result<Option<(prunec::passes::prune::Calibration, prunec::backends::tract::Feed)>> {
+fn calibration(loaded: &Loaded, a: &CompileArgs) -> Result<Option<(prunec::passes::prune::Calibration, prunec::runtime::tract::Feed)>> {
     let criterion = a.prune.criterion;
     let hessian = a.prune_options().hessian;
     let wants_hessians = criterion.needs_hessians() && hessian.runs_model();
@@ -255,7 +255,7 @@ fn calibration(loaded: &Loaded, a: &CompileArgs) -> Result<Option<(prunec::passe
             )
         }
     };
-    let calibration = prunec::calibrate::collect(model, &loaded.dir, &feed, &source, wants_hessians)
+    let calibration = prunec::runtime::calibrate::collect(model, &loaded.dir, &feed, &source, wants_hessians)
         .with_context(|| format!("running `{}` for the `{}` criterion's statistics", loaded.dir.display(), a.prune.criterion_name()))?;
     Ok(Some((calibration, feed)))
 }
@@ -266,7 +266,7 @@ fn refit(
     original: &prunec::ir::Model,
     dir: &Path,
     runs: &[prunec::passes::PassRun],
-    feed: Option<&prunec::backends::tract::Feed>,
+    feed: Option<&prunec::runtime::tract::Feed>,
     a: &CompileArgs,
 ) -> Result<Option<prunec::passes::prune::Refit>> {
     let options = a.prune_options();
@@ -274,21 +274,21 @@ fn refit(
     let (Some(report), Some(feed)) = (report, feed) else { return Ok(None) };
     let target = match a.refit_mode() {
         args::RefitMode::None => return Ok(None),
-        args::RefitMode::Prefix => prunec::calibrate::RefitTarget::OwnOutputs,
-        args::RefitMode::Outputs => prunec::calibrate::RefitTarget::OriginalOutputs,
+        args::RefitMode::Prefix => prunec::runtime::calibrate::RefitTarget::OwnOutputs,
+        args::RefitMode::Outputs => prunec::runtime::calibrate::RefitTarget::OriginalOutputs,
     };
     if options.criterion != prunec::passes::prune::Criterion::Obspa || !options.hessian.runs_model() || report.masked.is_empty() {
         return Ok(None);
     }
-    let refit = prunec::calibrate::refit(original, dir, feed, report, target, options.damping)
+    let refit = prunec::runtime::calibrate::refit(original, dir, feed, report, target, options.damping)
         .context("running the pruned model level by level to refit its layers")?;
     Ok(Some(refit))
 }
 
 /// Seeded synthetic inputs for `--hessian noise`: the shapes of `--input-shape` or the recorded
 /// ones, with the batch axis set to `--noise-samples` wherever the model declares it open.
-fn noise_feed(model: &prunec::ir::Model, a: &CompileArgs) -> Result<prunec::backends::tract::Feed> {
-    use prunec::backends::tract::{Feed, random_feed};
+fn noise_feed(model: &prunec::ir::Model, a: &CompileArgs) -> Result<prunec::runtime::tract::Feed> {
+    use prunec::runtime::tract::{Feed, random_feed};
     use prunec::ir::Dim;
     let graph = &model.graph;
     let names = runtime_inputs(graph);
@@ -320,7 +320,7 @@ fn noise_feed(model: &prunec::ir::Model, a: &CompileArgs) -> Result<prunec::back
 /// Image-shaped (N, C, H, W) float noise made piecewise constant over 8×8 blocks: natural
 /// images are smooth, and i.i.d. pixel noise gives convolutions input statistics no real image
 /// has (all energy at the highest frequencies).
-fn smooth_image_noise(t: &prunec::backends::tract::TractTensor) -> Option<prunec::backends::tract::TractTensor> {
+fn smooth_image_noise(t: &prunec::runtime::tract::TractTensor) -> Option<prunec::runtime::tract::TractTensor> {
     const BLOCK: usize = 8;
     let shape = t.shape().to_vec();
     let [_, _, h, w] = shape[..] else { return None };
@@ -334,14 +334,14 @@ fn smooth_image_noise(t: &prunec::backends::tract::TractTensor) -> Option<prunec
             values[plane * h * w + (y / BLOCK * BLOCK) * w + x / BLOCK * BLOCK]
         })
         .collect();
-    prunec::backends::tract::TractTensor::from_shape(&shape, &smooth).ok()
+    prunec::runtime::tract::TractTensor::from_shape(&shape, &smooth).ok()
 }
 
 /// Inputs for verification: `--inputs`, then seeded random values at `--input-shape` or the
 /// recorded shapes. An `--inputs` file that gives some inputs but not all is said on stderr, naming the inputs
 /// that get random values (`purpose`: what the inputs are for).
-fn verification_feed(model: &prunec::ir::Model, a: &CompileArgs, purpose: &str) -> Result<prunec::backends::tract::Feed> {
-    use prunec::backends::tract::{Feed, load_npz, random_feed};
+fn verification_feed(model: &prunec::ir::Model, a: &CompileArgs, purpose: &str) -> Result<prunec::runtime::tract::Feed> {
+    use prunec::runtime::tract::{Feed, load_npz, random_feed};
     let names = runtime_inputs(&model.graph);
     let given = match &a.inputs {
         Some(path) => {

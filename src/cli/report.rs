@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use prunec::ir::ModelStats;
 use prunec::passes::PassRun;
 use prunec::passes::prune::PruneReport;
-use prunec::verify::Verification;
+use prunec::runtime::verify::Verification;
 use std::path::Path;
 
 /// What a compile run did, for the report.

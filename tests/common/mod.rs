@@ -2,7 +2,7 @@
 //! external validators.
 #![allow(dead_code)]
 
-use prunec::backends::tract::{Feed, TractTensor, load_npz, random_feed};
+use prunec::runtime::tract::{Feed, TractTensor, load_npz, random_feed};
 use prunec::ir::Model;
 use serde_json::{Value as Json, json};
 use std::collections::BTreeMap;

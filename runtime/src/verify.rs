@@ -6,11 +6,11 @@
 //! rewrite sliced every weight and shape consistently. Its distance to the original is the
 //! price of pruning, reported but not judged.
 
-use crate::backends::RunError;
-use crate::backends::latency::{Latency, interleaved};
-use crate::backends::tract::{Feed, Plan, compare};
-use crate::ir::Model;
-use crate::passes::prune::{PruneReport, apply_compensations, mask_consumers};
+use crate::RunError;
+use crate::latency::{Latency, interleaved};
+use crate::tract::{Feed, Plan, compare};
+use prunec_ir::Model;
+use prunec_passes::prune::{PruneReport, apply_compensations, mask_consumers};
 use serde::Serialize;
 use std::path::Path;
 
@@ -130,7 +130,7 @@ pub fn verify(
         let changed = |what: String| VerifyError::OutputChanged { output: name.clone(), what };
         let have = &got.values.get(i).ok_or_else(|| changed("is missing".into()))?.1;
         if have.shape() != want.shape() || have.datum_type() != want.datum_type() {
-            let of = |t: &crate::backends::tract::TractTensor| format!("{:?}{:?}", t.datum_type(), t.shape());
+            let of = |t: &crate::tract::TractTensor| format!("{:?}{:?}", t.datum_type(), t.shape());
             return Err(changed(format!("is {}, the original's {}", of(have), of(want))));
         }
         let d = compare(want, have).map_err(|e| changed(e.to_string()))?;

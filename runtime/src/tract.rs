@@ -34,7 +34,7 @@ impl Plan {
     /// Builds an optimised plan from an IR model, for the shapes of `feed`. External data is
     /// looked up relative to `dir`.
     pub fn from_model(model: &Model, dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
-        let bytes = crate::onnx::to_bytes(model)?;
+        let bytes = prunec_backends::onnx::to_bytes(model)?;
         Plan::from_bytes(&bytes, dir, feed)
     }
 

@@ -3,10 +3,10 @@
 //! weigh weights by) and, when asked, the Hessian E[x xᵀ] of a dense consumer's input columns
 //! (what OBSPA and FLAP need).
 
-use crate::backends::RunError;
-use crate::backends::tract::{Feed, Plan, TractTensor};
-use crate::ir::{Model, OpId, ValueId, constant_tensor};
-use crate::passes::prune::{Calibration, Compensation, CrossMoments, PruneReport, Refit, apply_compensations, mask_consumers, obspa};
+use crate::RunError;
+use crate::tract::{Feed, Plan, TractTensor};
+use prunec_ir::{Model, OpId, ValueId, constant_tensor};
+use prunec_passes::prune::{Calibration, Compensation, CrossMoments, PruneReport, Refit, apply_compensations, mask_consumers, obspa};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 
@@ -97,7 +97,7 @@ pub fn dense_inputs(model: &Model, dir: &Path, feed: &Feed, layers: &[OpId]) -> 
 /// `None` (the layer then keeps its own outputs on the new inputs). Layers whose activations do
 /// not pair up are left out.
 pub fn cross_moments(
-    graph: &crate::ir::Graph,
+    graph: &prunec_ir::Graph,
     original: Option<&BTreeMap<OpId, TractTensor>>,
     current: &BTreeMap<OpId, TractTensor>,
 ) -> BTreeMap<String, CrossMoments> {
@@ -250,7 +250,7 @@ impl Pieces {
             if let Some((op, _)) = piece.graph.producer(v) {
                 piece.graph.remove_op(op);
             }
-            piece.graph.value_mut(v).kind = crate::ir::ValueKind::Input;
+            piece.graph.value_mut(v).kind = prunec_ir::ValueKind::Input;
             piece.graph.inputs.push(v);
             piece_feed.0.insert(graph.value(v).name.clone(), self.cache[&v].clone());
         }
@@ -291,7 +291,7 @@ fn run_probed(
     if model.graph.outputs.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let dce = crate::passes::parse_pipeline("dce", &Default::default()).map_err(|e| RunError::Inputs(e.to_string()))?;
+    let dce = prunec_passes::parse_pipeline("dce", &Default::default()).map_err(|e| RunError::Inputs(e.to_string()))?;
     for pass in &dce {
         pass.run(&mut model).map_err(|e| RunError::Inputs(e.to_string()))?;
     }
