@@ -15,7 +15,7 @@
 //!     println!("cargo::rerun-if-changed=models/classifier.onnx");
 //!     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
 //!     let mut loaded = prunec::load("models/classifier.onnx".as_ref(), &Default::default())?;
-//!     let passes = prunec::pipeline("dce,fold,prune,identity", &prunec::passes::PipelineOptions::default())?;
+//!     let passes = prunec::pipeline("dce,fold,prune{ratio=0.3},identity")?;
 //!     let report = prunec::run(&mut loaded, &passes)?;
 //!     prunec::emit(&loaded, &out.join("classifier.onnx"), prunec::Format::Onnx, &Default::default())?;
 //!     prunec::emit(&loaded, &out.join("classifier.nnef.tgz"), prunec::Format::Nnef, &Default::default())?;
@@ -26,14 +26,14 @@
 //!
 //! The crate then embeds the result with `include_bytes!(concat!(env!("OUT_DIR"), "/classifier.nnef.tgz"))`.
 
+use crate::backends::WriteError;
 use crate::backends::nnef::{InputShapes, NnefError};
 use crate::backends::onnx::{WriteOptions, write_model};
 use crate::backends::tract_onnx::prelude::TypedSimplePlan;
-use crate::backends::WriteError;
-use crate::runtime::RunError;
 use crate::frontend::{Loaded, ReadError, ReadOptions, read_model};
 use crate::ir::{ModelStats, model_stats};
-use crate::passes::{Pass, PassError, PipelineOptions};
+use crate::passes::{Context, PassError, Pipeline};
+use crate::runtime::RunError;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -52,6 +52,20 @@ pub enum Error {
     /// A pass list or a pass failed.
     #[error(transparent)]
     Pass(#[from] PassError),
+    /// A pass failed on a model.
+    #[error("optimising `{}`: {source}", path.display())]
+    Optimise {
+        /// The model file.
+        path: PathBuf,
+        /// Why.
+        source: PassError,
+    },
+    /// The inputs cannot be used.
+    #[error("{0}")]
+    Inputs(String),
+    /// Verification was meant to run and failed, or could not run: nothing may be written.
+    #[error("{0}")]
+    Unverified(String),
     /// The ONNX output could not be written.
     #[error(transparent)]
     Write(#[from] WriteError),
@@ -115,10 +129,8 @@ pub struct Report {
     pub before: ModelStats,
     /// Figures after.
     pub after: ModelStats,
-    /// Each pass: name, ops and values removed.
+    /// Each pass: name, ops and values removed, details.
     pub passes: Vec<PassSummary>,
-    /// What channel pruning chose, when it ran.
-    pub prune: Option<crate::passes::prune::PruneReport>,
 }
 
 /// One pass of a [`Report`].
@@ -130,6 +142,8 @@ pub struct PassSummary {
     pub ops_removed: usize,
     /// Values removed.
     pub values_removed: usize,
+    /// The pass's own details (for `prune`, its `PruneReport`), as JSON.
+    pub details: Option<serde_json::Value>,
 }
 
 /// Reads a model, with tract's shape inference at `input_shapes` where the model does not
@@ -143,23 +157,28 @@ pub fn load(path: &Path, input_shapes: &InputShapes) -> Result<Loaded, Error> {
     Ok(loaded)
 }
 
-/// Parses a pass list as `--passes` does (`prunec passes` lists them; `none` is empty).
-pub fn pipeline(list: &str, options: &PipelineOptions) -> Result<Vec<Box<dyn Pass>>, Error> {
-    Ok(crate::passes::parse_pipeline(list, options)?)
+/// Parses a pipeline as `--passes` does (`prunec passes` lists the passes and their options;
+/// `none` is empty).
+pub fn pipeline(text: &str) -> Result<Pipeline, Error> {
+    Ok(Pipeline::parse(text)?)
 }
 
-/// Runs the passes on the loaded model, in place. Criteria that measure activations (wanda,
-/// obspa and flap with measured statistics) need their `Calibration` in the pipeline options:
-/// see [`crate::runtime::calibrate::collect`].
-pub fn run(loaded: &mut Loaded, passes: &[Box<dyn Pass>]) -> Result<Report, Error> {
+/// Runs the passes on the loaded model, in place, without a runtime: a pass that must run the
+/// model (wanda, obspa and flap with measured statistics) fails and says so; [`crate::compile()`]
+/// runs a pipeline with one (on `--inputs` or seeded noise) and verifies the result.
+pub fn run(loaded: &mut Loaded, pipeline: &Pipeline) -> Result<Report, Error> {
     let before = model_stats(&loaded.model);
-    let runs = crate::passes::run_pipeline(&mut loaded.model, passes)?;
-    let prune = runs.iter().rev().find_map(|r| r.report.prune.clone());
+    let runs = crate::passes::run_pipeline(&mut loaded.model, pipeline, &mut Context::default())?;
     let passes = runs
         .iter()
-        .map(|r| PassSummary { name: r.name, ops_removed: r.report.ops_removed, values_removed: r.report.values_removed })
+        .map(|r| PassSummary {
+            name: r.name,
+            ops_removed: r.report.ops_removed,
+            values_removed: r.report.values_removed,
+            details: r.report.details.as_ref().map(|d| d.to_json()),
+        })
         .collect();
-    Ok(Report { before, after: model_stats(&loaded.model), passes, prune })
+    Ok(Report { before, after: model_stats(&loaded.model), passes })
 }
 
 /// Writes the model in `format` at `path` (atomically; the same model gives the same bytes).
@@ -179,8 +198,7 @@ pub fn emit(loaded: &Loaded, path: &Path, format: Format, options: &EmitOptions)
 /// use prunec::backends::tract_onnx::prelude::*;
 ///
 /// let mut loaded = prunec::load("testdata/models/mlp.onnx".as_ref(), &Default::default())?;
-/// let options = prunec::passes::PipelineOptions::default();
-/// prunec::run(&mut loaded, &prunec::pipeline("dce,fold,prune,identity", &options)?)?;
+/// prunec::run(&mut loaded, &prunec::pipeline("dce,fold,prune,identity")?)?;
 /// let plan = prunec::tract_plan(&loaded, &Default::default())?;
 /// let x = Tensor::zero::<f32>(&[64, 16])?;
 /// let outputs = plan.run(tvec!(x.into()))?;

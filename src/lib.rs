@@ -15,5 +15,9 @@ pub use prunec_passes as passes;
 pub use prunec_runtime as runtime;
 
 pub mod api;
+pub mod compile;
+pub mod recipe;
 
 pub use api::{EmitOptions, Error, Format, PassSummary, Report, emit, load, pipeline, run, tract_plan};
+pub use compile::{Compiled, compile};
+pub use recipe::Recipe;

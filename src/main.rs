@@ -1,7 +1,7 @@
 //! The `prunec` command line.
 //!
 //! Exit codes: 0 on success, 1 on any error (the message names the file and what is wrong),
-//! 2 on a usage error (clap's, or a `--passes` list naming an unknown pass), 3 when verification
+//! 2 on a usage error (clap's, or a pipeline, pass option or recipe that does not parse), 3 when verification
 //! was meant to run and failed or could not run (nothing is written then).
 
 mod cli;
@@ -14,10 +14,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            // A pass list naming no pass is a usage error, like the ones clap reports.
+            // A pipeline that does not parse is a usage error, like the ones clap reports.
             let code = match () {
                 _ if e.downcast_ref::<cli::Unverified>().is_some() => 3,
-                _ if matches!(e.downcast_ref(), Some(prunec::passes::PassError::UnknownPass { .. })) => 2,
+                _ if e.downcast_ref::<cli::Usage>().is_some() => 2,
                 _ => 1,
             };
             ExitCode::from(code)

@@ -4,24 +4,24 @@ mod common;
 
 use common::{all_cases, feed};
 use prunec::frontend::{ReadOptions, read_model};
-use prunec::passes::{PipelineOptions, parse_pipeline, run_pipeline};
+use prunec::passes::{parse_pipeline, run_pipeline};
 
 #[test]
 fn folding_identity_elimination_and_batchnorm_folding_keep_the_outputs() {
-    let passes = parse_pipeline("fold,identity,fold-bn", &PipelineOptions::default()).expect("registered");
+    let passes = parse_pipeline("fold,identity,fold-bn").expect("registered");
     let mut folded = Vec::new();
     for case in all_cases().iter().filter(|c| c.tract_unsupported.is_none()) {
         let loaded = read_model(&case.path, &ReadOptions::default()).expect("the model reads");
         let mut model = loaded.model.clone();
-        let runs = run_pipeline(&mut model, &passes).expect("the passes run");
+        let runs = run_pipeline(&mut model, &passes, &mut Default::default()).expect("the passes run");
         let removed: usize = runs.iter().map(|r| r.report.ops_removed).sum();
         if removed == 0 {
             continue;
         }
         folded.push(format!("{}: {removed} ops removed", case.name));
         let inputs = feed(case, &loaded.model);
-        let v =
-            prunec::runtime::verify::verify(&loaded.model, &model, None, &loaded.dir, &inputs, 0.0).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let v = prunec::runtime::verify::verify(&loaded.model, &model, &[], &loaded.dir, &inputs, f64::INFINITY)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
         for o in &v.outputs {
             // Folding reassociates float products: 1e-5 of the output's scale, or 1e-5 absolute
             // for outputs near zero (a sigmoid map of a random image).
@@ -45,7 +45,7 @@ fn folding_identity_elimination_and_batchnorm_folding_keep_the_outputs() {
 fn batchnorm_folding_is_snapshotted() {
     let path = common::root().join("testdata/models/conv_residual.onnx");
     let mut model = read_model(&path, &ReadOptions::default()).expect("the model reads").model;
-    run_pipeline(&mut model, &parse_pipeline("fold-bn", &PipelineOptions::default()).expect("registered")).expect("the pass runs");
+    run_pipeline(&mut model, &parse_pipeline("fold-bn").expect("registered"), &mut Default::default()).expect("the pass runs");
     insta::assert_snapshot!(prunec::ir::dump(&model));
 }
 
@@ -57,7 +57,7 @@ fn folding_shape_arithmetic_unfreezes_the_groups_it_read() {
     let mut model = read_model(&path, &ReadOptions::default()).expect("the model reads").model;
     let prunable = |m: &prunec::ir::Model| prunec::ir::analyse_groups(&m.graph).groups.iter().filter(|g| g.prunable).count();
     let before = prunable(&model);
-    run_pipeline(&mut model, &parse_pipeline("fold", &PipelineOptions::default()).expect("registered")).expect("the pass runs");
+    run_pipeline(&mut model, &parse_pipeline("fold").expect("registered"), &mut Default::default()).expect("the pass runs");
     let after = prunable(&model);
     assert!(after > before, "folding left {before} prunable groups");
     assert!(model.graph.op_ids().all(|op| model.graph.op(op).op_type != "Shape"), "a Shape of fixed sizes is left");

@@ -841,7 +841,7 @@ fn verify_refuses_a_pruned_model_whose_output_changed_shape() {
         g.output[0] = f32_info("y", &[1, 6]);
     }));
     let feed = prunec::runtime::tract::random_feed(&original, Default::default(), &Default::default(), 1).expect("feed");
-    let e = prunec::runtime::verify::verify(&original, &wider, None, Path::new("."), &feed, 1e-4).expect_err("the output changed shape");
+    let e = prunec::runtime::verify::verify(&original, &wider, &[], Path::new("."), &feed, 1e-4).expect_err("the output changed shape");
     assert!(matches!(e, prunec::runtime::verify::VerifyError::OutputChanged { .. }), "{e}");
     assert_eq!(e.to_string(), "the pruned model's output `y` is F32[1, 6], the original's F32[1, 4]");
 }

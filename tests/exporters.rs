@@ -16,8 +16,8 @@
 mod common;
 
 use common::{prunec, python, root, shared};
-use prunec::runtime::tract::{Plan, load_npz};
 use prunec::frontend::{ReadOptions, read_model};
+use prunec::runtime::tract::{Plan, load_npz};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -93,8 +93,8 @@ fn an_unknown_op_freezes_only_what_it_touches() {
 /// biases, BatchNorm statistics) may reach an output: if it does, a reader is missing.
 #[test]
 fn groups_list_every_reader_of_their_channels() {
-    use prunec::runtime::tract::{Plan, compare};
     use prunec::ir::{Model, Role, Tensor, Value, ValueKind, constant_tensor};
+    use prunec::runtime::tract::{Plan, compare};
     use std::collections::HashMap;
 
     /// Sets the indices `which` of `axis` of a weight (as one op uses it) to `fill(k)`.

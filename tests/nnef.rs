@@ -7,8 +7,8 @@ mod common;
 
 use common::{Case, FeedSpec, all_cases, feed, feed_json, prunec, python, root, run_captured, shared};
 use prunec::backends::nnef::load_archive;
-use prunec::runtime::tract::{Plan, compare};
 use prunec::backends::tract_onnx::prelude::*;
+use prunec::runtime::tract::{Plan, compare};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -11,9 +11,9 @@ mod common;
 
 use common::{Case, all_cases, feed, feed_json, inspect_json, prunec, validate_with_python};
 use prost::Message;
-use prunec::runtime::tract::{Plan, compare};
 use prunec::frontend::{ReadOptions, read_model};
 use prunec::ir::proto;
+use prunec::runtime::tract::{Plan, compare};
 use serde_json::json;
 use std::path::Path;
 

@@ -35,8 +35,8 @@ fn dumps_of_testdata_models() {
 #[test]
 fn dce_removes_the_dead_branch_and_its_weights() {
     let (mut model, before) = dump_of("dead_code.onnx");
-    let passes = prunec::passes::parse_pipeline("dce", &Default::default()).expect("dce is registered");
-    let runs = prunec::passes::run_pipeline(&mut model, &passes).expect("dce runs");
+    let passes = prunec::passes::parse_pipeline("dce").expect("dce is registered");
+    let runs = prunec::passes::run_pipeline(&mut model, &passes, &mut Default::default()).expect("dce runs");
     assert_eq!((runs[0].report.ops_removed, runs[0].report.values_removed), (2, 4));
     insta::assert_snapshot!("dce_dead_code_before", before);
     insta::assert_snapshot!("dce_dead_code_after", dump(&model));

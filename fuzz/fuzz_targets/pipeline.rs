@@ -8,7 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use prunec_frontend::{ReadError, ReadOptions, read_bytes};
-use prunec_passes::{PipelineOptions, prune::PruneOptions};
+
 
 fuzz_target!(|data: &[u8]| {
     let dir = std::env::temp_dir().join("prunec-fuzz-empty");
@@ -19,9 +19,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = groups.to_string();
     let _ = prunec_ir::model_stats(&loaded.model);
     let _ = prunec_ir::dump(&loaded.model);
-    let pipeline = PipelineOptions { prune: PruneOptions { ratio: 0.5, ..Default::default() } };
-    let passes = prunec_passes::parse_pipeline(prunec_passes::DEFAULT_PIPELINE, &pipeline).expect("the default pipeline parses");
-    if prunec_passes::run_pipeline(&mut loaded.model, &passes).is_err() {
+    let passes = prunec_passes::parse_pipeline("dce,fold,prune{ratio=0.5},identity").expect("the pipeline parses");
+    if prunec_passes::run_pipeline(&mut loaded.model, &passes, &mut Default::default()).is_err() {
         return;
     }
     let Ok(encoded) = prunec_backends::onnx::to_bytes(&loaded.model) else { return };

@@ -24,6 +24,9 @@ pub enum PassError {
     /// A pass option is out of range or malformed.
     #[error("{0}")]
     BadOption(String),
+    /// A pass could not measure what it needs (no runtime or inputs, or the model did not run).
+    #[error("{0}")]
+    Measure(String),
     /// The chosen channels cannot be removed consistently.
     #[error("cannot remove the chosen channels: {0}")]
     Rewrite(#[source] crate::prune::RewriteError),

@@ -1,21 +1,24 @@
-//! Verification of a pruned model: run it in tract beside the original and beside the masked
-//! original (the original with the removed channels' consumer weights zeroed), and compare.
+//! Verification of a pipeline's result: run it in tract beside the original and beside the
+//! pipeline's reference, and compare.
 //!
-//! The pruned model must run, keep every output's shape, and equal the masked original up to
-//! float rounding wherever no pruned group crosses a normalisation: that is what proves the
-//! rewrite sliced every weight and shape consistently. Its distance to the original is the
-//! price of pruning, reported but not judged.
+//! Each pass declares what its output must equal ([`Reference`]); the reference model is the
+//! original with every pass's edit applied in order (the masked original for channel removal,
+//! nothing for an exact pass). The result must run, keep every output's shape and type, and equal
+//! the reference up to float rounding: that is what proves the rewrite sliced every weight and
+//! shape consistently. Its distance to the original is the price of pruning, reported but not
+//! judged. A pass with no reference (a pruned group crosses a normalisation) leaves the result
+//! reported only.
 
 use crate::RunError;
 use crate::latency::{Latency, interleaved};
 use crate::tract::{Feed, Plan, compare};
 use prunec_ir::Model;
-use prunec_passes::prune::{PruneReport, apply_compensations, mask_consumers};
+use prunec_passes::Reference;
 use serde::Serialize;
 use std::path::Path;
 
-/// Largest difference to the masked original, relative to the output's scale, that the CLI
-/// counts as equal. Float sums taken in another order (tract packs a narrower convolution
+/// Largest difference to the reference, relative to the output's scale, that counts as equal
+/// unless `--tolerance` says otherwise. Float sums taken in another order (tract packs a narrower convolution
 /// differently) stay near 1e-6 on most models and reach a few 1e-5 behind the softmax of deep
 /// real models; a slicing mistake shows at the scale of the pruning drift itself (1e-2 and up).
 pub const MASKING_TOLERANCE: f64 = 1e-4;
@@ -36,11 +39,17 @@ pub struct Verification {
     pub original_ms: f64,
     /// Same for the pruned model.
     pub pruned_ms: f64,
-    /// Whether the pruned model must equal the masked original (no pruned group crosses a
-    /// normalisation), with the reasons when not.
-    pub masking_expected: bool,
-    /// Why masking equivalence is not expected.
-    pub masking_not_expected: Vec<String>,
+    /// What the result was judged against: `exact` (the original), `masked` (the masked
+    /// original), `reference` (another model the passes built), or `tolerance` (no reference).
+    pub reference: String,
+    /// The reference in words, for the report (`the compensated and masked original`).
+    pub reference_description: String,
+    /// Whether the result had to equal the reference within `tolerance`.
+    pub judged: bool,
+    /// Why it was not judged.
+    pub not_judged: Vec<String>,
+    /// The bound on the difference to the reference, relative to each output's scale.
+    pub tolerance: f64,
 }
 
 /// How one output of the pruned model compares.
@@ -56,8 +65,8 @@ pub struct OutputCheck {
     pub scale: f64,
     /// Cosine similarity to the original.
     pub cosine: f64,
-    /// Largest difference to the masked original, relative to its scale (when pruned).
-    pub masked_rel: Option<f64>,
+    /// Largest difference to the reference, relative to its scale.
+    pub reference_rel: f64,
 }
 
 /// Why verification failed.
@@ -77,9 +86,11 @@ pub enum VerifyError {
         /// What changed.
         what: String,
     },
-    /// The pruned model differs from the masked original: a prunec bug.
-    #[error("the pruned model differs from the masked original on output `{output}` by {rel:.3e} of its scale (tolerance {tolerance:e})")]
-    MaskingMismatch {
+    /// The result differs from the reference: a prunec bug.
+    #[error("the pruned model differs from {reference} on output `{output}` by {rel:.3e} of its scale (tolerance {tolerance:e})")]
+    Mismatch {
+        /// The reference, in words.
+        reference: String,
         /// The output.
         output: String,
         /// The relative difference.
@@ -87,25 +98,26 @@ pub enum VerifyError {
         /// The tolerance it exceeds.
         tolerance: f64,
     },
-    /// The masked reference could not be built.
-    #[error("cannot build the masked reference: {0}")]
-    Mask(String),
+    /// The reference could not be built or run.
+    #[error("cannot build the reference: {0}")]
+    Reference(String),
 }
 
-/// Compares `pruned` with `original` (and with the masked original when `report` says what was
-/// removed) on `feed`. `dir` is where external data of both models is found; `tolerance` bounds
-/// the difference to the masked original relative to each output's scale.
+/// Compares `pruned` with `original` and with the composition of `references` (the pipeline's
+/// passes', in order; none for an exact pipeline), on `feed`. `dir` is where external data of
+/// both models is found; `tolerance` bounds the difference to the reference relative to each
+/// output's scale.
 pub fn verify(
     original: &Model,
     pruned: &Model,
-    report: Option<&PruneReport>,
+    references: &[Reference],
     dir: &Path,
     feed: &Feed,
     tolerance: f64,
 ) -> Result<Verification, VerifyError> {
     const RUNS: usize = 3;
     let original_plan = Plan::from_model(original, dir, feed).map_err(VerifyError::OriginalNotRunnable)?;
-    let reference = original_plan.run(feed).map_err(VerifyError::OriginalNotRunnable)?;
+    let want = original_plan.run(feed).map_err(VerifyError::OriginalNotRunnable)?;
     let pruned_plan = Plan::from_model(pruned, dir, feed).map_err(VerifyError::PrunedNotRunnable)?;
     let got = pruned_plan.run(feed).map_err(VerifyError::PrunedNotRunnable)?;
     // The runs above were the warm-up; timed in alternation as `prunec bench` times them.
@@ -113,20 +125,43 @@ pub fn verify(
         interleaved(&original_plan, &pruned_plan, feed, 0, RUNS).map_err(VerifyError::PrunedNotRunnable)?;
     drop((original_plan, pruned_plan));
     let median = |t: &[f64]| Latency::of(t).map_or(f64::NAN, |l| l.median_ms);
-    let masked = match report.filter(|r| !r.masked.is_empty()) {
-        Some(r) => {
-            let mut m = original.clone();
-            // The pruned consumers were compensated before slicing; the reference is too.
-            apply_compensations(&mut m.graph, &r.compensated).map_err(VerifyError::Mask)?;
-            mask_consumers(&mut m.graph, &r.masked).map_err(|e| VerifyError::Mask(e.to_string()))?;
-            let plan = Plan::from_model(&m, dir, feed).map_err(|e| VerifyError::Mask(e.to_string()))?;
-            Some(plan.run(feed).map_err(|e| VerifyError::Mask(e.to_string()))?)
-        }
-        None => None,
+    let not_judged: Vec<String> = references
+        .iter()
+        .flat_map(|r| match r {
+            Reference::Unjudged { why } => why.clone(),
+            _ => Vec::new(),
+        })
+        .collect();
+    let edits: Vec<_> = references
+        .iter()
+        .filter_map(|r| match r {
+            Reference::Edit(e) => Some(e.clone()),
+            _ => None,
+        })
+        .collect();
+    let (kind, description) = match edits.as_slice() {
+        _ if !not_judged.is_empty() => ("tolerance", "the original".to_string()),
+        [] => ("exact", "the original".to_string()),
+        [one] => (one.kind(), one.describe()),
+        many => (
+            if many.iter().all(|e| e.kind() == "masked") { "masked" } else { "reference" },
+            many.iter().map(|e| e.describe()).collect::<Vec<_>>().join(", then "),
+        ),
     };
-    let masking_not_expected = report.map(|r| r.normalized.clone()).unwrap_or_default();
+    let reference = if edits.is_empty() {
+        None
+    } else {
+        let mut m = original.clone();
+        for edit in &edits {
+            edit.apply(&mut m).map_err(VerifyError::Reference)?;
+        }
+        let plan = Plan::from_model(&m, dir, feed).map_err(|e| VerifyError::Reference(e.to_string()))?;
+        drop(m);
+        Some(plan.run(feed).map_err(|e| VerifyError::Reference(e.to_string()))?)
+    };
+    let reference = reference.as_ref().unwrap_or(&want);
     let mut outputs = Vec::new();
-    for (i, (name, want)) in reference.values.iter().enumerate() {
+    for (i, (name, want)) in want.values.iter().enumerate() {
         let changed = |what: String| VerifyError::OutputChanged { output: name.clone(), what };
         let have = &got.values.get(i).ok_or_else(|| changed("is missing".into()))?.1;
         if have.shape() != want.shape() || have.datum_type() != want.datum_type() {
@@ -134,31 +169,28 @@ pub fn verify(
             return Err(changed(format!("is {}, the original's {}", of(have), of(want))));
         }
         let d = compare(want, have).map_err(|e| changed(e.to_string()))?;
-        let masked_rel = match &masked {
-            Some(m) => {
-                let dm = compare(&m.values[i].1, have).map_err(|e| VerifyError::Mask(e.to_string()))?;
-                Some(dm.max_abs / dm.ref_max_abs.max(f64::MIN_POSITIVE))
-            }
-            None => None,
-        };
+        let dr = compare(&reference.values[i].1, have).map_err(|e| VerifyError::Reference(e.to_string()))?;
         outputs.push(OutputCheck {
             name: name.clone(),
             max_abs: d.max_abs,
             rel: d.max_abs / d.ref_max_abs.max(f64::MIN_POSITIVE),
             scale: d.ref_max_abs,
             cosine: d.cosine,
-            masked_rel,
+            reference_rel: dr.max_abs / dr.ref_max_abs.max(f64::MIN_POSITIVE),
         });
     }
-    let masking_expected = masked.is_some() && masking_not_expected.is_empty();
-    if masking_expected && let Some(bad) = outputs.iter().find(|o| o.masked_rel.is_some_and(|r| !(r <= tolerance))) {
-        return Err(VerifyError::MaskingMismatch { output: bad.name.clone(), rel: bad.masked_rel.unwrap_or(f64::NAN), tolerance });
+    let judged = not_judged.is_empty();
+    if judged && let Some(bad) = outputs.iter().find(|o| !(o.reference_rel <= tolerance)) {
+        return Err(VerifyError::Mismatch { reference: description, output: bad.name.clone(), rel: bad.reference_rel, tolerance });
     }
     Ok(Verification {
         outputs,
         original_ms: median(&original_times),
         pruned_ms: median(&pruned_times),
-        masking_expected,
-        masking_not_expected,
+        reference: kind.to_string(),
+        reference_description: description,
+        judged,
+        not_judged,
+        tolerance,
     })
 }

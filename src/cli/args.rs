@@ -1,6 +1,5 @@
 //! Command-line arguments (clap).
 
-use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -26,97 +25,128 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct CompileArgs {
     /// The ONNX model to read.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "print_pipeline")]
     pub model: Option<PathBuf>,
-    /// Where to write the result (its external data, if any, goes to `<OUT>.data`).
-    #[arg(short, long, required = true)]
+    /// Where to write the result (its external data, if any, goes to `<OUT>.data`); `-` writes
+    /// the ONNX model to standard output.
+    #[arg(short, long, required_unless_present_any = ["print_pipeline", "dry_run"])]
     pub output: Option<PathBuf>,
-    /// Comma-separated passes to run, or `none` to write the model back untouched
-    /// (`prunec passes` lists them).
-    #[arg(long, default_value = prunec::passes::DEFAULT_PIPELINE)]
-    pub passes: String,
+    /// The pipeline: passes separated by commas, each with options as `name{key=value,...}`
+    /// (`prunec passes` lists them), or `none` to write the model back untouched.
+    /// [default: dce,fold,prune,identity]
+    #[arg(long)]
+    pub passes: Option<String>,
+    /// A recipe (TOML, or a `--report` JSON to replay): the pipeline with its options, the
+    /// verification and the output settings. Flags given here override it.
+    #[arg(long, value_name = "FILE.toml")]
+    pub recipe: Option<PathBuf>,
+    /// Print the effective pipeline, every option filled in, in the form `--passes` reads back,
+    /// and exit.
+    #[arg(long)]
+    pub print_pipeline: bool,
+    /// After the named pass (or `all`), write the IR dump to stderr.
+    #[arg(long, value_name = "PASS")]
+    pub print_after: Option<String>,
+    /// Stop the pipeline after the first run of the named pass; the rest is verified and
+    /// written as usual.
+    #[arg(long, value_name = "PASS")]
+    pub stop_after: Option<String>,
     /// External data of the output: `keep` (the input's layout), `inline`, or a size threshold
     /// such as `1024`, `64KB`, `16MB`: tensors at least that large go to `<OUT>.data`.
-    #[arg(long, default_value = "keep", value_parser = parse_external_data)]
-    pub external_data: prunec::backends::onnx::ExternalData,
+    /// [default: keep]
+    #[arg(long, value_parser = checked(parse_external_data))]
+    pub external_data: Option<String>,
     /// Files of the external data: `one-file` (`<OUT>.data`) or `per-tensor` (`<OUT>.data`,
-    /// `<OUT>.data.1`, `<OUT>.data.2`, … one tensor each).
-    #[arg(long, default_value = "one-file", value_parser = parse_data_layout)]
-    pub external_data_layout: prunec::backends::onnx::DataLayout,
+    /// `<OUT>.data.1`, `<OUT>.data.2`, … one tensor each). [default: one-file]
+    #[arg(long, value_parser = checked(parse_data_layout))]
+    pub external_data_layout: Option<String>,
     #[command(flatten)]
     pub prune: PruneArgs,
     /// Also fold inference BatchNormalization into the Conv or Gemm before it (adds `fold-bn`
     /// to the end of the pipeline).
     #[arg(long)]
     pub fold_bn: bool,
-    /// Skip the check that runs the original, pruned and masked models in tract: the only way to
-    /// write a model that was not verified. Without it, a verification that fails or cannot run
-    /// writes nothing and exits with code 3.
+    /// Skip the check that runs the original, the result and the passes' reference in tract:
+    /// the only way to write a model that was not verified. Without it, a verification that
+    /// fails or cannot run writes nothing and exits with code 3.
     #[arg(long)]
     pub no_verify: bool,
     /// Verify a model of more than 1 GiB of weights (several copies of the weights in tract);
     /// above that size prunec refuses (exit 3) unless --verify or --no-verify says which.
     #[arg(long, conflicts_with = "no_verify")]
     pub verify: bool,
-    /// Inputs for verification (`.npz`, arrays named like the graph inputs); inputs not in it
-    /// get seeded random values (said on stderr), and a file with none of them is an error.
+    /// Largest difference to the passes' reference (the masked original for `prune`), relative
+    /// to each output's scale, that verification accepts. [default: 1e-4]
+    #[arg(long, value_parser = parse_tolerance)]
+    pub tolerance: Option<f64>,
+    /// Inputs for verification and for the passes' measurements (`.npz`, arrays named like the
+    /// graph inputs); inputs not in it get seeded random values (said on stderr), and a file
+    /// with none of them is an error.
     #[arg(long, value_name = "FILE.npz")]
     pub inputs: Option<PathBuf>,
-    /// Concrete shape of an input for verification and shape inference, as for `inspect`.
+    /// Concrete shape of an input for shape inference, measurements and verification, as for
+    /// `inspect`. The output then declares these sizes at its inputs: the passes folded shape
+    /// arithmetic at them, so the result is only valid for them.
     #[arg(long = "input-shape", value_name = "NAME=DIMS")]
     pub input_shapes: Vec<String>,
-    /// Write the report (sizes before and after, groups, verification, timings) as JSON.
+    /// Write the report (the effective recipe, sizes before and after, each pass's details and
+    /// timing, verification) as JSON; `--recipe` replays it.
     #[arg(long, value_name = "FILE.json")]
     pub report: Option<PathBuf>,
-    /// Plan and report, but write no model.
+    /// Plan, verify and report, but write no model (`--output` is then optional).
     #[arg(long)]
     pub dry_run: bool,
     /// Output formats, comma-separated: `onnx`, `nnef` (a tract NNEF archive), or `onnx,nnef`
     /// for both from one run, the second beside `--output` with its own ending (`out.onnx` and
     /// `out.nnef.tgz`). Default: the format `--output` names (`.nnef.tgz` is NNEF, else ONNX).
-    #[arg(long, value_delimiter = ',', value_parser = parse_format, value_name = "FORMATS")]
-    pub emit: Vec<prunec::Format>,
+    #[arg(long, value_delimiter = ',', value_parser = checked(parse_format), value_name = "FORMATS")]
+    pub emit: Vec<String>,
 }
 
-/// Options of the `prune` pass.
+/// Shorthands for the options of every `prune` entry of the pipeline: a flag sets its key on
+/// each `prune` entry of `--passes` that does not set the key itself, and overrides the key in
+/// a recipe's entries. `prunec passes` documents each option.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Options of the prune pass (shorthand for prune{key=value})")]
 pub struct PruneArgs {
     /// Share of each group's channels to remove (of all prunable channels with `--global`).
-    #[arg(long, default_value_t = prunec::passes::prune::DEFAULT_RATIO, value_parser = parse_share)]
-    pub ratio: f64,
+    /// [default: 0.3]
+    #[arg(long, value_parser = prune_value("ratio"))]
+    pub ratio: Option<String>,
     /// Rank channels across groups (scores normalised per group) instead of within each group.
     #[arg(long)]
     pub global: bool,
     /// Remove a share of the model instead of a channel ratio: `params=0.5` or `flops=0.3`
     /// (the channel ratio is found by bisection).
-    #[arg(long, value_parser = parse_target)]
-    pub target: Option<prunec::passes::prune::Target>,
+    #[arg(long, value_parser = prune_value("target"))]
+    pub target: Option<String>,
     /// Channel score: l1, l2, random, bn-scale, lamp, wanda (needs --inputs), obspa or flap
-    /// (compensating criteria; their statistics come from --hessian).
-    #[arg(long, default_value = "l2", value_parser = parse_criterion)]
-    pub criterion: prunec::passes::prune::Criterion,
-    /// How the scores of a group's weights combine: mean, sum, max or first.
-    #[arg(long, default_value = "mean", value_parser = parse_reduction)]
-    pub reduction: prunec::passes::prune::Reduction,
+    /// (compensating criteria; their statistics come from --hessian). [default: l2]
+    #[arg(long, value_parser = prune_value("criterion"))]
+    pub criterion: Option<String>,
+    /// How the scores of a group's weights combine: mean, sum, max or first. [default: mean]
+    #[arg(long, value_parser = prune_value("reduction"))]
+    pub reduction: Option<String>,
     /// Scaling of group scores for `--global`: none, mean, max, sum, standardization or lamp
     /// (default: mean; none for the lamp criterion).
-    #[arg(long, value_parser = parse_normalizer)]
-    pub normalizer: Option<prunec::passes::prune::Normalizer>,
-    /// Keep channel counts a multiple of N.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub round_to: usize,
-    /// Keep at least N channels in every group.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub min_keep: usize,
+    #[arg(long, value_parser = prune_value("normalizer"))]
+    pub normalizer: Option<String>,
+    /// Keep channel counts a multiple of N. [default: 1]
+    #[arg(long, value_name = "N", value_parser = prune_value("round-to"))]
+    pub round_to: Option<String>,
+    /// Keep at least N channels in every group. [default: 1]
+    #[arg(long, value_name = "N", value_parser = prune_value("min-keep"))]
+    pub min_keep: Option<String>,
     /// Do not prune groups with a node whose name matches this glob (repeatable).
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
     /// Another ratio for groups with a node matching the glob, as `GLOB=R` (repeatable).
-    #[arg(long, value_name = "GLOB=R", value_parser = parse_node_ratio)]
-    pub node_ratio: Vec<(String, f64)>,
-    /// Seed of the random criterion and of random verification inputs.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[arg(long, value_name = "GLOB=R", value_parser = prune_value("node-ratio"))]
+    pub node_ratio: Vec<String>,
+    /// Seed of the random criterion, of synthetic statistics inputs and of random verification
+    /// inputs. [default: 0]
+    #[arg(long, value_parser = prune_value("seed"))]
+    pub seed: Option<String>,
     /// Do not prune groups whose channels a normalisation mixes (LayerNorm over a residual
     /// stream); the rest of the model stays checkable by masking equivalence.
     #[arg(long)]
@@ -124,141 +154,71 @@ pub struct PruneArgs {
     /// Where obspa and flap take their consumers' input statistics from: calib (the --inputs),
     /// noise (seeded synthetic inputs), bn (BatchNormalization statistics, no execution) or
     /// identity (no compensation). Default: calib with --inputs, noise without.
-    #[arg(long, value_parser = parse_hessian)]
-    pub hessian: Option<prunec::passes::prune::HessianSource>,
+    #[arg(long, value_parser = prune_value("hessian"))]
+    pub hessian: Option<String>,
     /// OBSPA's damping: this share of the mean diagonal is added to each Hessian's diagonal.
-    #[arg(long, default_value_t = prunec::passes::prune::DEFAULT_DAMPING, value_parser = parse_damping, allow_negative_numbers = true)]
-    pub damping: f64,
+    /// [default: 0.01]
+    #[arg(long, value_parser = prune_value("damping"), allow_negative_numbers = true)]
+    pub damping: Option<String>,
     /// Samples of synthetic input for `--hessian noise` (the batch size, where it is dynamic).
-    #[arg(long, default_value_t = 8, value_name = "N")]
-    pub noise_samples: usize,
+    /// [default: 8]
+    #[arg(long, value_name = "N", value_parser = prune_value("noise-samples"))]
+    pub noise_samples: Option<String>,
     /// OBSPA with measured statistics: how consumers are compensated. none: once, from the
     /// original model's statistics; prefix: level by level in topological order, each on the
     /// inputs the already pruned and compensated prefix gives it; outputs: as prefix, and every
     /// dense layer downstream is refit to the original's outputs too. Default: prefix with
     /// --hessian calib, none otherwise (synthetic inputs deep in a pruned model mislead it).
-    #[arg(long, value_enum)]
-    pub refit: Option<RefitMode>,
-}
-
-/// How OBSPA compensates (`--refit`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum RefitMode {
-    /// The one-shot update from the original model's Hessians.
-    None,
-    /// Sequentially, on the Hessians of the pruned prefix.
-    Prefix,
-    /// Sequentially, every changed dense layer fit to the original's outputs.
-    Outputs,
-}
-
-impl CompileArgs {
-    /// The prune pass's options, with the Hessian source resolved: calib when there are
-    /// `--inputs`, noise otherwise, unless `--hessian` says.
-    pub fn prune_options(&self) -> prunec::passes::prune::PruneOptions {
-        use prunec::passes::prune::HessianSource;
-        let hessian = self.prune.hessian.unwrap_or(if self.inputs.is_some() { HessianSource::Calib } else { HessianSource::Noise });
-        prunec::passes::prune::PruneOptions { hessian, ..self.prune.options() }
-    }
-
-    /// The refit `--refit` asks for, resolved: prefix on calibration inputs, none otherwise.
-    pub fn refit_mode(&self) -> RefitMode {
-        let calibrated = self.prune_options().hessian == prunec::passes::prune::HessianSource::Calib;
-        self.prune.refit.unwrap_or(if calibrated { RefitMode::Prefix } else { RefitMode::None })
-    }
+    #[arg(long, value_parser = prune_value("refit"))]
+    pub refit: Option<String>,
 }
 
 impl PruneArgs {
-    /// The command-line name of the criterion.
-    pub fn criterion_name(&self) -> &'static str {
-        prunec::passes::prune::Criterion::ALL.iter().find(|(_, c)| *c == self.criterion).map_or("?", |(n, _)| n)
-    }
-
-    /// The pass options these arguments ask for.
-    pub fn options(&self) -> prunec::passes::prune::PruneOptions {
-        prunec::passes::prune::PruneOptions {
-            criterion: self.criterion,
-            reduction: self.reduction,
-            normalizer: self.normalizer,
-            ratio: self.ratio,
-            global: self.global,
-            target: self.target,
-            round_to: self.round_to,
-            min_keep: self.min_keep,
-            exclude: self.exclude.clone(),
-            node_ratios: self.node_ratio.clone(),
-            seed: self.seed,
-            keep_normalized: self.keep_normalized,
-            hessian: self.hessian.unwrap_or(prunec::passes::prune::HessianSource::Noise),
-            damping: self.damping,
-            calibration: None,
-            refit: None,
-        }
-    }
-}
-
-fn parse_criterion(s: &str) -> Result<prunec::passes::prune::Criterion, String> {
-    use prunec::passes::prune::Criterion;
-    Criterion::ALL.iter().find(|(n, _)| *n == s).map(|(_, c)| *c).ok_or_else(|| {
-        format!("unknown criterion `{s}`; expected one of {}", Criterion::ALL.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "))
-    })
-}
-
-fn parse_hessian(s: &str) -> Result<prunec::passes::prune::HessianSource, String> {
-    use prunec::passes::prune::HessianSource;
-    HessianSource::ALL.iter().find(|(n, _)| *n == s).map(|(_, h)| *h).ok_or_else(|| {
-        format!(
-            "unknown Hessian source `{s}`; expected one of {}",
-            HessianSource::ALL.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-        )
-    })
-}
-
-fn parse_damping(s: &str) -> Result<f64, String> {
-    let d: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
-    if (0.0..=1e6).contains(&d) { Ok(d) } else { Err(format!("damping {d} must be a non-negative number")) }
-}
-
-fn parse_reduction(s: &str) -> Result<prunec::passes::prune::Reduction, String> {
-    use prunec::passes::prune::Reduction::*;
-    Ok(match s {
-        "mean" => Mean,
-        "sum" => Sum,
-        "max" => Max,
-        "first" => First,
-        _ => return Err(format!("unknown reduction `{s}`; expected mean, sum, max or first")),
-    })
-}
-
-fn parse_normalizer(s: &str) -> Result<prunec::passes::prune::Normalizer, String> {
-    use prunec::passes::prune::Normalizer::*;
-    Ok(match s {
-        "none" => None,
-        "mean" => Mean,
-        "max" => Max,
-        "sum" => Sum,
-        "standardization" => Standardization,
-        "lamp" => Lamp,
-        _ => return Err(format!("unknown normalizer `{s}`; expected none, mean, max, sum, standardization or lamp")),
-    })
-}
-
-fn parse_share(s: &str) -> Result<f64, String> {
-    s.trim().parse::<f64>().ok().filter(|r| (0.0..1.0).contains(r)).ok_or_else(|| format!("`{s}` is not a share in [0, 1)"))
-}
-
-fn parse_target(s: &str) -> Result<prunec::passes::prune::Target, String> {
-    use prunec::passes::prune::Target;
-    match s.split_once('=') {
-        Some(("params", v)) => parse_share(v).map(Target::Params),
-        Some(("flops" | "macs", v)) => parse_share(v).map(Target::Flops),
-        _ => Err(format!("`{s}` is not `params=SHARE` or `flops=SHARE`")),
+    /// The `key=value` pairs the flags given set, in schema order.
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        let flag = |on: bool| on.then(|| "true".to_string());
+        let list = |items: &[String]| (!items.is_empty()).then(|| items.join(","));
+        [
+            ("criterion", self.criterion.clone()),
+            ("ratio", self.ratio.clone()),
+            ("global", flag(self.global)),
+            ("target", self.target.clone()),
+            ("reduction", self.reduction.clone()),
+            ("normalizer", self.normalizer.clone()),
+            ("round-to", self.round_to.clone()),
+            ("min-keep", self.min_keep.clone()),
+            ("exclude", list(&self.exclude)),
+            ("node-ratio", list(&self.node_ratio)),
+            ("seed", self.seed.clone()),
+            ("keep-normalized", flag(self.keep_normalized)),
+            ("hessian", self.hessian.clone()),
+            ("damping", self.damping.clone()),
+            ("noise-samples", self.noise_samples.clone()),
+            ("refit", self.refit.clone()),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_string(), v?)))
+        .collect()
     }
 }
 
-fn parse_node_ratio(s: &str) -> Result<(String, f64), String> {
-    let (glob, r) = s.rsplit_once('=').ok_or_else(|| format!("`{s}` is not `GLOB=RATIO`"))?;
-    Ok((glob.to_string(), parse_share(r)?))
+/// A value parser that checks a shorthand flag's value with the prune pass's own schema, so the
+/// flag and `prune{key=value}` accept exactly the same text.
+fn prune_value(key: &'static str) -> impl Fn(&str) -> Result<String, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        use prunec::passes::PassOptions;
+        prunec::passes::prune::PruneOptions::default().set(key, s).map(|()| s.to_string())
+    }
+}
+
+/// A value parser that checks the text with `parse` and keeps the text.
+fn checked<T: 'static>(parse: fn(&str) -> Result<T, String>) -> impl Fn(&str) -> Result<String, String> + Clone + Send + Sync + 'static {
+    move |s: &str| parse(s).map(|_| s.to_string())
+}
+
+fn parse_tolerance(s: &str) -> Result<f64, String> {
+    let t: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if t > 0.0 && t.is_finite() { Ok(t) } else { Err(format!("tolerance {t} must be a positive number")) }
 }
 
 #[derive(Debug, Subcommand)]
@@ -319,7 +279,7 @@ pub fn parse() -> Cli {
     Cli::parse()
 }
 
-fn parse_format(s: &str) -> Result<prunec::Format, String> {
+pub fn parse_format(s: &str) -> Result<prunec::Format, String> {
     match s.trim() {
         "onnx" => Ok(prunec::Format::Onnx),
         "nnef" | "tract" => Ok(prunec::Format::Nnef),
@@ -327,7 +287,7 @@ fn parse_format(s: &str) -> Result<prunec::Format, String> {
     }
 }
 
-fn parse_data_layout(s: &str) -> Result<prunec::backends::onnx::DataLayout, String> {
+pub fn parse_data_layout(s: &str) -> Result<prunec::backends::onnx::DataLayout, String> {
     use prunec::backends::onnx::DataLayout;
     match s {
         "one-file" => Ok(DataLayout::OneFile),
@@ -336,7 +296,7 @@ fn parse_data_layout(s: &str) -> Result<prunec::backends::onnx::DataLayout, Stri
     }
 }
 
-fn parse_external_data(s: &str) -> Result<prunec::backends::onnx::ExternalData, String> {
+pub fn parse_external_data(s: &str) -> Result<prunec::backends::onnx::ExternalData, String> {
     use prunec::backends::onnx::ExternalData;
     match s {
         "keep" => return Ok(ExternalData::KeepLayout),
@@ -359,22 +319,5 @@ fn parse_external_data(s: &str) -> Result<prunec::backends::onnx::ExternalData, 
 
 /// Resolves `--input-shape` values against the model's input names.
 pub fn input_shapes(specs: &[String], input_names: &[String]) -> anyhow::Result<BTreeMap<String, Vec<u64>>> {
-    let mut shapes = BTreeMap::new();
-    for spec in specs {
-        let (name, dims) = match spec.split_once('=') {
-            Some((n, d)) => (n.to_string(), d),
-            None if input_names.len() == 1 => (input_names[0].clone(), spec.as_str()),
-            None => bail!("--input-shape `{spec}` needs a name (NAME=DIMS): the model has {} inputs", input_names.len()),
-        };
-        if !input_names.contains(&name) {
-            bail!("--input-shape names `{name}`, which is not a graph input (inputs: {})", input_names.join(", "));
-        }
-        let dims = dims
-            .split(',')
-            .map(|d| d.trim().parse::<u64>())
-            .collect::<Result<Vec<_>, _>>()
-            .with_context(|| format!("--input-shape `{spec}`: dims must be non-negative integers separated by commas"))?;
-        shapes.insert(name, dims);
-    }
-    Ok(shapes)
+    Ok(prunec::runtime::inputs::parse_input_shapes(specs, input_names)?)
 }

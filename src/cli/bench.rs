@@ -8,9 +8,9 @@
 use super::args;
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use prunec::ir::{ModelStats, model_stats};
 use prunec::runtime::latency::{Latency, interleaved};
 use prunec::runtime::tract::{Feed, Plan, compare, load_npz, random_feed, save_npz};
-use prunec::ir::{ModelStats, model_stats};
 use serde_json::{Value as Json, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -58,8 +58,8 @@ pub struct BenchArgs {
 pub fn run(a: &BenchArgs) -> Result<()> {
     let mut original = super::load(&a.original, &a.input_shapes)?;
     let mut pruned = super::load(&a.pruned, &a.input_shapes)?;
-    let names = super::runtime_inputs(&original.model.graph);
-    let pruned_names = super::runtime_inputs(&pruned.model.graph);
+    let names = prunec::runtime::inputs::runtime_inputs(&original.model.graph);
+    let pruned_names = prunec::runtime::inputs::runtime_inputs(&pruned.model.graph);
     if names != pruned_names {
         bail!(
             "`{}` has the inputs {names:?} but `{}` has {pruned_names:?}: bench compares two versions of one model",

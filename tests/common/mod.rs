@@ -2,8 +2,8 @@
 //! external validators.
 #![allow(dead_code)]
 
-use prunec::runtime::tract::{Feed, TractTensor, load_npz, random_feed};
 use prunec::ir::Model;
+use prunec::runtime::tract::{Feed, TractTensor, load_npz, random_feed};
 use serde_json::{Value as Json, json};
 use std::collections::BTreeMap;
 use std::io::Read;

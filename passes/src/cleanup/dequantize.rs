@@ -9,7 +9,7 @@
 //! can become an archive after this pass; a `QuantizeLinear` of activations has no exact float
 //! form and stays (the NNEF backend refuses it).
 
-use crate::{Pass, PassError, PassReport};
+use crate::{Context, Pass, PassError, PassReport};
 use prunec_ir::proto::tensor_proto::DataType;
 use prunec_ir::{DType, Edge, Graph, Model, OpId, Tensor, constant_tensor};
 
@@ -21,11 +21,15 @@ impl Pass for Dequantize {
         "dequantize"
     }
 
+    fn options(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
     fn needs_shapes(&self) -> bool {
         false
     }
 
-    fn run(&self, model: &mut Model) -> Result<PassReport, PassError> {
+    fn run(&self, model: &mut Model, _: &mut Context) -> Result<PassReport, PassError> {
         let graph = &mut model.graph;
         let mut report = PassReport::default();
         let ops: Vec<OpId> = graph
@@ -56,7 +60,7 @@ impl Pass for Dequantize {
             report.values_removed += 1;
         }
         // The integer weights, scales and zero points nothing reads any more.
-        let dce = super::DeadCodeElimination.run(model)?;
+        let dce = super::remove_dead_code(model);
         report.ops_removed += dce.ops_removed;
         report.values_removed += dce.values_removed;
         Ok(report)

@@ -2,7 +2,7 @@
 //! Gemm's) output becomes part of that op's weight and bias:
 //! `s = γ / √(var + ε)`, `W' = W · s` per output channel, `b' = (b − mean) · s + β`.
 
-use crate::{Pass, PassError, PassReport};
+use crate::{Context, Pass, PassError, PassReport};
 use prunec_ir::{Graph, Model, OpId, Tensor, ValueId, constant_tensor};
 
 /// The `fold-bn` pass.
@@ -13,11 +13,15 @@ impl Pass for FoldBatchNorm {
         "fold-bn"
     }
 
+    fn options(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
     fn needs_shapes(&self) -> bool {
         false
     }
 
-    fn run(&self, model: &mut Model) -> Result<PassReport, PassError> {
+    fn run(&self, model: &mut Model, _: &mut Context) -> Result<PassReport, PassError> {
         let graph = &mut model.graph;
         let mut report = PassReport::default();
         let norms: Vec<OpId> =
@@ -42,7 +46,7 @@ impl Pass for FoldBatchNorm {
             report.ops_removed += 1;
             report.values_removed += 1;
         }
-        let dce = super::DeadCodeElimination.run(model)?;
+        let dce = super::remove_dead_code(model);
         report.ops_removed += dce.ops_removed;
         report.values_removed += dce.values_removed;
         Ok(report)

@@ -8,7 +8,7 @@
 //! models stay dynamic. Values are tracked element by element, so `Gather(Shape(x), 1)` folds
 //! when axis 1 of `x` is known even if its batch axis is not.
 
-use crate::{Pass, PassError, PassReport};
+use crate::{Context, Pass, PassError, PassReport};
 use prunec_ir::{DType, Graph, Model, OpId, Tensor, ValueId, ValueKind};
 use std::collections::HashMap;
 
@@ -36,11 +36,15 @@ impl Pass for FoldConstants {
         "fold"
     }
 
+    fn options(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
     fn needs_shapes(&self) -> bool {
         true
     }
 
-    fn run(&self, model: &mut Model) -> Result<PassReport, PassError> {
+    fn run(&self, model: &mut Model, _: &mut Context) -> Result<PassReport, PassError> {
         let graph = &mut model.graph;
         let order = graph.topo_order().map_err(|source| PassError::BrokeGraph { pass: "fold", source })?;
         let mut values: HashMap<ValueId, Partial> = HashMap::new();
@@ -80,7 +84,7 @@ impl Pass for FoldConstants {
                 graph.initializers.push(v);
             }
         }
-        let dce = super::DeadCodeElimination.run(model)?;
+        let dce = super::remove_dead_code(model);
         report.ops_removed += dce.ops_removed;
         report.values_removed += dce.values_removed;
         Ok(report)

@@ -3,7 +3,7 @@
 //! An Identity that produces a graph output stays (the output's name is the interface), and so
 //! does one whose output a subgraph reads by name from the outer scope.
 
-use crate::{Pass, PassError, PassReport};
+use crate::{Context, Pass, PassError, PassReport};
 use prunec_ir::{Edge, Model};
 
 /// The `identity` pass.
@@ -14,11 +14,15 @@ impl Pass for IdentityElimination {
         "identity"
     }
 
+    fn options(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
     fn needs_shapes(&self) -> bool {
         false
     }
 
-    fn run(&self, model: &mut Model) -> Result<PassReport, PassError> {
+    fn run(&self, model: &mut Model, _: &mut Context) -> Result<PassReport, PassError> {
         let graph = &mut model.graph;
         let mut report = PassReport::default();
         let identities: Vec<_> = graph

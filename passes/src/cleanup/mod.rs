@@ -7,6 +7,7 @@ mod fold_constants;
 mod identity;
 
 pub(crate) use dce::DeadCodeElimination;
+pub use dce::remove_dead_code;
 pub(crate) use dequantize::Dequantize;
 pub(crate) use fold_bn::FoldBatchNorm;
 pub(crate) use fold_constants::FoldConstants;

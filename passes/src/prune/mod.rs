@@ -13,15 +13,19 @@
 pub mod criteria;
 pub mod obspa;
 pub mod rewrite;
+pub mod statistics;
 
-use crate::{Pass, PassError, PassReport};
+use crate::measure::{Context, Inputs};
+use crate::options::{OptionSpec, PassOptions};
+use crate::reference::{Reference, ReferenceEdit};
+use crate::{Pass, PassDetails, PassError, PassReport};
 pub use criteria::{Calibration, Criterion, Normalizer, Reduction};
 pub use obspa::{Compensation, CrossMoments, Hessian, HessianSource, Refit, apply_compensations};
 use prunec_ir::{Graph, Group, Model, Role, Shape, ValueKind, constant_tensor, model_stats, op_cost};
 pub use rewrite::{Removal, RewriteError, mask_consumers};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-/// What to remove and how to choose it.
+/// What to remove and how to choose it: the options of the `prune` pass.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct PruneOptions {
     /// Channel scoring.
@@ -45,22 +49,20 @@ pub struct PruneOptions {
     /// `(glob, ratio)`: groups with a member node matching the glob use that ratio instead
     /// (the first match wins; local ranking only).
     pub node_ratios: Vec<(String, f64)>,
-    /// Seed of the `random` criterion.
+    /// Seed of the `random` criterion and of synthetic measurement inputs.
     pub seed: u64,
     /// Leave whole the groups whose channels a normalisation mixes (a LayerNorm'd residual
     /// stream): their removal changes every other channel, which no masking check can vouch for.
     pub keep_normalized: bool,
-    /// Where OBSPA and FLAP take their consumers' input statistics from.
-    pub hessian: HessianSource,
+    /// Where OBSPA and FLAP take their consumers' input statistics from (`None`: calib when the
+    /// pipeline has inputs, noise otherwise).
+    pub hessian: Option<HessianSource>,
     /// OBSPA's damping: λ = damping × the mean diagonal of H is added to H's diagonal.
     pub damping: f64,
-    /// Activation statistics for the calibration criteria (and measured Hessians).
-    #[serde(skip)]
-    pub calibration: Option<std::sync::Arc<Calibration>>,
-    /// OBSPA's compensations refit on the pruned prefix, measured by the CLI for the channels
-    /// this same plan chooses: used instead of the one-shot update.
-    #[serde(skip)]
-    pub refit: Option<std::sync::Arc<Refit>>,
+    /// Samples of synthetic input for `hessian=noise` (the batch size, where it is open).
+    pub noise_samples: usize,
+    /// How OBSPA compensates with measured statistics (`None`: prefix with calib, else none).
+    pub refit: Option<RefitMode>,
 }
 
 impl Default for PruneOptions {
@@ -78,11 +80,205 @@ impl Default for PruneOptions {
             node_ratios: Vec::new(),
             seed: 0,
             keep_normalized: false,
-            hessian: HessianSource::Noise,
+            hessian: None,
             damping: DEFAULT_DAMPING,
-            calibration: None,
+            noise_samples: 8,
             refit: None,
         }
+    }
+}
+
+/// How OBSPA compensates with measured statistics (`refit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefitMode {
+    /// The one-shot update from the original model's statistics.
+    None,
+    /// Level by level in topological order, each on the inputs the already pruned and
+    /// compensated prefix gives it.
+    Prefix,
+    /// As prefix, and every dense layer downstream is refit to the original's outputs too.
+    Outputs,
+}
+
+impl RefitMode {
+    /// Every mode with its name.
+    pub const ALL: &[(&str, RefitMode)] = &[("none", RefitMode::None), ("prefix", RefitMode::Prefix), ("outputs", RefitMode::Outputs)];
+}
+
+const REDUCTIONS: &[(&str, Reduction)] =
+    &[("mean", Reduction::Mean), ("sum", Reduction::Sum), ("max", Reduction::Max), ("first", Reduction::First)];
+
+const NORMALIZERS: &[(&str, Normalizer)] = &[
+    ("none", Normalizer::None),
+    ("mean", Normalizer::Mean),
+    ("max", Normalizer::Max),
+    ("sum", Normalizer::Sum),
+    ("standardization", Normalizer::Standardization),
+    ("lamp", Normalizer::Lamp),
+];
+
+impl PassOptions for PruneOptions {
+    const SCHEMA: &'static [OptionSpec] = &[
+        OptionSpec {
+            key: "criterion",
+            kind: "l1|l2|random|bn-scale|lamp|wanda|obspa|flap",
+            default: "l2",
+            doc: "channel score (wanda needs inputs; obspa and flap compensate, statistics from `hessian`)",
+        },
+        OptionSpec { key: "ratio", kind: "share", default: "0.3", doc: "share of each group's channels to remove (of all, with global)" },
+        OptionSpec { key: "global", kind: "bool", default: "false", doc: "rank channels across groups (scores normalised per group)" },
+        OptionSpec {
+            key: "target",
+            kind: "none|params=SHARE|flops=SHARE",
+            default: "none",
+            doc: "remove a share of parameters or MACs instead of a channel ratio (ratio found by bisection)",
+        },
+        OptionSpec { key: "reduction", kind: "mean|sum|max|first", default: "mean", doc: "how the scores of a group's weights combine" },
+        OptionSpec {
+            key: "normalizer",
+            kind: "auto|none|mean|max|sum|standardization|lamp",
+            default: "auto",
+            doc: "scaling of group scores for global ranking (auto: mean; none for lamp)",
+        },
+        OptionSpec { key: "round-to", kind: "integer", default: "1", doc: "keep channel counts a multiple of this" },
+        OptionSpec { key: "min-keep", kind: "integer", default: "1", doc: "keep at least this many channels in every group" },
+        OptionSpec {
+            key: "exclude",
+            kind: "globs",
+            default: "",
+            doc: "do not prune groups with a node whose name matches one of these globs",
+        },
+        OptionSpec {
+            key: "node-ratio",
+            kind: "GLOB=SHARE list",
+            default: "",
+            doc: "another ratio for groups with a node matching the glob (first match wins)",
+        },
+        OptionSpec { key: "seed", kind: "integer", default: "0", doc: "seed of the random criterion and of synthetic inputs" },
+        OptionSpec {
+            key: "keep-normalized",
+            kind: "bool",
+            default: "false",
+            doc: "do not prune groups whose channels a normalisation mixes (keeps masking equivalence checkable)",
+        },
+        OptionSpec {
+            key: "hessian",
+            kind: "auto|calib|noise|bn|identity",
+            default: "auto",
+            doc: "obspa/flap statistics: the inputs, seeded noise, BatchNormalization, or none (auto: calib with inputs, else noise)",
+        },
+        OptionSpec { key: "damping", kind: "number", default: "0.01", doc: "OBSPA's damping, a share of the mean Hessian diagonal" },
+        OptionSpec { key: "noise-samples", kind: "integer", default: "8", doc: "samples of synthetic input for hessian=noise" },
+        OptionSpec {
+            key: "refit",
+            kind: "auto|none|prefix|outputs",
+            default: "auto",
+            doc: "OBSPA's compensation: one-shot, level by level on the pruned prefix, or to the original's outputs (auto: prefix with calib)",
+        },
+    ];
+
+    fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        use crate::options::{parse_bool, parse_choice, parse_count, parse_list, parse_share};
+        let auto = |v: &str| v.trim() == "auto";
+        match key {
+            "criterion" => self.criterion = parse_choice(value, Criterion::ALL)?,
+            "ratio" => self.ratio = parse_share(value)?,
+            "global" => self.global = parse_bool(value)?,
+            "target" => self.target = if value.trim() == "none" { None } else { Some(parse_target(value)?) },
+            "reduction" => self.reduction = parse_choice(value, REDUCTIONS)?,
+            "normalizer" => self.normalizer = if auto(value) { None } else { Some(parse_choice(value, NORMALIZERS)?) },
+            "round-to" => self.round_to = parse_count(value)?,
+            "min-keep" => self.min_keep = parse_count(value)?,
+            "exclude" => self.exclude = parse_list(value),
+            "node-ratio" => {
+                self.node_ratios = parse_list(value)
+                    .iter()
+                    .map(|item| {
+                        let (glob, r) = item.rsplit_once('=').ok_or_else(|| format!("`{item}` is not `GLOB=RATIO`"))?;
+                        Ok((glob.to_string(), parse_share(r)?))
+                    })
+                    .collect::<Result<_, String>>()?
+            }
+            "seed" => self.seed = value.trim().parse().map_err(|_| format!("`{value}` is not a non-negative integer"))?,
+            "keep-normalized" => self.keep_normalized = parse_bool(value)?,
+            "hessian" => self.hessian = if auto(value) { None } else { Some(parse_choice(value, HessianSource::ALL)?) },
+            "damping" => {
+                let d: f64 = value.trim().parse().map_err(|_| format!("`{value}` is not a number"))?;
+                if !(0.0..=1e6).contains(&d) {
+                    return Err(format!("damping {d} must be a non-negative number"));
+                }
+                self.damping = d;
+            }
+            "noise-samples" => self.noise_samples = parse_count(value)?,
+            "refit" => self.refit = if auto(value) { None } else { Some(parse_choice(value, RefitMode::ALL)?) },
+            _ => return Err(format!("no option `{key}`")),
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> String {
+        use crate::options::{choice_name, print_float};
+        match key {
+            "criterion" => choice_name(&self.criterion, Criterion::ALL).into(),
+            "ratio" => print_float(self.ratio),
+            "global" => self.global.to_string(),
+            "target" => match self.target {
+                None => "none".into(),
+                Some(Target::Params(s)) => format!("params={}", print_float(s)),
+                Some(Target::Flops(s)) => format!("flops={}", print_float(s)),
+            },
+            "reduction" => choice_name(&self.reduction, REDUCTIONS).into(),
+            "normalizer" => self.normalizer.map_or("auto", |n| choice_name(&n, NORMALIZERS)).into(),
+            "round-to" => self.round_to.to_string(),
+            "min-keep" => self.min_keep.to_string(),
+            "exclude" => self.exclude.join(","),
+            "node-ratio" => self.node_ratios.iter().map(|(g, r)| format!("{g}={}", print_float(*r))).collect::<Vec<_>>().join(","),
+            "seed" => self.seed.to_string(),
+            "keep-normalized" => self.keep_normalized.to_string(),
+            "hessian" => self.hessian.map_or("auto", |h| choice_name(&h, HessianSource::ALL)).into(),
+            "damping" => print_float(self.damping),
+            "noise-samples" => self.noise_samples.to_string(),
+            "refit" => self.refit.map_or("auto", |r| choice_name(&r, RefitMode::ALL)).into(),
+            _ => String::new(),
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.round_to == 0 || self.min_keep == 0 {
+            return Err("round-to and min-keep must be at least 1".into());
+        }
+        if self.noise_samples == 0 {
+            return Err("noise-samples must be at least 1".into());
+        }
+        for g in self.exclude.iter().chain(self.node_ratios.iter().map(|(g, _)| g)) {
+            glob::Pattern::new(g).map_err(|e| format!("glob `{g}`: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses `params=SHARE` or `flops=SHARE` (`macs=` is the same as `flops=`).
+pub fn parse_target(s: &str) -> Result<Target, String> {
+    use crate::options::parse_share;
+    match s.trim().split_once('=') {
+        Some(("params", v)) => parse_share(v).map(Target::Params),
+        Some(("flops" | "macs", v)) => parse_share(v).map(Target::Flops),
+        _ => Err(format!("`{s}` is not `params=SHARE` or `flops=SHARE`")),
+    }
+}
+
+impl PruneOptions {
+    /// The Hessian source, `auto` resolved: calib when the pipeline has inputs, noise otherwise.
+    pub fn hessian_source(&self, has_inputs: bool) -> HessianSource {
+        self.hessian.unwrap_or(if has_inputs { HessianSource::Calib } else { HessianSource::Noise })
+    }
+
+    /// The refit mode, `auto` resolved: prefix on calibration inputs, none otherwise (synthetic
+    /// inputs deep in a pruned model mislead it).
+    pub fn refit_mode(&self, has_inputs: bool) -> RefitMode {
+        let calibrated = self.hessian_source(has_inputs) == HessianSource::Calib;
+        self.refit.unwrap_or(if calibrated { RefitMode::Prefix } else { RefitMode::None })
     }
 }
 
@@ -105,6 +301,12 @@ pub enum Target {
 /// What the pass did.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct PruneReport {
+    /// The criterion that scored the channels.
+    pub criterion: String,
+    /// Whether channels were ranked across groups.
+    pub global: bool,
+    /// The parameter or MAC target, when one was set.
+    pub target: Option<Target>,
     /// The channel ratio used (found by bisection for a parameter or MAC target).
     pub ratio: f64,
     /// Pruned or prunable groups: what each kept.
@@ -202,11 +404,16 @@ impl Pass for ChannelPruning {
         "prune"
     }
 
+    fn options(&self) -> Vec<(&'static str, String)> {
+        self.options.values()
+    }
+
     fn needs_shapes(&self) -> bool {
         true
     }
 
-    fn run(&self, model: &mut Model) -> Result<PassReport, PassError> {
+    fn run(&self, model: &mut Model, cx: &mut Context) -> Result<PassReport, PassError> {
+        let o = &self.options;
         let opset = model
             .shell
             .opset_import
@@ -214,15 +421,151 @@ impl Pass for ChannelPruning {
             .find(|o| o.domain.as_deref().unwrap_or("").is_empty() || o.domain.as_deref() == Some("ai.onnx"))
             .and_then(|o| o.version)
             .unwrap_or(1);
-        let (removal, mut report) = plan(&model.graph, &self.options, opset)?;
+        let has_inputs = cx.has_inputs();
+        let hessian = o.hessian_source(has_inputs);
+        let wants_hessians = o.criterion.needs_hessians() && hessian.runs_model();
+        let measured_on = match hessian {
+            _ if o.criterion.needs_calibration() || (wants_hessians && hessian == HessianSource::Calib) => {
+                if !has_inputs {
+                    return Err(PassError::BadOption(format!(
+                        "the `{}` criterion{} needs calibration inputs: pass --inputs FILE.npz",
+                        criterion_name(o.criterion),
+                        if o.criterion.needs_hessians() { " with --hessian calib" } else { "" }
+                    )));
+                }
+                Some(Inputs::Given)
+            }
+            _ if wants_hessians => Some(Inputs::Noise { samples: o.noise_samples, seed: o.seed }),
+            _ => None,
+        };
+        let statistics = |why: String| move |e: statistics::RefitError| PassError::Measure(format!("{why}: {e}"));
+        let mut measure = match measured_on {
+            Some(inputs) => Some(
+                cx.measure(model, inputs)
+                    .map_err(|e| PassError::Measure(format!("the `{}` criterion's statistics: {e}", criterion_name(o.criterion))))?,
+            ),
+            None => None,
+        };
+        let calibration = match measure.as_deref_mut() {
+            Some(m) => Some(statistics::collect(model, m, wants_hessians).map_err(|e| {
+                PassError::Measure(format!("running the model for the `{}` criterion's statistics: {e}", criterion_name(o.criterion)))
+            })?),
+            None => None,
+        };
+        let resolved = PruneOptions { hessian: Some(hessian), ..o.clone() };
+        let (removal, mut report) = plan(&model.graph, &resolved, opset, calibration.as_ref())?;
+        let target = match o.refit_mode(has_inputs) {
+            RefitMode::None => None,
+            RefitMode::Prefix => Some(statistics::RefitTarget::OwnOutputs),
+            RefitMode::Outputs => Some(statistics::RefitTarget::OriginalOutputs),
+        };
+        if let (Some(target), Some(m)) = (target, measure.as_deref_mut())
+            && o.criterion == Criterion::Obspa
+            && hessian.runs_model()
+            && !report.masked.is_empty()
+        {
+            let refit = statistics::refit(model, m, &report, target, o.damping)
+                .map_err(statistics("running the pruned model level by level to refit its layers".into()))?;
+            adopt_refit(&mut report, refit);
+        }
+        drop(measure);
         apply_compensations(&mut model.graph, &report.compensated)
             .map_err(|why| PassError::Rewrite(RewriteError { node: "compensation".into(), op_type: "weight".into(), why }))?;
         let applied = rewrite::apply(&mut model.graph, &removal, opset).map_err(PassError::Rewrite)?;
         report.weights_sliced = applied.weights_sliced;
         report.weights_copied = applied.weights_copied;
         report.shape_edits = applied.edits;
-        let dce = crate::cleanup::DeadCodeElimination.run(model)?;
-        Ok(PassReport { ops_removed: dce.ops_removed, values_removed: dce.values_removed, prune: Some(report) })
+        let dce = crate::remove_dead_code(model);
+        let reference = if !report.normalized.is_empty() {
+            Reference::Unjudged { why: report.normalized.clone() }
+        } else if report.masked.is_empty() {
+            Reference::Exact
+        } else {
+            Reference::Edit(std::sync::Arc::new(MaskedOriginal { compensated: report.compensated.clone(), masked: report.masked.clone() }))
+        };
+        Ok(PassReport {
+            ops_removed: dce.ops_removed,
+            values_removed: dce.values_removed,
+            reference,
+            details: Some(std::sync::Arc::new(report)),
+        })
+    }
+}
+
+/// The sequential refit's compensations in place of the one-shot ones.
+fn adopt_refit(report: &mut PruneReport, refit: Refit) {
+    if let Some(c) = report.compensation.as_mut() {
+        c.layers_compensated = refit.compensations.len();
+        c.refit_levels = refit.levels;
+        c.notes = refit.notes;
+    }
+    report.compensated = refit.compensations;
+}
+
+/// Channel removal's reference: the model before the pass with the compensations applied and
+/// the removed channels' consumer weights zeroed.
+struct MaskedOriginal {
+    compensated: Vec<Compensation>,
+    masked: Vec<MaskedSlice>,
+}
+
+impl ReferenceEdit for MaskedOriginal {
+    fn kind(&self) -> &'static str {
+        "masked"
+    }
+
+    fn describe(&self) -> String {
+        if self.compensated.is_empty() { "the masked original".into() } else { "the compensated and masked original".into() }
+    }
+
+    fn apply(&self, reference: &mut Model) -> Result<(), String> {
+        apply_compensations(&mut reference.graph, &self.compensated)?;
+        mask_consumers(&mut reference.graph, &self.masked).map_err(|e| e.to_string())
+    }
+}
+
+impl PassDetails for PruneReport {
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
+    fn summary(&self) -> Vec<String> {
+        let p = self;
+        let pruned = p.groups.iter().filter(|g| !g.removed.is_empty()).count();
+        let how = match p.target {
+            Some(t) => format!("target {}, found ratio {:.3}", serde_json::to_string(&t).unwrap_or_default(), p.ratio),
+            None => format!("ratio {}", p.ratio),
+        };
+        let scope = if p.global { "across groups" } else { "per group" };
+        let mut lines = vec![
+            format!(
+                "prune: {} criterion, {how} {scope}: {pruned} of {} prunable groups pruned ({} frozen), {} of {} channels removed",
+                p.criterion,
+                p.groups.len(),
+                p.frozen.len(),
+                p.channels_removed,
+                p.channels_prunable
+            ),
+            format!(
+                "       {} weights sliced ({} copied for differing uses), {} shape constants or attributes rewritten",
+                p.weights_sliced, p.weights_copied, p.shape_edits
+            ),
+        ];
+        if let Some(source) = &p.calibration {
+            lines.push(format!("       statistics measured on {source}"));
+        }
+        if let Some(c) = &p.compensation {
+            let refit = match c.refit_levels {
+                0 => String::new(),
+                n => format!(", refit in {n} levels on the pruned prefix"),
+            };
+            lines.push(format!(
+                "       compensated {} layers ({} with statistics from {}{refit})",
+                c.layers_compensated, c.layers_with_statistics, c.hessian
+            ));
+            lines.extend(c.notes.iter().map(|note| format!("       not compensated: {note}")));
+        }
+        lines
     }
 }
 
@@ -236,8 +579,16 @@ struct Candidate<'g> {
 }
 
 /// Chooses what to remove: the removal and a report without the rewrite's figures.
-pub fn plan(graph: &Graph, options: &PruneOptions, opset: i64) -> Result<(Removal, PruneReport), PassError> {
-    check_options(options)?;
+/// `calibration` holds the statistics the criterion measured; `options.hessian` must be
+/// resolved (not `auto`).
+pub fn plan(
+    graph: &Graph,
+    options: &PruneOptions,
+    opset: i64,
+    calibration: Option<&Calibration>,
+) -> Result<(Removal, PruneReport), PassError> {
+    check_options(options, calibration)?;
+    let hessian_source = options.hessian.unwrap_or(HessianSource::Noise);
     let groups = prunec_ir::analyse_groups(graph);
     let globs = |list: &[String]| -> Result<Vec<glob::Pattern>, PassError> {
         list.iter().map(|g| glob::Pattern::new(g).map_err(|e| PassError::BadOption(format!("glob `{g}`: {e}")))).collect()
@@ -255,7 +606,12 @@ pub fn plan(graph: &Graph, options: &PruneOptions, opset: i64) -> Result<(Remova
         .map(|(i, &op)| (graph.op(op).name.clone(), i))
         .collect();
 
-    let mut report = PruneReport::default();
+    let mut report = PruneReport {
+        criterion: criterion_name(options.criterion).to_string(),
+        global: options.global,
+        target: options.target,
+        ..PruneReport::default()
+    };
     let mut eligible = Vec::new();
     for g in &groups.groups {
         let frozen = |reason: String| FrozenGroup { id: g.id, channels: g.channels, reason };
@@ -277,8 +633,7 @@ pub fn plan(graph: &Graph, options: &PruneOptions, opset: i64) -> Result<(Remova
             }
         }
     }
-    let calibration = options.calibration.as_deref();
-    let hessians = if options.criterion.needs_hessians() { hessians(graph, options) } else { Default::default() };
+    let hessians = if options.criterion.needs_hessians() { hessians(graph, hessian_source, calibration) } else { Default::default() };
     let obs = options.criterion == Criterion::Obspa;
     let layers = obspa::prepare_layers(graph, &eligible, &hessians, obs, options.damping);
     let scores = if options.criterion.needs_hessians() {
@@ -344,24 +699,20 @@ pub fn plan(graph: &Graph, options: &PruneOptions, opset: i64) -> Result<(Remova
         }
     }
     report.ratio = ratio;
-    let measured = options.criterion.needs_calibration() || (options.criterion.needs_hessians() && options.hessian.runs_model());
+    let measured = options.criterion.needs_calibration() || (options.criterion.needs_hessians() && hessian_source.runs_model());
     report.calibration = calibration.filter(|_| measured).map(|c| c.source.clone());
     if options.criterion.needs_hessians() {
         let method = if obs { obspa::Method::Obs } else { obspa::Method::MeanIntoBias };
-        let refit = options.refit.as_deref().filter(|_| obs && options.hessian.runs_model());
-        let (done, notes) = match refit {
-            Some(r) => (r.compensations.clone(), r.notes.clone()),
-            None => obspa::compensations(graph, &report.masked, &layers, method),
-        };
+        let (done, notes) = obspa::compensations(graph, &report.masked, &layers, method);
         report.compensation = Some(CompensationReport {
-            hessian: match options.hessian {
+            hessian: match hessian_source {
                 HessianSource::Calib | HessianSource::Noise => calibration.map(|c| c.source.clone()).unwrap_or_default(),
                 HessianSource::Bn => "BatchNormalization statistics".into(),
                 HessianSource::Identity => "identity (no compensation)".into(),
             },
             layers_with_statistics: hessians.len(),
             layers_compensated: done.len(),
-            refit_levels: refit.map_or(0, |r| r.levels),
+            refit_levels: 0,
             notes,
         });
         report.compensated = done;
@@ -371,9 +722,13 @@ pub fn plan(graph: &Graph, options: &PruneOptions, opset: i64) -> Result<(Remova
 
 /// The consumers' input statistics for OBSPA and FLAP: measured (in the calibration), derived
 /// from BatchNormalization, or none (H = I everywhere).
-fn hessians<'o>(graph: &Graph, options: &'o PruneOptions) -> std::borrow::Cow<'o, BTreeMap<String, Hessian>> {
+fn hessians<'c>(
+    graph: &Graph,
+    source: HessianSource,
+    calibration: Option<&'c Calibration>,
+) -> std::borrow::Cow<'c, BTreeMap<String, Hessian>> {
     use std::borrow::Cow;
-    match (options.hessian, &options.calibration) {
+    match (source, calibration) {
         (HessianSource::Calib | HessianSource::Noise, Some(c)) => Cow::Borrowed(&c.hessians),
         (HessianSource::Bn, _) => {
             Cow::Owned(graph.op_ids().filter_map(|op| Some((graph.op(op).name.clone(), obspa::bn_hessian(graph, op)?))).collect())
@@ -382,7 +737,7 @@ fn hessians<'o>(graph: &Graph, options: &'o PruneOptions) -> std::borrow::Cow<'o
     }
 }
 
-fn check_options(o: &PruneOptions) -> Result<(), PassError> {
+fn check_options(o: &PruneOptions, calibration: Option<&Calibration>) -> Result<(), PassError> {
     let bad = |what: String| Err(PassError::BadOption(what));
     let share = |r: f64| (0.0..1.0).contains(&r);
     if !share(o.ratio) {
@@ -396,14 +751,15 @@ fn check_options(o: &PruneOptions) -> Result<(), PassError> {
     if let Some((g, r)) = o.node_ratios.iter().find(|(_, r)| !share(*r)) {
         return bad(format!("ratio {r} for `{g}` is not in [0, 1)"));
     }
-    if o.criterion.needs_calibration() && o.calibration.is_none() {
+    if o.criterion.needs_calibration() && calibration.is_none() {
         return bad(format!("the `{}` criterion needs calibration inputs (--inputs FILE.npz)", criterion_name(o.criterion)));
     }
-    if o.criterion.needs_hessians() && o.hessian.runs_model() && o.calibration.is_none() {
+    let hessian = o.hessian.unwrap_or(HessianSource::Noise);
+    if o.criterion.needs_hessians() && hessian.runs_model() && calibration.is_none() {
         return bad(format!(
-            "the `{}` criterion with --hessian {} needs Hessians measured by running the model (the CLI measures them)",
+            "the `{}` criterion with --hessian {} needs Hessians measured by running the model (a pipeline with a runtime measures them)",
             criterion_name(o.criterion),
-            obspa::HessianSource::ALL.iter().find(|(_, h)| *h == o.hessian).map_or("?", |(n, _)| n)
+            obspa::HessianSource::ALL.iter().find(|(_, h)| *h == hessian).map_or("?", |(n, _)| n)
         ));
     }
     if !(0.0..=1e6).contains(&o.damping) {

@@ -1,0 +1,166 @@
+//! Inputs to run a model on: the user's `.npz`, completed with seeded random values; seeded
+//! noise for data-free statistics; and the `--input-shape` sizes a model is specialised to.
+
+use crate::RunError;
+use crate::tract::{Feed, TractTensor, load_npz, random_feed};
+use prunec_ir::proto::tensor_shape_proto::{Dimension, dimension::Value as DimValue};
+use prunec_ir::proto::{TensorShapeProto, ValueInfoProto, type_proto};
+use prunec_ir::{Dim, Graph, Model, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The graph inputs a caller feeds (not the initializers IR < 4 also lists as inputs).
+pub fn runtime_inputs(graph: &Graph) -> Vec<String> {
+    graph.inputs.iter().filter(|&&v| graph.value(v).initializer().is_none()).map(|&v| graph.value(v).name.clone()).collect()
+}
+
+/// Parses `--input-shape` values (`NAME=1,3,224,224`, or the dims alone for a model with one
+/// input) against the model's input names.
+pub fn parse_input_shapes(specs: &[String], input_names: &[String]) -> Result<BTreeMap<String, Vec<u64>>, RunError> {
+    let mut shapes = BTreeMap::new();
+    for spec in specs {
+        let (name, dims) = match spec.split_once('=') {
+            Some((n, d)) => (n.to_string(), d),
+            None if input_names.len() == 1 => (input_names[0].clone(), spec.as_str()),
+            None => {
+                return Err(RunError::Inputs(format!(
+                    "--input-shape `{spec}` needs a name (NAME=DIMS): the model has {} inputs",
+                    input_names.len()
+                )));
+            }
+        };
+        if !input_names.contains(&name) {
+            return Err(RunError::Inputs(format!(
+                "--input-shape names `{name}`, which is not a graph input (inputs: {})",
+                input_names.join(", ")
+            )));
+        }
+        let dims = dims
+            .split(',')
+            .map(|d| d.trim().parse::<u64>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| RunError::Inputs(format!("--input-shape `{spec}`: dims must be non-negative integers separated by commas")))?;
+        shapes.insert(name, dims);
+    }
+    Ok(shapes)
+}
+
+/// The user's inputs: the arrays of `path` named like graph inputs, and seeded random values at
+/// `shapes` (or the recorded shapes) for the inputs the file lacks, which the second value names.
+pub fn given_feed(model: &Model, path: &Path, shapes: &BTreeMap<String, Vec<u64>>, seed: u64) -> Result<(Feed, Vec<String>), RunError> {
+    let given = load_npz(path, model)?;
+    let generated: Vec<String> = runtime_inputs(&model.graph).into_iter().filter(|n| !given.0.contains_key(n)).collect();
+    Ok((random_feed(model, given, shapes, seed)?, generated))
+}
+
+/// Seeded synthetic inputs for data-free statistics: the shapes of `shapes` or the recorded
+/// ones, with the batch axis set to `samples` wherever the model declares it open; image-shaped
+/// float inputs are smoothed ([`smooth_image_noise`]).
+pub fn noise_feed(model: &Model, shapes: &BTreeMap<String, Vec<u64>>, samples: usize, seed: u64) -> Result<Feed, RunError> {
+    let graph = &model.graph;
+    let samples = samples.max(1) as u64;
+    let mut sized = BTreeMap::new();
+    for v in runtime_inputs(graph).iter().filter_map(|n| graph.value_by_name(n)).map(|id| graph.value(id)) {
+        let declared_batch_open = declared_shape(v).is_some_and(|s| declared_open(s, 0));
+        let mut dims: Vec<u64> = match (shapes.get(&v.name), &v.shape) {
+            (Some(dims), _) => dims.clone(),
+            (None, Some(shape)) => shape.0.iter().map(|d| if let Dim::Known(n) = d { *n } else { 1 }).collect(),
+            (None, None) => continue,
+        };
+        let recorded_open = v.shape.as_ref().and_then(|s| s.0.first()).is_some_and(|d| d.known().is_none());
+        if let Some(batch) = dims.first_mut().filter(|_| declared_batch_open || recorded_open) {
+            *batch = samples;
+        }
+        sized.insert(v.name.clone(), dims);
+    }
+    let mut feed = random_feed(model, Feed::default(), &sized, seed)?;
+    for tensor in feed.0.values_mut() {
+        if let Some(smooth) = smooth_image_noise(tensor) {
+            *tensor = smooth;
+        }
+    }
+    Ok(feed)
+}
+
+/// Image-shaped (N, C, H, W) float noise made piecewise constant over 8×8 blocks: natural
+/// images are smooth, and i.i.d. pixel noise gives convolutions input statistics no real image
+/// has (all energy at the highest frequencies).
+fn smooth_image_noise(t: &TractTensor) -> Option<TractTensor> {
+    const BLOCK: usize = 8;
+    let shape = t.shape().to_vec();
+    let [_, _, h, w] = shape[..] else { return None };
+    if h < 2 * BLOCK || w < 2 * BLOCK {
+        return None;
+    }
+    let values = t.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?;
+    let smooth: Vec<f32> = (0..values.len())
+        .map(|k| {
+            let (plane, y, x) = (k / (h * w), k / w % h, k % w);
+            values[plane * h * w + (y / BLOCK * BLOCK) * w + x / BLOCK * BLOCK]
+        })
+        .collect();
+    TractTensor::from_shape(&shape, &smooth).ok()
+}
+
+/// The passes specialised the model to `--input-shape`; inputs of another shape would fail
+/// inside the model, so say what disagrees instead.
+pub fn check_feed_matches_input_shapes(feed: &Feed, shapes: &BTreeMap<String, Vec<u64>>) -> Result<(), RunError> {
+    for (name, dims) in shapes {
+        let Some(given) = feed.0.get(name) else { continue };
+        let given: Vec<u64> = given.shape().iter().map(|&d| d as u64).collect();
+        if &given != dims {
+            return Err(RunError::Inputs(format!(
+                "--inputs gives `{name}` the shape {given:?} but --input-shape says {dims:?}; the model is specialised to \
+                 --input-shape, so verify on inputs of that shape (or pass --no-verify); nothing was written"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Makes the model declare the `shapes` sizes of its inputs where it left them open: the passes
+/// folded shape arithmetic (and verification ran) at those sizes, so the result is only valid
+/// for them, and a runtime should say so at the input, not fail in a Reshape. Returns the
+/// inputs whose declaration changed.
+pub fn pin_input_shapes(model: &mut Model, shapes: &BTreeMap<String, Vec<u64>>) -> Vec<(String, Vec<u64>)> {
+    let graph = &mut model.graph;
+    let mut changed = Vec::new();
+    for (name, dims) in shapes {
+        let Some(id) = graph.value_by_name(name) else { continue };
+        // Every record of the input: it may be an output or listed in value_info too.
+        let mut pinned = false;
+        for record in graph.value_mut(id).records_mut() {
+            let Some(shape) = declared_shape_mut(record) else { continue };
+            if shape.dim.len() != dims.len() || (0..dims.len()).any(|axis| declared_open(shape, axis)) {
+                shape.dim = dims.iter().map(|&d| Dimension { value: Some(DimValue::DimValue(d as i64)), denotation: None }).collect();
+                pinned = true;
+            }
+        }
+        if pinned {
+            changed.push((name.clone(), dims.clone()));
+        }
+    }
+    changed
+}
+
+/// The shape a value's recorded type declares, if it has one.
+fn declared_shape(v: &Value) -> Option<&TensorShapeProto> {
+    match v.info.as_ref()?.r#type.as_ref()?.value.as_ref()? {
+        type_proto::Value::TensorType(t) => t.shape.as_ref(),
+        _ => None,
+    }
+}
+
+/// The shape a record declares, to change.
+fn declared_shape_mut(info: &mut ValueInfoProto) -> Option<&mut TensorShapeProto> {
+    match info.r#type.as_mut()?.value.as_mut()? {
+        type_proto::Value::TensorType(t) => t.shape.as_mut(),
+        _ => None,
+    }
+}
+
+/// Whether a declared axis is open: no size, a symbolic one, or a non-positive `dim_value`
+/// (PaddlePaddle writes an open size as -1).
+fn declared_open(shape: &TensorShapeProto, axis: usize) -> bool {
+    !shape.dim.get(axis).is_some_and(|d| matches!(d.value, Some(DimValue::DimValue(n)) if n > 0))
+}

@@ -1,0 +1,142 @@
+//! The default command as a library call: read a model, run a pipeline with a runtime its
+//! passes can measure through, verify the result against the passes' references, and specialise
+//! its interface to `--input-shape`. Writing is the caller's ([`crate::emit`]).
+
+use crate::api::Error;
+use crate::frontend::{Loaded, ReadOptions, read_model};
+use crate::ir::{Model, ModelStats, model_stats};
+use crate::passes::{Context, PassRun, Pipeline};
+use crate::recipe::Recipe;
+use crate::runtime::inputs::{check_feed_matches_input_shapes, given_feed, parse_input_shapes, pin_input_shapes, runtime_inputs};
+use crate::runtime::measure::{GivenInputs, TractRuntime};
+use crate::runtime::tract::{Feed, random_feed};
+use crate::runtime::verify::{VERIFY_MAX_WEIGHT_BYTES, Verification, VerifyError, verify};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+use std::path::Path;
+
+/// What a compile run did.
+pub struct Compiled {
+    /// The result (and the folder its external data is read from).
+    pub loaded: Loaded,
+    /// Figures of the model as read.
+    pub before: ModelStats,
+    /// Figures of the result.
+    pub after: ModelStats,
+    /// Each pass: options, report, timing.
+    pub runs: Vec<PassRun>,
+    /// What verification found, when it ran.
+    pub verification: Option<Verification>,
+    /// The inputs the model ran on, and where they came from.
+    pub inputs: InputsUsed,
+    /// Things the user should know, in the order they happened.
+    pub notes: Vec<String>,
+}
+
+/// The inputs of a run, for the report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct InputsUsed {
+    /// `--inputs`, or `random (seed N)`.
+    pub source: String,
+    /// The shape of each input verification ran on.
+    pub shapes: BTreeMap<String, Vec<usize>>,
+    /// Inputs that got seeded random values.
+    pub generated: Vec<String>,
+}
+
+/// Runs `pipeline` on the model at `path` with the settings of `recipe` (its pipeline is not
+/// read: `pipeline` is what runs). `after_pass` sees each pass's result and can stop the
+/// pipeline (`--stop-after`).
+pub fn compile(
+    path: &Path,
+    pipeline: &Pipeline,
+    recipe: &Recipe,
+    after_pass: &mut dyn FnMut(&PassRun, &Model) -> ControlFlow<()>,
+) -> Result<Compiled, Error> {
+    let read = |source| Error::Read { path: path.to_path_buf(), source };
+    let settings = &recipe.verify;
+    let mut loaded =
+        read_model(path, &ReadOptions { infer_shapes: pipeline.needs_shapes() && settings.input_shapes.is_empty() }).map_err(read)?;
+    let shapes = parse_input_shapes(&settings.input_shapes, &runtime_inputs(&loaded.model.graph))?;
+    if pipeline.needs_shapes() && !shapes.is_empty() {
+        loaded.infer_shapes(&shapes).map_err(read)?;
+    }
+    refuse_unasked_big_verification(path, &loaded.model, pipeline, recipe)?;
+    let mut notes = Vec::new();
+    let mut inputs = InputsUsed { source: format!("random inputs (seed {})", settings.seed), ..Default::default() };
+    let given = match &settings.inputs {
+        Some(file) => {
+            let (feed, generated) = given_feed(&loaded.model, file, &shapes, settings.seed)
+                .map_err(|e| Error::Inputs(format!("reading inputs `{}`: {e}", file.display())))?;
+            if !generated.is_empty() {
+                let names: Vec<String> = generated.iter().map(|n| format!("`{n}`")).collect();
+                notes.push(format!(
+                    "`{}` has no array for input {}; verification feeds {} seeded random values (seed {})",
+                    file.display(),
+                    names.join(", "),
+                    if names.len() == 1 { "it" } else { "them" },
+                    settings.seed
+                ));
+            }
+            inputs.source = format!("inputs from `{}`", file.display());
+            inputs.generated = generated;
+            Some(GivenInputs { feed, source: format!("`{}`", file.display()) })
+        }
+        None => None,
+    };
+    let original = loaded.model.clone();
+    let before = model_stats(&loaded.model);
+    let mut runtime = TractRuntime { dir: loaded.dir.clone(), given, input_shapes: shapes.clone() };
+    let runs = crate::passes::run_pipeline_observed(&mut loaded.model, pipeline, &mut Context::with_runtime(&mut runtime), after_pass)
+        .map_err(|source| Error::Optimise { path: path.to_path_buf(), source })?;
+    let after = model_stats(&loaded.model);
+    let verification = if !settings.enabled || pipeline.is_empty() {
+        None
+    } else {
+        let feed = match runtime.given.take() {
+            Some(g) => g.feed,
+            None => random_feed(&original, Feed::default(), &shapes, settings.seed)?,
+        };
+        check_feed_matches_input_shapes(&feed, &shapes)?;
+        inputs.shapes = feed.0.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect();
+        let references: Vec<_> = runs.iter().map(|r| r.report.reference.clone()).collect();
+        match verify(&original, &loaded.model, &references, &loaded.dir, &feed, settings.tolerance) {
+            Ok(v) => Some(v),
+            Err(e @ VerifyError::OriginalNotRunnable(_)) => return Err(unverified(path, "cannot verify", &e)),
+            Err(e) => return Err(unverified(path, "verification failed on", &e)),
+        }
+    };
+    drop(original);
+    if !pipeline.is_empty() {
+        for (name, dims) in pin_input_shapes(&mut loaded.model, &shapes) {
+            notes.push(format!("input `{name}` now declares {dims:?}: the model was specialised to --input-shape"));
+        }
+    }
+    Ok(Compiled { loaded, before, after, runs, verification, inputs, notes })
+}
+
+fn unverified(model: &Path, what: &str, e: &VerifyError) -> Error {
+    Error::Unverified(format!(
+        "{what} the result for `{}`: {e}; nothing was written (--no-verify writes the model unverified)",
+        model.display()
+    ))
+}
+
+/// Verifying a model of more than [`VERIFY_MAX_WEIGHT_BYTES`] of weights takes several times
+/// its size in memory, so it is not started unasked; but an unverified model is never written
+/// unasked either: the user says which, before the passes spend any time.
+fn refuse_unasked_big_verification(path: &Path, model: &Model, pipeline: &Pipeline, recipe: &Recipe) -> Result<(), Error> {
+    let bytes = model_stats(model).weight_bytes;
+    let v = &recipe.verify;
+    if v.force || !v.enabled || pipeline.is_empty() || bytes <= VERIFY_MAX_WEIGHT_BYTES {
+        return Ok(());
+    }
+    Err(Error::Unverified(format!(
+        "not verifying `{}` unasked: it has {:.2} GiB of weights, over the {} GiB above which verification (several copies of the weights in tract) \
+         must be asked for; nothing was written: pass --verify to verify anyway, or --no-verify to write the model unverified",
+        path.display(),
+        bytes as f64 / (1u64 << 30) as f64,
+        VERIFY_MAX_WEIGHT_BYTES >> 30
+    )))
+}
