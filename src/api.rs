@@ -42,7 +42,7 @@ use std::sync::Arc;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The model could not be read.
-    #[error("reading `{}`: {source}", path.display())]
+    #[error("reading `{}`", path.display())]
     Read {
         /// The model file.
         path: PathBuf,
@@ -53,7 +53,7 @@ pub enum Error {
     #[error(transparent)]
     Pass(#[from] PassError),
     /// A pass failed on a model.
-    #[error("optimising `{}`: {source}", path.display())]
+    #[error("optimising `{}`", path.display())]
     Optimise {
         /// The model file.
         path: PathBuf,

@@ -613,9 +613,10 @@ fn a_dry_run_plans_verifies_and_reports_but_writes_no_model() {
     }
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).expect("report written")).expect("JSON");
     assert!(json["after"]["parameters"].as_u64() < json["before"]["parameters"].as_u64(), "{json:#}");
-    assert_eq!(json["verification"]["masking_expected"], true, "{json:#}");
-    assert_eq!(json["prune"]["channels_removed"], 16, "{json:#}");
-    assert_eq!(json["options"]["criterion"], "l2", "{json:#}");
+    assert_eq!(json["verification"]["judged"], true, "{json:#}");
+    assert_eq!(json["verification"]["reference"], "masked", "{json:#}");
+    assert_eq!(common::pass_details(&json, "prune")["channels_removed"], 16, "{json:#}");
+    assert_eq!(common::pass_options(&json, "prune")["criterion"], "l2", "{json:#}");
 }
 
 #[test]
@@ -678,10 +679,11 @@ fn obspa_without_data_measures_noise_and_verifies_the_compensated_model() {
     let report = s.output().with_extension("json");
     obspa_verified(&model, &[OsStr::new("--ratio"), OsStr::new("0.5"), OsStr::new("--report"), report.as_os_str()]);
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("JSON");
-    let c = &json["prune"]["compensation"];
+    let c = &common::pass_details(&json, "prune")["compensation"];
     assert!(c["hessian"].as_str().is_some_and(|h| h.starts_with("noise")), "{c:#}");
     assert!(c["layers_compensated"].as_u64() >= Some(2), "{c:#}");
-    assert_eq!(json["options"]["hessian"], "noise");
+    // The recipe keeps the choice as asked: `auto`, which is noise without inputs.
+    assert_eq!(common::pass_options(&json, "prune")["hessian"], "auto");
 }
 
 /// `prunec MODEL -o OUT --criterion obspa ARGS…`: the run and its stderr, which must report an
@@ -711,7 +713,7 @@ fn obspa_refit_on_the_pruned_prefix_still_equals_the_compensated_and_masked_orig
         let r = obspa_verified(&model, &flags);
         assert_eq!(r.stderr.contains("on the pruned prefix"), mode != "none", "--refit {mode}, stderr:\n{}", r.stderr);
         let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("JSON");
-        let c = &json["prune"]["compensation"];
+        let c = &common::pass_details(&json, "prune")["compensation"];
         assert_eq!(c["refit_levels"].as_u64().unwrap() > 0, mode != "none", "{c:#}");
         compensated.push(c["layers_compensated"].as_u64().unwrap());
     }

@@ -234,6 +234,8 @@ fn dequantized_weights_have_an_exact_float_form() {
     let float = scratch.path().join("weights_float.onnx");
     let model = prunec::load(&float, &Default::default()).unwrap().model;
     assert!(model.graph.op_ids().all(|op| model.graph.op(op).op_type != "DequantizeLinear"), "no DequantizeLinear left");
+    let before = prunec::ir::dump(&prunec::load(&original, &Default::default()).unwrap().model);
+    insta::assert_snapshot!("dequantize_qdq_weights_diff", common::dump_diff(&before, &prunec::ir::dump(&model)));
     common::validate_with_python(&[json!({ "original": original, "output": float, "feed": feed, "max_abs": 0.0 })], scratch.path());
     run_validator(&checks, scratch.path());
 

@@ -41,3 +41,67 @@ fn dce_removes_the_dead_branch_and_its_weights() {
     insta::assert_snapshot!("dce_dead_code_before", before);
     insta::assert_snapshot!("dce_dead_code_after", dump(&model));
 }
+
+fn run(model: &mut prunec::ir::Model, pipeline: &str) -> Vec<prunec::passes::PassRun> {
+    let passes = prunec::passes::parse_pipeline(pipeline).expect("the pipeline parses");
+    prunec::passes::run_pipeline(model, &passes, &mut Default::default()).expect("the pipeline runs")
+}
+
+#[test]
+fn fold_turns_the_shape_arithmetic_of_known_sizes_into_constants() {
+    // tiny_bert computes its attention's head shapes from Shape reads of fixed axes.
+    let path = common::shared().join("models/zoo/tiny_bert.onnx");
+    let mut model = read_model(&path, &ReadOptions::default()).expect("tiny_bert reads").model;
+    let before = dump(&model);
+    let runs = run(&mut model, "fold");
+    assert!(runs[0].report.ops_removed > 0);
+    insta::assert_snapshot!("fold_tiny_bert_diff", common::dump_diff(&before, &dump(&model)));
+}
+
+#[test]
+fn identity_elimination_rewires_the_readers_and_keeps_the_outputs_named() {
+    // mobilenet_v3_small's exporter left Identity copies of shared weights; exotic.onnx's one
+    // Identity produces a graph output, whose name is the interface: it stays.
+    let path = common::shared().join("models/zoo/mobilenet_v3_small.onnx");
+    let mut model = read_model(&path, &ReadOptions::default()).expect("mobilenet_v3_small reads").model;
+    let before = dump(&model);
+    let runs = run(&mut model, "identity");
+    assert_eq!(runs[0].report.ops_removed, 5);
+    insta::assert_snapshot!("identity_mobilenet_v3_small_diff", common::dump_diff(&before, &dump(&model)));
+    let (mut exotic, before) = dump_of("exotic.onnx");
+    run(&mut exotic, "identity");
+    assert_eq!(dump(&exotic), before, "the Identity naming a graph output was removed");
+}
+
+#[test]
+fn obspa_compensation_rewrites_the_kept_weights_of_the_consumers() {
+    // The dump summarises each weight (mean, std, largest magnitude): the compensated consumers
+    // differ from a plain slice of the original, the pruned producers do not.
+    let path = common::root().join("testdata/models/mlp.onnx");
+    let loaded = read_model(&path, &ReadOptions::default()).expect("mlp reads");
+    let mut model = loaded.model.clone();
+    let before = dump(&model);
+    let mut runtime = prunec::runtime::measure::TractRuntime { dir: loaded.dir.clone(), ..Default::default() };
+    let passes = prunec::passes::parse_pipeline("prune{criterion=obspa,ratio=0.5,hessian=noise}").expect("parses");
+    let runs = prunec::passes::run_pipeline(&mut model, &passes, &mut prunec::passes::Context::with_runtime(&mut runtime)).expect("runs");
+    let report = runs[0].report.details::<prunec::passes::prune::PruneReport>().expect("prune details");
+    assert!(report.compensation.as_ref().is_some_and(|c| c.layers_compensated > 0), "{report:?}");
+    insta::assert_snapshot!("prune_obspa_mlp_diff", common::dump_diff(&before, &dump(&model)));
+}
+
+#[test]
+fn two_prune_entries_of_one_pipeline_keep_their_own_options() {
+    // The first entry leaves the group fc3 reads (fc2's outputs) alone and halves fc1's; the
+    // second then takes a quarter of what is left of both, by another criterion.
+    let (mut model, before) = dump_of("mlp.onnx");
+    let runs = run(&mut model, "prune{ratio=0.5,exclude=/fc3/*},prune{ratio=0.25,criterion=l1}");
+    let summary: Vec<String> = runs
+        .iter()
+        .map(|r| {
+            let p = r.report.details::<prunec::passes::prune::PruneReport>().expect("prune details");
+            let groups: Vec<String> = p.groups.iter().map(|g| format!("group {} kept {} of {}", g.id, g.kept, g.channels)).collect();
+            format!("{} ratio {} criterion {}: {}", r.name, p.ratio, p.criterion, groups.join(", "))
+        })
+        .collect();
+    insta::assert_snapshot!("two_prunes_mlp", format!("{}\n\n{}", summary.join("\n"), common::dump_diff(&before, &dump(&model))));
+}

@@ -262,14 +262,14 @@ pub fn parse_count(s: &str) -> Result<usize, String> {
     s.trim().parse().map_err(|_| format!("`{s}` is not a non-negative integer"))
 }
 
-/// Parses one of `choices` (`(text, value)` pairs).
-pub fn parse_choice<T: Copy>(s: &str, choices: &[(&str, T)]) -> Result<T, String> {
+/// Parses one of `choices` (`(text, value)` pairs); `what` names the kind in the error.
+pub fn parse_choice<T: Copy>(s: &str, choices: &[(&str, T)], what: &str) -> Result<T, String> {
     let s = s.trim();
     choices
         .iter()
         .find(|(n, _)| *n == s)
         .map(|(_, v)| *v)
-        .ok_or_else(|| format!("`{s}` is not one of {}", choices.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")))
+        .ok_or_else(|| format!("unknown {what} `{s}`; expected one of {}", choices.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")))
 }
 
 /// The text of `value` among `choices`.

@@ -274,3 +274,22 @@ pub fn inspect_json(path: &Path) -> Json {
     assert!(out.status.success(), "inspect {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("inspect prints JSON")
 }
+
+/// The details the first pass named `name` reports in a `--report` JSON.
+pub fn pass_details<'a>(report: &'a Json, name: &str) -> &'a Json {
+    report["passes"].as_array().and_then(|p| p.iter().find(|p| p["name"] == name)).map_or(&Json::Null, |p| &p["details"])
+}
+
+/// The options the first pass named `name` ran with, in a `--report` JSON.
+pub fn pass_options<'a>(report: &'a Json, name: &str) -> &'a Json {
+    report["passes"].as_array().and_then(|p| p.iter().find(|p| p["name"] == name)).map_or(&Json::Null, |p| &p["options"])
+}
+
+/// The lines of `after` that are not in `before` (`+`) and the reverse (`-`), in dump order: a
+/// rewrite's snapshot, small enough to review where the whole dump is not.
+pub fn dump_diff(before: &str, after: &str) -> String {
+    let (b, a): (std::collections::BTreeSet<&str>, std::collections::BTreeSet<&str>) = (before.lines().collect(), after.lines().collect());
+    let removed = before.lines().filter(|l| !a.contains(l)).map(|l| format!("- {l}"));
+    let added = after.lines().filter(|l| !b.contains(l)).map(|l| format!("+ {l}"));
+    removed.chain(added).collect::<Vec<_>>().join("\n")
+}

@@ -182,12 +182,12 @@ impl PassOptions for PruneOptions {
         use crate::options::{parse_bool, parse_choice, parse_count, parse_list, parse_share};
         let auto = |v: &str| v.trim() == "auto";
         match key {
-            "criterion" => self.criterion = parse_choice(value, Criterion::ALL)?,
+            "criterion" => self.criterion = parse_choice(value, Criterion::ALL, "criterion")?,
             "ratio" => self.ratio = parse_share(value)?,
             "global" => self.global = parse_bool(value)?,
             "target" => self.target = if value.trim() == "none" { None } else { Some(parse_target(value)?) },
-            "reduction" => self.reduction = parse_choice(value, REDUCTIONS)?,
-            "normalizer" => self.normalizer = if auto(value) { None } else { Some(parse_choice(value, NORMALIZERS)?) },
+            "reduction" => self.reduction = parse_choice(value, REDUCTIONS, "reduction")?,
+            "normalizer" => self.normalizer = if auto(value) { None } else { Some(parse_choice(value, NORMALIZERS, "normalizer")?) },
             "round-to" => self.round_to = parse_count(value)?,
             "min-keep" => self.min_keep = parse_count(value)?,
             "exclude" => self.exclude = parse_list(value),
@@ -202,7 +202,7 @@ impl PassOptions for PruneOptions {
             }
             "seed" => self.seed = value.trim().parse().map_err(|_| format!("`{value}` is not a non-negative integer"))?,
             "keep-normalized" => self.keep_normalized = parse_bool(value)?,
-            "hessian" => self.hessian = if auto(value) { None } else { Some(parse_choice(value, HessianSource::ALL)?) },
+            "hessian" => self.hessian = if auto(value) { None } else { Some(parse_choice(value, HessianSource::ALL, "Hessian source")?) },
             "damping" => {
                 let d: f64 = value.trim().parse().map_err(|_| format!("`{value}` is not a number"))?;
                 if !(0.0..=1e6).contains(&d) {
@@ -211,7 +211,7 @@ impl PassOptions for PruneOptions {
                 self.damping = d;
             }
             "noise-samples" => self.noise_samples = parse_count(value)?,
-            "refit" => self.refit = if auto(value) { None } else { Some(parse_choice(value, RefitMode::ALL)?) },
+            "refit" => self.refit = if auto(value) { None } else { Some(parse_choice(value, RefitMode::ALL, "refit mode")?) },
             _ => return Err(format!("no option `{key}`")),
         }
         Ok(())
