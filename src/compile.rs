@@ -5,7 +5,7 @@
 use crate::api::Error;
 use crate::frontend::{Loaded, ReadOptions, read_model};
 use crate::ir::{Model, ModelStats, model_stats};
-use crate::passes::{Context, PassRun, Pipeline};
+use crate::passes::{Context, PassRun, Pipeline, Progress};
 use crate::recipe::Recipe;
 use crate::runtime::inputs::{check_feed_matches_input_shapes, given_feed, parse_input_shapes, pin_input_shapes, runtime_inputs};
 use crate::runtime::measure::{GivenInputs, TractRuntime};
@@ -47,21 +47,32 @@ pub struct InputsUsed {
 
 /// Runs `pipeline` on the model at `path` with the settings of `recipe` (its pipeline is not
 /// read: `pipeline` is what runs). `after_pass` sees each pass's result and can stop the
-/// pipeline (`--stop-after`).
+/// pipeline (`--stop-after`); `progress`, when given, hears of every phase.
 pub fn compile(
     path: &Path,
     pipeline: &Pipeline,
     recipe: &Recipe,
     after_pass: &mut dyn FnMut(&PassRun, &Model) -> ControlFlow<()>,
+    mut progress: Option<&mut dyn Progress>,
 ) -> Result<Compiled, Error> {
     let read = |source| Error::Read { path: path.to_path_buf(), source };
     let settings = &recipe.verify;
+    let phase = |p: &mut Option<&mut dyn Progress>, name: Option<&str>| {
+        if let Some(p) = p.as_deref_mut() {
+            match name {
+                Some(name) => p.start(name, 0),
+                None => p.finish(),
+            }
+        }
+    };
+    phase(&mut progress, Some("reading the model"));
     let mut loaded =
         read_model(path, &ReadOptions { infer_shapes: pipeline.needs_shapes() && settings.input_shapes.is_empty() }).map_err(read)?;
     let shapes = parse_input_shapes(&settings.input_shapes, &runtime_inputs(&loaded.model.graph))?;
     if pipeline.needs_shapes() && !shapes.is_empty() {
         loaded.infer_shapes(&shapes).map_err(read)?;
     }
+    phase(&mut progress, None);
     refuse_unasked_big_verification(path, &loaded.model, pipeline, recipe)?;
     let mut notes = Vec::new();
     let mut inputs = InputsUsed { source: format!("random inputs (seed {})", settings.seed), ..Default::default() };
@@ -88,8 +99,13 @@ pub fn compile(
     let original = loaded.model.clone();
     let before = model_stats(&loaded.model);
     let mut runtime = TractRuntime { dir: loaded.dir.clone(), given, input_shapes: shapes.clone() };
-    let runs = crate::passes::run_pipeline_observed(&mut loaded.model, pipeline, &mut Context::with_runtime(&mut runtime), after_pass)
+    let mut cx = Context::with_runtime(&mut runtime);
+    if let Some(p) = progress.as_deref_mut() {
+        cx = cx.with_progress(p);
+    }
+    let runs = crate::passes::run_pipeline_observed(&mut loaded.model, pipeline, &mut cx, after_pass)
         .map_err(|source| Error::Optimise { path: path.to_path_buf(), source })?;
+    drop(cx);
     let after = model_stats(&loaded.model);
     let verification = if !settings.enabled || pipeline.is_empty() {
         None
@@ -101,7 +117,10 @@ pub fn compile(
         check_feed_matches_input_shapes(&feed, &shapes)?;
         inputs.shapes = feed.0.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect();
         let references: Vec<_> = runs.iter().map(|r| r.report.reference.clone()).collect();
-        match verify(&original, &loaded.model, &references, &loaded.dir, &feed, settings.tolerance) {
+        phase(&mut progress, Some("verifying in tract"));
+        let verified = verify(&original, &loaded.model, &references, &loaded.dir, &feed, settings.tolerance);
+        phase(&mut progress, None);
+        match verified {
             Ok(v) => Some(v),
             Err(e @ VerifyError::OriginalNotRunnable(_)) => return Err(unverified(path, "cannot verify", &e)),
             Err(e) => return Err(unverified(path, "verification failed on", &e)),

@@ -19,7 +19,7 @@ pub mod reference;
 
 pub use cleanup::remove_dead_code;
 pub use error::PassError;
-pub use measure::{Activation, Context, Inputs, Measure, MeasureError, Runtime, Stepwise};
+pub use measure::{Activation, Context, Inputs, Measure, MeasureError, Progress, Runtime, Stepwise};
 pub use options::{NoOptions, OptionSpec, PassOptions, PassSpec};
 pub use reference::{Reference, ReferenceEdit};
 
@@ -60,11 +60,13 @@ pub struct PassReport {
     pub reference: Reference,
     /// The pass's own details, when it has any.
     pub details: Option<Arc<dyn PassDetails>>,
+    /// What the user asked for that the pass could not meet sensibly.
+    pub warnings: Vec<String>,
 }
 
 impl Default for PassReport {
     fn default() -> Self {
-        PassReport { ops_removed: 0, values_removed: 0, reference: Reference::Exact, details: None }
+        PassReport { ops_removed: 0, values_removed: 0, reference: Reference::Exact, details: None, warnings: Vec::new() }
     }
 }
 
@@ -261,7 +263,10 @@ pub fn run_pipeline_observed(
     let mut runs = Vec::with_capacity(pipeline.passes.len());
     for pass in &pipeline.passes {
         let start = Instant::now();
-        let report = pass.run(model, cx)?;
+        cx.start(&format!("pass {}", pass.name()), 0);
+        let mut report = pass.run(model, cx)?;
+        cx.finish();
+        report.warnings.extend(cx.take_warnings());
         // Recorded shapes are written back as they are; none may contradict what the pass did.
         model.graph.reconcile_records();
         model.graph.topo_order().map_err(|source| PassError::BrokeGraph { pass: pass.name(), source })?;

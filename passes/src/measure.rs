@@ -74,16 +74,77 @@ pub trait Runtime {
     fn measure<'a>(&'a mut self, model: &Model, inputs: Inputs) -> Result<Box<dyn Measure + 'a>, MeasureError>;
 }
 
-/// What a running pass can ask for.
+/// Where a pass reports progress through a phase that can take more than a second (the CLI
+/// draws a bar on a terminal, and nothing otherwise).
+pub trait Progress {
+    /// A phase of `total` steps starts (0: unknown).
+    fn start(&mut self, phase: &str, total: u64);
+    /// One step of the phase is done.
+    fn step(&mut self);
+    /// The phase is over.
+    fn finish(&mut self);
+}
+
+/// What a running pass can ask for: the measuring service, a progress sink, and a place for
+/// warnings (what the user asked for that cannot be met sensibly).
 #[derive(Default)]
 pub struct Context<'r> {
     runtime: Option<&'r mut dyn Runtime>,
+    progress: Option<&'r mut dyn Progress>,
+    warnings: Vec<String>,
 }
 
 impl<'r> Context<'r> {
     /// A context whose passes can measure through `runtime`.
     pub fn with_runtime(runtime: &'r mut dyn Runtime) -> Context<'r> {
-        Context { runtime: Some(runtime) }
+        Context { runtime: Some(runtime), ..Context::default() }
+    }
+
+    /// The context, with progress reported to `progress`.
+    pub fn with_progress(self, progress: &'r mut dyn Progress) -> Context<'r> {
+        Context { progress: Some(progress), ..self }
+    }
+
+    /// A phase of `total` steps starts.
+    pub fn start(&mut self, phase: &str, total: u64) {
+        if let Some(p) = self.progress.as_deref_mut() {
+            p.start(phase, total);
+        }
+    }
+
+    /// One step of the current phase is done.
+    pub fn step(&mut self) {
+        if let Some(p) = self.progress.as_deref_mut() {
+            p.step();
+        }
+    }
+
+    /// The current phase is over.
+    pub fn finish(&mut self) {
+        if let Some(p) = self.progress.as_deref_mut() {
+            p.finish();
+        }
+    }
+
+    /// The progress sink, taken out so that it can report while a measurement borrows the
+    /// context; give it back with [`Context::restore_progress`].
+    pub fn take_progress(&mut self) -> Option<&'r mut dyn Progress> {
+        self.progress.take()
+    }
+
+    /// Gives back what [`Context::take_progress`] took.
+    pub fn restore_progress(&mut self, progress: Option<&'r mut dyn Progress>) {
+        self.progress = progress;
+    }
+
+    /// Records a warning for the user.
+    pub fn warn(&mut self, warning: String) {
+        self.warnings.push(warning);
+    }
+
+    /// The warnings recorded since the last call.
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
     }
 
     /// Whether the user gave inputs.

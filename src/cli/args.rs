@@ -96,6 +96,12 @@ pub struct CompileArgs {
     /// Plan, verify and report, but write no model (`--output` is then optional).
     #[arg(long)]
     pub dry_run: bool,
+    /// Print only warnings and errors: no report table, no progress.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Also print the effective pipeline, each pass's options and every frozen group's reason.
+    #[arg(short, long)]
+    pub verbose: bool,
     /// Output formats, comma-separated: `onnx`, `nnef` (a tract NNEF archive), or `onnx,nnef`
     /// for both from one run, the second beside `--output` with its own ending (`out.onnx` and
     /// `out.nnef.tgz`). Default: the format `--output` names (`.nnef.tgz` is NNEF, else ONNX).

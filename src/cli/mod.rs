@@ -4,6 +4,7 @@ pub mod args;
 mod bench;
 mod emit;
 mod inspect;
+mod progress;
 mod report;
 
 use anyhow::{Context, Result};
@@ -188,20 +189,32 @@ fn compile(a: &CompileArgs) -> Result<()> {
         }
         if a.stop_after.as_deref() == Some(run.name) { std::ops::ControlFlow::Break(()) } else { std::ops::ControlFlow::Continue(()) }
     };
-    let compiled = match prunec::compile(model_path, &pipeline, &recipe, &mut after_pass) {
+    if a.verbose {
+        eprintln!("pipeline: {pipeline}");
+    }
+    let mut bars = progress::Bars::new(!a.quiet);
+    let compiled = match prunec::compile(model_path, &pipeline, &recipe, &mut after_pass, Some(&mut bars)) {
         Err(prunec::Error::Unverified(why)) => return Err(Unverified(why).into()),
         other => other?,
     };
-    for note in &compiled.notes {
-        eprintln!("note: {note}");
+    drop(bars);
+    for warning in compiled.runs.iter().flat_map(|r| &r.report.warnings) {
+        eprintln!("warning: {warning}");
     }
     let summary = report::Summary { compiled: &compiled, recipe: &recipe, args: a };
-    summary.print();
+    if !a.quiet {
+        for note in &compiled.notes {
+            eprintln!("note: {note}");
+        }
+        summary.print();
+    }
     if let Some(path) = &a.report {
         summary.write_json(path)?;
     }
     if a.dry_run {
-        eprintln!("dry run: nothing written");
+        if !a.quiet {
+            eprintln!("dry run: nothing written");
+        }
         return Ok(());
     }
     let Some(output) = &a.output else { return Ok(()) };
@@ -221,7 +234,9 @@ fn compile(a: &CompileArgs) -> Result<()> {
         (Some(d), n) => format!(" + {} and {} more data files ({} bytes)", d.display(), n - 1, written.data_bytes),
         (None, _) => String::new(),
     };
-    eprintln!("wrote {} ({} bytes){data}", written.model.display(), written.model_bytes);
+    if !a.quiet {
+        eprintln!("wrote {} ({} bytes){data}", written.model.display(), written.model_bytes);
+    }
     Ok(())
 }
 

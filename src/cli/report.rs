@@ -24,16 +24,27 @@ impl Summary<'_> {
     pub fn print(&self) {
         let c = self.compiled;
         for run in &c.runs {
-            eprintln!(
-                "pass {:<8} removed {} ops, {} values in {:.1} ms",
-                run.name,
-                run.report.ops_removed,
-                run.report.values_removed,
-                run.elapsed.as_secs_f64() * 1e3
-            );
+            let ms = run.elapsed.as_secs_f64() * 1e3;
+            match (run.report.ops_removed, run.report.values_removed) {
+                (0, 0) => eprintln!("pass {:<8} {ms:.1} ms", run.name),
+                (ops, values) => eprintln!("pass {:<8} {ms:.1} ms, removed {ops} ops and {values} values", run.name),
+            }
+            if self.args.verbose {
+                let options: Vec<String> = run.options.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                if !options.is_empty() {
+                    eprintln!("     options: {}", options.join(", "));
+                }
+            }
         }
         for line in c.runs.iter().filter_map(|r| r.report.details.as_ref()).flat_map(|d| d.summary()) {
             eprintln!("{line}");
+        }
+        if self.args.verbose {
+            for p in c.runs.iter().filter_map(|r| r.report.details::<prunec::passes::prune::PruneReport>()) {
+                for f in &p.frozen {
+                    eprintln!("       frozen group {}: {}", f.id, f.reason);
+                }
+            }
         }
         let (before, after) = (&c.before, &c.after);
         let change = |b: u64, a: u64| if b == 0 { String::new() } else { format!("{:+.1}%", (a as f64 / b as f64 - 1.0) * 100.0) };

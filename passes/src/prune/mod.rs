@@ -439,17 +439,26 @@ impl Pass for ChannelPruning {
             _ => None,
         };
         let statistics = |why: String| move |e: statistics::RefitError| PassError::Measure(format!("{why}: {e}"));
+        let name = criterion_name(o.criterion);
+        let mut progress = cx.take_progress();
         let mut measure = match measured_on {
-            Some(inputs) => Some(
-                cx.measure(model, inputs)
-                    .map_err(|e| PassError::Measure(format!("the `{}` criterion's statistics: {e}", criterion_name(o.criterion))))?,
-            ),
+            Some(inputs) => {
+                Some(cx.measure(model, inputs).map_err(|e| PassError::Measure(format!("the `{name}` criterion's statistics: {e}")))?)
+            }
             None => None,
         };
         let calibration = match measure.as_deref_mut() {
-            Some(m) => Some(statistics::collect(model, m, wants_hessians).map_err(|e| {
-                PassError::Measure(format!("running the model for the `{}` criterion's statistics: {e}", criterion_name(o.criterion)))
-            })?),
+            Some(m) => {
+                if let Some(p) = progress.as_deref_mut() {
+                    p.start(&format!("prune: measuring the `{name}` criterion's statistics"), 0);
+                }
+                let c = statistics::collect(model, m, wants_hessians)
+                    .map_err(|e| PassError::Measure(format!("running the model for the `{name}` criterion's statistics: {e}")))?;
+                if let Some(p) = progress.as_deref_mut() {
+                    p.finish();
+                }
+                Some(c)
+            }
             None => None,
         };
         let resolved = PruneOptions { hessian: Some(hessian), ..o.clone() };
@@ -464,11 +473,25 @@ impl Pass for ChannelPruning {
             && hessian.runs_model()
             && !report.masked.is_empty()
         {
-            let refit = statistics::refit(model, m, &report, target, o.damping)
+            let mut on_level = |done: usize, total: usize| {
+                if let Some(p) = progress.as_deref_mut() {
+                    if done == 0 {
+                        p.start("prune: refitting the pruned prefix level by level", total as u64);
+                    } else {
+                        p.step();
+                    }
+                }
+            };
+            let refit = statistics::refit(model, m, &report, target, o.damping, &mut on_level)
                 .map_err(statistics("running the pruned model level by level to refit its layers".into()))?;
+            if let Some(p) = progress.as_deref_mut() {
+                p.finish();
+            }
             adopt_refit(&mut report, refit);
         }
         drop(measure);
+        cx.restore_progress(progress);
+        warn_about(&report, o, cx);
         apply_compensations(&mut model.graph, &report.compensated)
             .map_err(|why| PassError::Rewrite(RewriteError { node: "compensation".into(), op_type: "weight".into(), why }))?;
         let applied = rewrite::apply(&mut model.graph, &removal, opset).map_err(PassError::Rewrite)?;
@@ -488,7 +511,40 @@ impl Pass for ChannelPruning {
             values_removed: dce.values_removed,
             reference,
             details: Some(std::sync::Arc::new(report)),
+            warnings: Vec::new(),
         })
+    }
+}
+
+/// Says where the request could not be met sensibly: nothing prunable, a group almost emptied,
+/// exclusions that match nothing.
+fn warn_about(report: &PruneReport, o: &PruneOptions, cx: &mut Context) {
+    if report.channels_prunable == 0 {
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        for f in &report.frozen {
+            // The reason's kind, without the names it mentions.
+            *reasons.entry(f.reason.split('`').step_by(2).collect::<Vec<_>>().join("…")).or_default() += 1;
+        }
+        let mut top: Vec<(String, usize)> = reasons.into_iter().collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let top: Vec<String> = top.iter().take(3).map(|(r, n)| format!("{n}× \"{r}\"")).collect();
+        cx.warn(format!(
+            "nothing is prunable: all {} groups are frozen (most often: {}); `prunec groups MODEL` lists them, and --input-shape often unfreezes a model whose shapes are open",
+            report.frozen.len(),
+            if top.is_empty() { "no groups at all".into() } else { top.join(", ") }
+        ));
+    }
+    for g in report.groups.iter().filter(|g| g.channels > 1 && (g.channels - g.kept) as f64 >= 0.9 * g.channels as f64) {
+        cx.warn(format!("group {} keeps only {} of its {} channels (at least 90% removed)", g.id, g.kept, g.channels));
+    }
+    if !o.exclude.is_empty() {
+        let used: Vec<&str> = report.frozen.iter().filter(|f| f.reason.ends_with("is excluded")).map(|f| f.reason.as_str()).collect();
+        for pattern in &o.exclude {
+            let p = glob::Pattern::new(pattern).ok();
+            if !used.iter().any(|reason| reason.split('`').nth(1).is_some_and(|node| p.as_ref().is_some_and(|p| p.matches(node)))) {
+                cx.warn(format!("--exclude `{pattern}` matches no node of a prunable group"));
+            }
+        }
     }
 }
 

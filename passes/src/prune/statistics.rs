@@ -125,13 +125,14 @@ fn layer_probes(graph: &Graph, layers: &[OpId]) -> Vec<ValueId> {
 /// the pass chose them), sequentially: level by level ([`dense_levels`]), the model with the
 /// compensations so far and the removed channels masked runs on the measurement's inputs, and
 /// each layer of the level is refit ([`obspa::refit`]) on the inputs it now gets, so later
-/// layers see the already pruned prefix.
+/// layers see the already pruned prefix. `on_level(done, total)` is called before each level.
 pub fn refit(
     model: &Model,
     measure: &mut dyn Measure,
     report: &PruneReport,
     target: RefitTarget,
     damping: f64,
+    on_level: &mut dyn FnMut(usize, usize),
 ) -> Result<Refit, RefitError> {
     let graph = &model.graph;
     let pruned: BTreeSet<&str> = report.masked.iter().map(|m| m.node.as_str()).collect();
@@ -146,7 +147,9 @@ pub fn refit(
     apply_compensations(&mut compensated.graph, &report.compensated).map_err(RefitError::Rewrite)?;
     let mut refit = Refit::default();
     let mut pieces = measure.stepwise(model);
-    for level in 0..=levels.iter().map(|l| l.1).max().unwrap_or(0) {
+    let last = levels.iter().map(|l| l.1).max().unwrap_or(0);
+    for level in 0..=last {
+        on_level(level, last + 1);
         let layers: Vec<OpId> = levels.iter().filter(|l| l.1 == level).map(|l| l.0).collect();
         if layers.is_empty() {
             continue;
