@@ -33,6 +33,7 @@ mod rng;
 mod shape;
 mod stats;
 mod tensor;
+mod validate;
 
 pub use dump::dump;
 pub use error::IrError;
@@ -45,3 +46,4 @@ pub use rng::SplitMix64;
 pub use shape::{DType, Dim, Shape};
 pub use stats::{ModelStats, OpCost, model_stats, op_cost};
 pub use tensor::{PageRelease, Tensor};
+pub use validate::{Rule, ValidateError, validate, validate_ops, validate_value_types};

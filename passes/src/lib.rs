@@ -128,6 +128,10 @@ pub fn run_pipeline(model: &mut Model, passes: &[Box<dyn Pass>]) -> Result<Vec<P
         // Recorded shapes are written back as they are; none may contradict what the pass did.
         model.graph.reconcile_records();
         model.graph.topo_order().map_err(|source| PassError::BrokeGraph { pass: pass.name(), source })?;
+        // In debug builds and tests, a pass must leave a graph the reader would accept.
+        if cfg!(debug_assertions) {
+            prunec_ir::validate(&model.graph).map_err(|source| PassError::Invalid { pass: pass.name(), source })?;
+        }
         runs.push(PassRun { name: pass.name(), report, elapsed: start.elapsed() });
     }
     Ok(runs)
