@@ -5,7 +5,7 @@ mod common;
 
 use common::root;
 use prunec::frontend::{ReadOptions, read_model};
-use prunec::ir::{Model, Rule, ValidateError, constant_tensor};
+use prunec::ir::{Model, OpRule, ValidateError, constant_tensor};
 use prunec::passes::{Pass, PassError, PassReport, PipelineOptions, parse_pipeline, run_pipeline};
 
 /// A deliberately broken rewrite: drops the first input channel of one Conv's weight and leaves
@@ -49,7 +49,7 @@ fn a_pass_that_breaks_a_conv_is_caught_and_named() {
     let PassError::Invalid { pass, source } = &err else { panic!("not a validation error: {err}") };
     assert_eq!(*pass, "drop-conv-input-channel");
     let ValidateError::Op { rule, op_type, what, .. } = source else { panic!("not an op rule: {source}") };
-    assert_eq!((*rule, op_type.as_str()), (Rule::Conv, "Conv"));
+    assert_eq!((*rule, op_type.as_str()), (OpRule::Conv, "Conv"));
     assert!(what.contains("input channels per group, but its input has"), "{what}");
     assert_eq!(err.to_string(), "pass `drop-conv-input-channel` left a graph the reader would refuse");
     // The rule's message is the reader's: the same text the hostile corpus expects of a model

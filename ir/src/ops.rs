@@ -271,6 +271,12 @@ pub(crate) const RULES: &[(&str, Rule)] = &[
     ("Where", broadcast),
 ];
 
+/// The op types (default domain) that have a coupling rule, in table order: the ops whose
+/// tensors a pruning rewrite may resize.
+pub fn coupled_op_types() -> impl Iterator<Item = &'static str> {
+    RULES.iter().map(|(name, _)| *name)
+}
+
 /// The rule for an op, if the table has one.
 pub(crate) fn rule_for(domain: &str, op_type: &str) -> Option<Rule> {
     if !(domain.is_empty() || domain == "ai.onnx") {
@@ -512,7 +518,7 @@ fn group_norm(cx: &mut RuleCx) {
 /// operand, its rows are produced channels); a letter only in the inputs is contracted.
 fn einsum(cx: &mut RuleCx) {
     let equation: String =
-        cx.graph.op(cx.op).attr("equation").map(|a| String::from_utf8_lossy(a.proto.s()).replace(' ', "")).unwrap_or_default();
+        cx.graph.op(cx.op).attr_string("equation").map(|s| String::from_utf8_lossy(s).replace(' ', "")).unwrap_or_default();
     let Some((lhs, rhs)) = equation.split_once("->") else { return cx.freeze_all("has an implicit-output equation (not handled)") };
     if equation.contains('.') {
         return cx.freeze_all("has an ellipsis in its equation (not handled)");

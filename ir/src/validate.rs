@@ -36,7 +36,7 @@ pub enum ValidateError {
         /// Its op type.
         op_type: String,
         /// The rule it breaks.
-        rule: Rule,
+        rule: OpRule,
         /// What is wrong, as a phrase that follows the node.
         what: String,
     },
@@ -44,7 +44,7 @@ pub enum ValidateError {
 
 /// The op rules [`validate`] checks, one per op family (named in [`ValidateError::Op`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rule {
+pub enum OpRule {
     /// Every node has an op type.
     OpType,
     /// Conv: groups, kernel, strides, dilations, pads, weight rank and channels.
@@ -98,34 +98,34 @@ pub fn validate_value_types(graph: &Graph) -> Result<(), ValidateError> {
 pub fn validate_ops(graph: &Graph) -> Result<(), ValidateError> {
     for id in graph.op_ids() {
         let op = graph.op(id);
-        let invalid = |rule: Rule| {
+        let invalid = |rule: OpRule| {
             move |what: String| ValidateError::Op { node: op.name.clone(), op_type: op.op_type.clone(), rule, what }
         };
         if op.op_type.is_empty() {
-            return Err(invalid(Rule::OpType)("has no op_type".into()));
+            return Err(invalid(OpRule::OpType)("has no op_type".into()));
         }
         if !matches!(op.domain.as_str(), "" | "ai.onnx") {
             continue;
         }
         match op.op_type.as_str() {
-            "Conv" => check_conv(graph, id).map_err(invalid(Rule::Conv))?,
-            "Gather" => check_gather(graph, id).map_err(invalid(Rule::Gather))?,
-            "Split" => check_split(graph, id).map_err(invalid(Rule::Split))?,
-            "If" => check_if(graph, id).map_err(invalid(Rule::If))?,
+            "Conv" => check_conv(graph, id).map_err(invalid(OpRule::Conv))?,
+            "Gather" => check_gather(graph, id).map_err(invalid(OpRule::Gather))?,
+            "Split" => check_split(graph, id).map_err(invalid(OpRule::Split))?,
+            "If" => check_if(graph, id).map_err(invalid(OpRule::If))?,
             "Cast" => {
                 if let Some(to) = op.attr_int("to")
                     && i32::try_from(to).ok().and_then(|t| DType(t).known()).is_none()
                 {
-                    return Err(invalid(Rule::Cast)(format!("casts to unknown element type code {to}")));
+                    return Err(invalid(OpRule::Cast)(format!("casts to unknown element type code {to}")));
                 }
             }
-            "Reshape" => check_reshape(graph, id).map_err(invalid(Rule::Reshape))?,
-            "MatMul" => check_matmul(graph, id).map_err(invalid(Rule::MatMul))?,
-            "Gemm" => check_gemm(graph, id).map_err(invalid(Rule::Gemm))?,
-            "Concat" => check_concat(graph, id).map_err(invalid(Rule::Concat))?,
+            "Reshape" => check_reshape(graph, id).map_err(invalid(OpRule::Reshape))?,
+            "MatMul" => check_matmul(graph, id).map_err(invalid(OpRule::MatMul))?,
+            "Gemm" => check_gemm(graph, id).map_err(invalid(OpRule::Gemm))?,
+            "Concat" => check_concat(graph, id).map_err(invalid(OpRule::Concat))?,
             "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Mod" | "Where" | "Max" | "Min" | "Sum" | "Mean" | "Equal" | "Less" | "LessOrEqual"
             | "Greater" | "GreaterOrEqual" | "And" | "Or" | "Xor" | "BitwiseAnd" | "BitwiseOr" | "BitwiseXor" => {
-                check_broadcast(graph, id).map_err(invalid(Rule::Broadcast))?
+                check_broadcast(graph, id).map_err(invalid(OpRule::Broadcast))?
             }
             _ => {}
         }
@@ -429,7 +429,7 @@ fn check_split(graph: &Graph, id: OpId) -> Result<(), String> {
 
 fn check_if(graph: &Graph, id: OpId) -> Result<(), String> {
     let op = graph.op(id);
-    let branch = |name: &str| op.attr(name).and_then(|a| a.proto.g.as_ref()).ok_or_else(|| format!("has no {name} graph"));
+    let branch = |name: &str| op.attr_graph(name).ok_or_else(|| format!("has no {name} graph"));
     let (then_branch, else_branch) = (branch("then_branch")?, branch("else_branch")?);
     let (t, e) = (then_branch.output.len(), else_branch.output.len());
     if t != e {
