@@ -28,6 +28,7 @@ mod groups;
 mod guard;
 mod ids;
 mod ops;
+mod quant;
 mod records;
 mod rng;
 mod shape;
@@ -42,6 +43,7 @@ pub use groups::{Group, GroupAxis, Groups, WeightSlice, analyse as analyse_group
 pub use guard::catch_quietly;
 pub use ids::{OpId, ValueId};
 pub use ops::{Role, coupled_op_types};
+pub use quant::{QuantizedInput, dequantized_weight, quantized_input, reads_quantized_weight};
 pub use rng::SplitMix64;
 pub use shape::{DType, Dim, Shape};
 pub use stats::{ModelStats, OpCost, model_stats, op_cost};
