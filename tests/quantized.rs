@@ -2,7 +2,9 @@
 //!
 //! The models are made at test time from the shared zoo models by `tests/validate/exporters.py`:
 //! - `fp16`: the whole graph in float16, inputs and outputs included; `fp16_io`: float16 inside,
-//!   behind Casts from and to an f32 interface;
+//!   behind Casts from and to an f32 interface; `fp16_matmul`: `fp16` with its Gemms as MatMul
+//!   and Add (tract 0.23.9 cannot run a float16 Gemm with a bias, so only this one verifies in
+//!   tract; the other two are refused unverified, and written with `--no-verify`);
 //! - `qdq`: resnet18 quantised by ONNX Runtime's `quantize_static` (QDQ format, int8 weights
 //!   with per-channel scales and zero points, uint8 activations), calibrated on its inputs;
 //! - `uint8`: a uint8 image input (Cast to float, Div by 255) in front of a zoo CNN.
@@ -73,11 +75,12 @@ fn check_in_onnx_runtime(original: &Path, pruned: &Path, feed: &Path) {
     exporters(&[Path::new("check"), original, pruned, feed]);
 }
 
-/// The element types of a model's weights, as prunec reads them.
+/// The float element types of a model's weights, as prunec reads them (pruning may turn shape
+/// constants into int64 initializers).
 fn weight_types(model: &Path) -> Vec<String> {
     let m = read_model(model, &ReadOptions { infer_shapes: false }).expect("reads").model;
     let mut types: Vec<String> =
-        m.graph.value_ids().filter_map(|v| m.graph.value(v).initializer().map(|t| t.dtype().to_string())).collect();
+        m.graph.value_ids().filter_map(|v| m.graph.value(v).initializer().filter(|t| t.dtype().is_float()).map(|t| t.dtype().to_string())).collect();
     types.sort();
     types.dedup();
     types
@@ -148,4 +151,30 @@ fn a_uint8_image_input_in_front_of_zoo_cnns_prunes_and_verifies_on_random_pixels
         prune_verified(model, &out, &[]);
         check_pruned(model, &out, feed);
     }
+}
+
+/// ONNX Runtime's operator format: QLinearConv pairs inside the residual blocks are pruned with
+/// their per-channel `w_scale` and `w_zero_point` and int32 biases; the residual sums are
+/// `com.microsoft` QLinearAdd ops, which have no coupling rule and freeze the stages.
+#[test]
+fn a_qoperator_resnet18_prunes_its_qlinearconv_pairs() {
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let made = variants("qoperator", "resnet18", scratch.path());
+    let [(model, feed)] = made.as_slice() else { panic!("{made:?}") };
+    let groups = prunec().arg("groups").arg(model).output().expect("running prunec groups");
+    let listing = String::from_utf8_lossy(&groups.stdout);
+    assert!(listing.lines().next().unwrap_or_default().ends_with(" 8 prunable"), "{listing}");
+    assert!(listing.contains("_scale axis 0 (/layer1/layer1.0/conv1/Conv_quant)"), "{listing}");
+    // FIXME: tract 0.23.9 cannot run QLinearAdd (com.microsoft), so the default command cannot
+    // verify this model and writes nothing (exit 3). When tract runs it, this fails: then
+    // require verification as for the QDQ model.
+    let out = model.with_extension("pruned.onnx");
+    let o = prunec().arg(model).arg("-o").arg(&out).output().expect("running prunec");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("QLinearAdd"), "{stderr}");
+    let o = prunec().arg(model).arg("-o").arg(&out).arg("--no-verify").output().expect("running prunec");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && stderr.contains("8 of 8 prunable groups pruned"), "{stderr}");
+    check_in_onnx_runtime(model, &out, feed);
 }

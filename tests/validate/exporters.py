@@ -30,6 +30,10 @@ keep every record in step with the graph it writes; these variants put records e
         int8 weights with per-channel scales, uint8 activations), calibrated on FEED. Prints
         `MODEL FEED`.
 
+    exporters.py qoperator SRC FEED.npz OUT_DIR
+        The same quantisation in ONNX Runtime's operator format (QLinearConv, QLinearMatMul and
+        friends, no QDQ pairs): OUT_DIR/qoperator.onnx. Prints `MODEL FEED`.
+
     exporters.py uint8 SRC FEED.npz OUT_DIR
         Writes OUT_DIR/uint8.onnx: SRC behind a uint8 image input (`Cast` to float and `Div` by
         255, as image pipelines export), and its feed (FEED rescaled to 0..255). Prints `MODEL FEED`.
@@ -242,7 +246,7 @@ def _gemm_to_matmul(graph):
     del graph.value_info[:]
 
 
-def qdq(src, feed_path, out_dir):
+def qdq(src, feed_path, out_dir, quant_format="QDQ"):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     feed = dict(np.load(feed_path))
@@ -255,19 +259,24 @@ def qdq(src, feed_path, out_dir):
         def get_next(self):
             return self.batches.pop() if self.batches else None
 
-    path = f"{out_dir}/qdq.onnx"
+    stem = "qdq" if quant_format == "QDQ" else "qoperator"
+    path = f"{out_dir}/{stem}.onnx"
     quantize_static(
         src,
         path,
         Reader(),
-        quant_format=QuantFormat.QDQ,
+        quant_format=QuantFormat.QDQ if quant_format == "QDQ" else QuantFormat.QOperator,
         per_channel=True,
         weight_type=QuantType.QInt8,
         activation_type=QuantType.QUInt8,
     )
     model = onnx.load(path)
     onnx.checker.check_model(model, full_check=True)
-    print(f"{path} {_feed_for(path, feed, f'{out_dir}/qdq.inputs.npz')}")
+    print(f"{path} {_feed_for(path, feed, f'{out_dir}/{stem}.inputs.npz')}")
+
+
+def qoperator(src, feed_path, out_dir):
+    qdq(src, feed_path, out_dir, "QOperator")
 
 
 def uint8(src, feed_path, out_dir):
@@ -321,7 +330,7 @@ def check(original, pruned, feed_path):
 
 def main():
     command, *args = sys.argv[1:]
-    {"make": make, "legacy": legacy, "check": check, "fp16": fp16, "qdq": qdq, "uint8": uint8}[command](*args)
+    {"make": make, "legacy": legacy, "check": check, "fp16": fp16, "qdq": qdq, "qoperator": qoperator, "uint8": uint8}[command](*args)
 
 
 if __name__ == "__main__":
