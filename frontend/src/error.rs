@@ -1,6 +1,6 @@
 //! Errors of reading a model.
 
-use prunec_ir::IrError;
+use prunec_ir::{IrError, ValidateError};
 use std::path::PathBuf;
 
 /// Why a model could not be read.
@@ -39,6 +39,10 @@ pub enum ReadError {
     /// The model decodes but breaks a rule of the ONNX graph.
     #[error(transparent)]
     Graph(#[from] IrError),
+    /// The graph breaks a rule of ONNX that the IR's validation checks (an op's structure, a
+    /// recorded element type).
+    #[error(transparent)]
+    Validate(#[from] ValidateError),
     /// An external-data reference that cannot be honoured.
     #[error("tensor `{tensor}`: external data {what}")]
     ExternalData {

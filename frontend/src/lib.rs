@@ -53,7 +53,7 @@ impl Loaded {
     /// reveals (a Reshape of a computed value to another element count, say) is refused too.
     pub fn infer_shapes(&mut self, input_shapes: &BTreeMap<String, Vec<u64>>) -> Result<(), ReadError> {
         self.inference = infer::infer_shapes(&mut self.model, &self.source, &self.dir, input_shapes);
-        check::check_ops(&self.model.graph)
+        Ok(prunec_ir::validate_ops(&self.model.graph)?)
     }
 }
 

@@ -24,8 +24,7 @@ pub(crate) fn lift(mut proto: proto::ModelProto, dir: &Path) -> Result<Model, Re
     }
     let mut externals = ExternalData::new(dir);
     let graph = lift_graph(graph, &mut externals)?;
-    check::check_value_types(&graph)?;
-    check::check_ops(&graph)?;
+    prunec_ir::validate(&graph)?;
     Ok(Model { shell: proto, graph })
 }
 

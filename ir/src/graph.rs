@@ -2,7 +2,7 @@
 
 use crate::error::IrError;
 use crate::ids::{OpId, ValueId};
-use crate::proto;
+use crate::proto::{self, attribute_proto::AttributeType};
 use crate::shape::{DType, Shape, dtype_of_type};
 use crate::tensor::Tensor;
 use petgraph::Direction;
@@ -301,6 +301,84 @@ impl Op {
     /// A tensor attribute (`Constant.value`).
     pub fn attr_tensor(&self, name: &str) -> Option<&Tensor> {
         self.attr(name).and_then(|a| a.tensor.as_ref())
+    }
+
+    /// A `FLOAT` attribute.
+    pub fn attr_float(&self, name: &str) -> Option<f32> {
+        self.attr(name).and_then(|a| a.proto.f)
+    }
+
+    /// A `FLOATS` attribute.
+    pub fn attr_floats(&self, name: &str) -> Option<&[f32]> {
+        self.attr(name).map(|a| a.proto.floats.as_slice())
+    }
+
+    /// A `STRING` attribute, as its bytes (ONNX does not require UTF-8).
+    pub fn attr_string(&self, name: &str) -> Option<&[u8]> {
+        self.attr(name).and_then(|a| a.proto.s.as_deref())
+    }
+
+    /// A `GRAPH` attribute (an If branch, a Loop or Scan body), kept as ONNX stores it.
+    pub fn attr_graph(&self, name: &str) -> Option<&proto::GraphProto> {
+        self.attr(name).and_then(|a| a.proto.g.as_ref())
+    }
+
+    /// Sets an `INT` attribute (see [`Op::set_attr_with`] for what is kept).
+    pub fn set_attr_int(&mut self, name: &str, value: i64) {
+        self.set_attr_with(name, AttributeType::Int, |a| a.i = Some(value));
+    }
+
+    /// Sets an `INTS` attribute (see [`Op::set_attr_with`] for what is kept).
+    pub fn set_attr_ints(&mut self, name: &str, values: &[i64]) {
+        self.set_attr_with(name, AttributeType::Ints, |a| a.ints = values.to_vec());
+    }
+
+    /// Sets a `FLOAT` attribute (see [`Op::set_attr_with`] for what is kept).
+    pub fn set_attr_float(&mut self, name: &str, value: f32) {
+        self.set_attr_with(name, AttributeType::Float, |a| a.f = Some(value));
+    }
+
+    /// Sets a `FLOATS` attribute (see [`Op::set_attr_with`] for what is kept).
+    pub fn set_attr_floats(&mut self, name: &str, values: &[f32]) {
+        self.set_attr_with(name, AttributeType::Floats, |a| a.floats = values.to_vec());
+    }
+
+    /// Sets a `STRING` attribute (see [`Op::set_attr_with`] for what is kept).
+    pub fn set_attr_string(&mut self, name: &str, value: &[u8]) {
+        self.set_attr_with(name, AttributeType::String, |a| a.s = Some(value.to_vec()));
+    }
+
+    /// Removes the attribute called `name`, if there is one; the others keep their order.
+    pub fn remove_attr(&mut self, name: &str) {
+        self.attributes.retain(|a| a.name() != name);
+    }
+
+    /// Sets attribute `name` to a value of type `ty` written by `set`. An attribute of that type
+    /// keeps its place and every other field (doc string, declared type as stored) and has its
+    /// value replaced, so the attribute is written as before but for its value. One of another
+    /// type is replaced in place by a fresh attribute (name and doc string kept), so it never
+    /// holds two values; a new one goes last.
+    fn set_attr_with(&mut self, name: &str, ty: AttributeType, set: impl FnOnce(&mut proto::AttributeProto)) {
+        match self.attributes.iter_mut().find(|a| a.name() == name) {
+            // An untyped attribute (older exporters omit `type`) keeps its encoding too: the
+            // reader refuses one holding a value of another type than its schema's.
+            Some(a) if a.proto.r#type.is_none_or(|t| t == ty as i32) => set(&mut a.proto),
+            Some(a) => {
+                let mut fresh = proto::AttributeProto {
+                    name: a.proto.name.clone(),
+                    doc_string: a.proto.doc_string.clone(),
+                    r#type: Some(ty as i32),
+                    ..Default::default()
+                };
+                set(&mut fresh);
+                *a = Attribute { proto: fresh, tensor: None };
+            }
+            None => {
+                let mut fresh = proto::AttributeProto { name: Some(name.to_string()), r#type: Some(ty as i32), ..Default::default() };
+                set(&mut fresh);
+                self.attributes.push(Attribute { proto: fresh, tensor: None });
+            }
+        }
     }
 
     /// Whether any attribute holds a subgraph (If, Loop, Scan).

@@ -249,6 +249,9 @@ pub fn analyse(graph: &Graph) -> Groups {
     let mut frozen: Vec<(usize, String)> = Vec::new();
     let mut weights: Vec<(usize, WeightSlice)> = Vec::new();
     let mut links: Vec<(usize, usize)> = Vec::new();
+    // `(node, weight)` of the weight slices that are quantised weights (`crate::quant`): integers
+    // that count as parameters, as float ones do.
+    let mut quantized: HashSet<(String, String)> = HashSet::new();
     let name = |v: ValueId| graph.value(v).name.clone();
     let describe = |d: DimRef, info: &DimInfo| format!("axis {} of `{}` ({})", d.1, name(d.0), info.size);
     for fact in &facts {
@@ -303,6 +306,9 @@ pub fn analyse(graph: &Graph) -> Groups {
                 }
             }
             Fact::Weight { dim, role, op } => {
+                if crate::quant::reads_quantized_weight(graph, *op) {
+                    quantized.insert((graph.op(*op).name.clone(), name(dim.0)));
+                }
                 if let Some(i) = dims.get(graph, *dim, Some(*op)) {
                     let slice = WeightSlice {
                         node: graph.op(*op).name.clone(),
@@ -360,8 +366,10 @@ pub fn analyse(graph: &Graph) -> Groups {
     for (d, slice) in weights {
         slices_of.entry(d).or_default().push(slice);
     }
-    let is_float =
-        |w: &WeightSlice| graph.value_by_name(&w.weight).and_then(|v| constant_tensor(graph, v)).is_some_and(|t| t.dtype().is_float());
+    let is_float = |w: &WeightSlice| {
+        graph.value_by_name(&w.weight).and_then(|v| constant_tensor(graph, v)).is_some_and(|t| t.dtype().is_float())
+            || quantized.contains(&(w.node.clone(), w.weight.clone()))
+    };
 
     struct Pending {
         key: Vec<usize>,

@@ -28,11 +28,13 @@ mod groups;
 mod guard;
 mod ids;
 mod ops;
+mod quant;
 mod records;
 mod rng;
 mod shape;
 mod stats;
 mod tensor;
+mod validate;
 
 pub use dump::dump;
 pub use error::IrError;
@@ -40,8 +42,10 @@ pub use graph::{Attribute, Edge, Graph, InfoList, Listed, Model, NodeMeta, Op, V
 pub use groups::{Group, GroupAxis, Groups, WeightSlice, analyse as analyse_groups, constant_tensor};
 pub use guard::catch_quietly;
 pub use ids::{OpId, ValueId};
-pub use ops::Role;
+pub use ops::{Role, coupled_op_types};
+pub use quant::{QuantizedInput, dequantized_weight, quantized_input, reads_quantized_weight};
 pub use rng::SplitMix64;
 pub use shape::{DType, Dim, Shape};
 pub use stats::{ModelStats, OpCost, model_stats, op_cost};
 pub use tensor::{PageRelease, Tensor};
+pub use validate::{OpRule, ValidateError, validate, validate_ops, validate_value_types};

@@ -153,8 +153,20 @@ impl RuleCx<'_> {
         self.dims(v)?.get(axis)?.known()
     }
 
-    fn weight(&mut self, dim: DimRef, role: Role) {
-        self.facts.push(Fact::Weight { dim, role, op: self.op });
+    /// Whether the value is a weight: a constant, or a `DequantizeLinear` of a constant integer
+    /// weight (QDQ models), whose integers are then sliced with its channels.
+    fn is_weight(&self, v: ValueId) -> bool {
+        self.is_const(v) || crate::quant::dequantized_source(self.graph, v).is_some()
+    }
+
+    /// States a weight's role; for a dequantised weight ([`RuleCx::is_weight`]) the role is the
+    /// integer constant's, in its use by the `DequantizeLinear` (which couples the two axes), so
+    /// the slice that is scored, sliced and masked is the constant's.
+    fn weight(&mut self, (v, axis): DimRef, role: Role) {
+        match crate::quant::dequantized_source(self.graph, v).filter(|_| !self.is_const(v)) {
+            Some((q, dq)) => self.facts.push(Fact::Weight { dim: (q, axis), role, op: dq }),
+            None => self.facts.push(Fact::Weight { dim: (v, axis), role, op: self.op }),
+        }
     }
 
     fn freeze(&mut self, value: ValueId, axis: Option<usize>, why: &str) {
@@ -201,8 +213,10 @@ pub(crate) const RULES: &[(&str, Rule)] = &[
     ("Concat", concat),
     ("Constant", constant),
     ("Conv", conv),
+    ("ConvInteger", conv_integer),
     ("ConvTranspose", conv_transpose),
     ("Cos", unary),
+    ("DequantizeLinear", quantize_linear),
     ("Div", broadcast),
     ("Dropout", unary),
     ("Einsum", einsum),
@@ -232,6 +246,7 @@ pub(crate) const RULES: &[(&str, Rule)] = &[
     ("Less", broadcast),
     ("Log", unary),
     ("MatMul", matmul),
+    ("MatMulInteger", matmul_integer),
     ("Max", broadcast),
     ("MaxPool", pool),
     ("Min", broadcast),
@@ -242,6 +257,9 @@ pub(crate) const RULES: &[(&str, Rule)] = &[
     ("PRelu", broadcast),
     ("Pad", pad),
     ("Pow", broadcast),
+    ("QLinearConv", qlinear_conv),
+    ("QLinearMatMul", qlinear_matmul),
+    ("QuantizeLinear", quantize_linear),
     ("Reciprocal", unary),
     ("ReduceMax", reduce),
     ("ReduceMean", reduce),
@@ -270,6 +288,12 @@ pub(crate) const RULES: &[(&str, Rule)] = &[
     ("Upsample", resize),
     ("Where", broadcast),
 ];
+
+/// The op types (default domain) that have a coupling rule, in table order: the ops whose
+/// tensors a pruning rewrite may resize.
+pub fn coupled_op_types() -> impl Iterator<Item = &'static str> {
+    RULES.iter().map(|(name, _)| *name)
+}
 
 /// The rule for an op, if the table has one.
 pub(crate) fn rule_for(domain: &str, op_type: &str) -> Option<Rule> {
@@ -340,15 +364,108 @@ fn constant(_cx: &mut RuleCx) {}
 
 /// Conv: `W[M, C/group, k...]`, `B[M]`; `X[N, C, ...]` → `Y[N, M, ...]`.
 fn conv(cx: &mut RuleCx) {
-    let (Some(x), Some(w), Some(y)) = (cx.input(0), cx.input(1), cx.output(0)) else { return cx.freeze_all("has a missing input") };
+    conv_slots(cx, 1, Some(2));
+}
+
+/// QLinearConv: Conv on quantised tensors (`x, x_scale, x_zero_point, w, w_scale, w_zero_point,
+/// y_scale, y_zero_point, B`); `w_scale` and `w_zero_point` are per output channel when 1-D.
+fn qlinear_conv(cx: &mut RuleCx) {
+    if !quantized_params(cx, &[1, 2, 6, 7], &[4, 5], 1) {
+        return;
+    }
+    conv_slots(cx, 3, Some(8));
+}
+
+/// ConvInteger: Conv of integers (`x, w, x_zero_point, w_zero_point`), no bias; `w_zero_point`
+/// is per output channel when 1-D.
+fn conv_integer(cx: &mut RuleCx) {
+    if !quantized_params(cx, &[2], &[3], 1) {
+        return;
+    }
+    conv_slots(cx, 1, None);
+}
+
+/// The quantisation parameters of a QLinear or Integer op: `scalars` are per tensor (a 1-D one
+/// freezes what it touches); `per_channel` ones run along axis `out_axis` of the output when
+/// 1-D and are sliced with it. An op whose weight is not one [`crate::quant`] can score and mask
+/// (a nonzero weight zero point) is frozen. Returns whether the op's rule goes on.
+fn quantized_params(cx: &mut RuleCx, scalars: &[usize], per_channel: &[usize], out_axis: usize) -> bool {
+    if !crate::quant::reads_quantized_weight(cx.graph, cx.op) {
+        cx.freeze_all("has a weight that is not a constant with a zero zero point (not pruned)");
+        return false;
+    }
+    for &slot in scalars {
+        if let Some(p) = cx.input(slot)
+            && cx.rank(p).unwrap_or(1) > 0
+        {
+            cx.freeze(p, None, "reads it as a per-tensor quantisation parameter");
+        }
+    }
+    let Some(y) = cx.output(0) else {
+        cx.freeze_all("has a missing output");
+        return false;
+    };
+    let out_axis = if out_axis == usize::MAX { cx.rank(y).unwrap_or(1).saturating_sub(1) } else { out_axis };
+    for &slot in per_channel {
+        let Some(p) = cx.input(slot) else { continue };
+        match cx.rank(p) {
+            Some(0) => {}
+            Some(1) => {
+                cx.couple((p, 0), (y, out_axis));
+                cx.weight((p, 0), Role::Param);
+            }
+            _ => {
+                cx.freeze_all("has a quantisation parameter of unexpected rank");
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// DequantizeLinear and QuantizeLinear: elementwise on input 0. A 1-D scale and zero point run
+/// along `axis` (per channel, default 1) and are sliced with its channels, like a bias; scalar
+/// ones (per tensor) carry no channel and are kept. A constant input is sliced with the
+/// channels of the output it dequantises (the weight roles are stated by the op that reads the
+/// dequantised weight, see [`RuleCx::weight`]).
+fn quantize_linear(cx: &mut RuleCx) {
+    if cx.attr_int("block_size").unwrap_or(0) != 0 {
+        return cx.freeze_all("uses blocked quantisation (not handled)");
+    }
+    let (Some(x), Some(y)) = (cx.input(0), cx.output(0)) else { return cx.freeze_all("has a missing input") };
+    if !cx.pass_through(0) {
+        return cx.freeze_all("has a tensor of unknown rank");
+    }
+    let rank = cx.rank(x).unwrap_or(0);
+    for slot in 1..3 {
+        let Some(p) = cx.input(slot) else { continue };
+        match cx.rank(p) {
+            Some(0) => {}
+            Some(1) => {
+                let Some(axis) = normalize_axis(cx.attr_int("axis").unwrap_or(1), rank) else {
+                    return cx.freeze_all("has an invalid axis");
+                };
+                cx.couple((p, 0), (y, axis));
+                if cx.is_const(p) {
+                    cx.weight((p, 0), Role::Param);
+                }
+            }
+            _ => return cx.freeze_all("has a scale or zero point of unexpected rank"),
+        }
+    }
+}
+
+/// Conv with its weight in input `w_slot` and its bias in `b_slot`.
+fn conv_slots(cx: &mut RuleCx, w_slot: usize, b_slot: Option<usize>) {
+    let (Some(x), Some(w), Some(y)) = (cx.input(0), cx.input(w_slot), cx.output(0)) else { return cx.freeze_all("has a missing input") };
     let (Some(wd), Some(xd)) = (cx.dims(w).map(<[Dim]>::to_vec), cx.dims(x).map(<[Dim]>::to_vec)) else {
         return cx.freeze_all("has a weight or input of unknown shape");
     };
-    if !cx.is_const(w) || wd.len() < 3 {
+    if !cx.is_weight(w) || wd.len() < 3 {
         return cx.freeze_all("has a weight that is not a constant tensor");
     }
     let group = cx.attr_int("group").unwrap_or(1);
-    let bias = cx.input(2);
+    let bias = b_slot.and_then(|b| cx.input(b));
     cx.couple((x, 0), (y, 0));
     let (Some(m), Some(c)) = (wd[0].known(), xd.get(1).and_then(Dim::known)) else {
         return cx.freeze_all("has channel counts that are not known");
@@ -378,7 +495,7 @@ fn conv(cx: &mut RuleCx) {
 /// ConvTranspose: `W[C, M/group, k...]`: the roles of the weight's first two axes are swapped.
 fn conv_transpose(cx: &mut RuleCx) {
     let (Some(x), Some(w), Some(y)) = (cx.input(0), cx.input(1), cx.output(0)) else { return cx.freeze_all("has a missing input") };
-    if !cx.is_const(w) || cx.rank(w).unwrap_or(0) < 3 {
+    if !cx.is_weight(w) || cx.rank(w).unwrap_or(0) < 3 {
         return cx.freeze_all("has a weight that is not a constant tensor");
     }
     if cx.attr_int("group").unwrap_or(1) != 1 {
@@ -405,10 +522,10 @@ fn gemm(cx: &mut RuleCx) {
     cx.couple((a, a_m), (y, 0));
     cx.couple((a, a_k), (b, b_k));
     cx.couple((b, b_n), (y, 1));
-    if cx.is_const(a) {
+    if cx.is_weight(a) {
         cx.weight((a, a_k), Role::Consumer);
     }
-    if cx.is_const(b) {
+    if cx.is_weight(b) {
         cx.weight((b, b_k), Role::Consumer);
         cx.weight((b, b_n), Role::Producer);
     }
@@ -422,7 +539,31 @@ fn gemm(cx: &mut RuleCx) {
 
 /// MatMul with numpy semantics: `[..., M, K]·[..., K, N]`; batch axes broadcast.
 fn matmul(cx: &mut RuleCx) {
-    let (Some(a), Some(b), Some(y)) = (cx.input(0), cx.input(1), cx.output(0)) else { return cx.freeze_all("has a missing input") };
+    matmul_slots(cx, 1);
+}
+
+/// QLinearMatMul: MatMul on quantised tensors (`a, a_scale, a_zero_point, b, b_scale,
+/// b_zero_point, y_scale, y_zero_point`); `b_scale` and `b_zero_point` are per column of the
+/// output when 1-D.
+fn qlinear_matmul(cx: &mut RuleCx) {
+    if !quantized_params(cx, &[1, 2, 6, 7], &[4, 5], usize::MAX) {
+        return;
+    }
+    matmul_slots(cx, 3);
+}
+
+/// MatMulInteger: MatMul of integers (`A, B, a_zero_point, b_zero_point`); `b_zero_point` is per
+/// column of the output when 1-D (a per-row `a_zero_point` freezes what it touches).
+fn matmul_integer(cx: &mut RuleCx) {
+    if !quantized_params(cx, &[2], &[3], usize::MAX) {
+        return;
+    }
+    matmul_slots(cx, 1);
+}
+
+/// MatMul with its second operand in input `b_slot`.
+fn matmul_slots(cx: &mut RuleCx, b_slot: usize) {
+    let (Some(a), Some(b), Some(y)) = (cx.input(0), cx.input(b_slot), cx.output(0)) else { return cx.freeze_all("has a missing input") };
     let (Some(ra), Some(rb), Some(ry)) = (cx.rank(a), cx.rank(b), cx.rank(y)) else {
         return cx.freeze_all("has an operand of unknown rank");
     };
@@ -433,7 +574,7 @@ fn matmul(cx: &mut RuleCx) {
     cx.couple((a, ra - 2), (y, ry - 2));
     cx.couple((b, rb - 1), (y, ry - 1));
     for (v, rv) in [(a, ra), (b, rb)] {
-        if cx.is_const(v) {
+        if cx.is_weight(v) {
             let (k, n) = if v == a { (ra - 1, ra - 2) } else { (rb - 2, rb - 1) };
             cx.weight((v, k), Role::Consumer);
             cx.weight((v, n), Role::Producer);
@@ -512,7 +653,7 @@ fn group_norm(cx: &mut RuleCx) {
 /// operand, its rows are produced channels); a letter only in the inputs is contracted.
 fn einsum(cx: &mut RuleCx) {
     let equation: String =
-        cx.graph.op(cx.op).attr("equation").map(|a| String::from_utf8_lossy(a.proto.s()).replace(' ', "")).unwrap_or_default();
+        cx.graph.op(cx.op).attr_string("equation").map(|s| String::from_utf8_lossy(s).replace(' ', "")).unwrap_or_default();
     let Some((lhs, rhs)) = equation.split_once("->") else { return cx.freeze_all("has an implicit-output equation (not handled)") };
     if equation.contains('.') {
         return cx.freeze_all("has an ellipsis in its equation (not handled)");

@@ -1,6 +1,6 @@
 //! Errors of passes.
 
-use prunec_ir::IrError;
+use prunec_ir::{IrError, ValidateError};
 
 /// Why a pass or a pipeline failed.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +20,15 @@ pub enum PassError {
         pass: &'static str,
         /// What is wrong.
         source: IrError,
+    },
+    /// A pass left a graph that breaks a rule of ONNX the reader checks ([`prunec_ir::validate`],
+    /// run after every pass in debug builds and tests): a bug in that pass.
+    #[error("pass `{pass}` left a graph the reader would refuse")]
+    Invalid {
+        /// The pass.
+        pass: &'static str,
+        /// The rule broken, with the node.
+        source: ValidateError,
     },
     /// A pass option is out of range or malformed.
     #[error("{0}")]

@@ -270,6 +270,10 @@ pub fn run_pipeline_observed(
         // Recorded shapes are written back as they are; none may contradict what the pass did.
         model.graph.reconcile_records();
         model.graph.topo_order().map_err(|source| PassError::BrokeGraph { pass: pass.name(), source })?;
+        // In debug builds and tests, a pass must leave a graph the reader would accept.
+        if cfg!(debug_assertions) {
+            prunec_ir::validate(&model.graph).map_err(|source| PassError::Invalid { pass: pass.name(), source })?;
+        }
         runs.push(PassRun { name: pass.name(), options: pass.options(), report, elapsed: start.elapsed() });
         if after(runs.last().expect("just pushed"), model).is_break() {
             break;

@@ -214,8 +214,11 @@ fn read_array(npz: &mut ndarray_npy::NpzReader<std::fs::File>, name: &str) -> Re
 }
 
 /// Seeded random inputs for every graph input of `model` that `given` lacks. Shapes come from
-/// `shapes`, else from the model, with every unknown or symbolic dim set to 1. Floats are
-/// uniform in [-1, 1); integers are 0 or 1 (valid indices for any table); booleans are random.
+/// `shapes`, else from the model, with every unknown or symbolic dim set to 1. Floats (f32, f64,
+/// f16) are uniform in [-1, 1); 8-bit integers cover their whole range (they are pixels or
+/// quantised data, which a range of 0 and 1 would barely exercise); wider integers are 0 or 1
+/// (valid indices for any table); booleans are random. A type tract cannot run (bf16, strings,
+/// complex numbers) is refused with the input's name: such inputs must come from `--inputs`.
 pub fn random_feed(model: &Model, given: Feed, shapes: &BTreeMap<String, Vec<u64>>, seed: u64) -> Result<Feed, RunError> {
     let mut feed = given;
     let mut rng = prunec_ir::SplitMix64(seed);
@@ -232,19 +235,43 @@ pub fn random_feed(model: &Model, given: Feed, shapes: &BTreeMap<String, Vec<u64
                 .map(|s| s.0.iter().map(|d| if let Dim::Known(n) = d { *n as usize } else { 1 }).collect())
                 .unwrap_or_default(),
         };
-        let n: usize = dims.iter().product();
         let dtype = v.dtype.unwrap_or(DType::F32);
-        let tensor = match dtype.known() {
-            Some(DataType::Float) => TractTensor::from_shape(&dims, &(0..n).map(|_| (rng.unit() * 2.0 - 1.0) as f32).collect::<Vec<_>>()),
-            Some(DataType::Double) => TractTensor::from_shape(&dims, &(0..n).map(|_| rng.unit() * 2.0 - 1.0).collect::<Vec<_>>()),
-            Some(DataType::Int64) => TractTensor::from_shape(&dims, &(0..n).map(|_| (rng.next_u64() % 2) as i64).collect::<Vec<_>>()),
-            Some(DataType::Int32) => TractTensor::from_shape(&dims, &(0..n).map(|_| (rng.next_u64() % 2) as i32).collect::<Vec<_>>()),
-            Some(DataType::Bool) => TractTensor::from_shape(&dims, &(0..n).map(|_| rng.next_u64() % 2 == 1).collect::<Vec<_>>()),
-            _ => return Err(RunError::Inputs(format!("cannot make random values of type {dtype} for input `{}`", v.name))),
-        }?;
+        let tensor = random_tensor(dtype, &dims, &mut rng)
+            .ok_or_else(|| {
+                RunError::Inputs(format!(
+                    "cannot make random values of type {dtype} for input `{}`: tract cannot run it; give its values with --inputs",
+                    v.name
+                ))
+            })?
+            .map_err(RunError::from)?;
         feed.0.insert(v.name.clone(), tensor);
     }
     Ok(feed)
+}
+
+/// Random values of an element type for [`random_feed`]; `None` for a type tract has no datum
+/// type for.
+fn random_tensor(dtype: DType, dims: &[usize], rng: &mut prunec_ir::SplitMix64) -> Option<TractResult<TractTensor>> {
+    let n: usize = dims.iter().product();
+    fn make<T: Datum + Copy>(dims: &[usize], n: usize, mut f: impl FnMut() -> T) -> TractResult<TractTensor> {
+        TractTensor::from_shape(dims, &(0..n).map(|_| f()).collect::<Vec<T>>())
+    }
+    let unit = |rng: &mut prunec_ir::SplitMix64| rng.unit() * 2.0 - 1.0;
+    Some(match dtype.known()? {
+        DataType::Float => make(dims, n, || unit(rng) as f32),
+        DataType::Double => make(dims, n, || unit(rng)),
+        DataType::Float16 => make(dims, n, || f16::from_f64(unit(rng))),
+        DataType::Uint8 => make(dims, n, || rng.next_u64() as u8),
+        DataType::Int8 => make(dims, n, || rng.next_u64() as i8),
+        DataType::Uint16 => make(dims, n, || (rng.next_u64() % 2) as u16),
+        DataType::Int16 => make(dims, n, || (rng.next_u64() % 2) as i16),
+        DataType::Uint32 => make(dims, n, || (rng.next_u64() % 2) as u32),
+        DataType::Int32 => make(dims, n, || (rng.next_u64() % 2) as i32),
+        DataType::Uint64 => make(dims, n, || rng.next_u64() % 2),
+        DataType::Int64 => make(dims, n, || (rng.next_u64() % 2) as i64),
+        DataType::Bool => make(dims, n, || rng.next_u64() % 2 == 1),
+        _ => return None,
+    })
 }
 
 /// How far two outputs are apart.

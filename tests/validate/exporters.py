@@ -17,6 +17,27 @@ keep every record in step with the graph it writes; these variants put records e
         no shape, an input that is also an output, a repeated value_info entry between others,
         and a value_info naming a value the graph does not hold.
 
+    exporters.py fp16 SRC FEED.npz OUT_DIR
+        Writes OUT_DIR/fp16.onnx, the whole graph in float16 (inputs, outputs, weights, every
+        value), as a converter that keeps no f32 interface writes it, and OUT_DIR/fp16_io.onnx,
+        float16 inside behind Casts from and to the f32 inputs and outputs (a mixed-precision
+        export), and OUT_DIR/fp16_matmul.onnx, the whole-graph one with its Gemms as MatMul and
+        Add (tract 0.23 cannot run a float16 Gemm with a bias). Writes each one's feed beside it (`*.inputs.npz`: FEED cast to its input types).
+        Prints `MODEL FEED` lines.
+
+    exporters.py qdq SRC FEED.npz OUT_DIR
+        Writes OUT_DIR/qdq.onnx: SRC quantised by ONNX Runtime's `quantize_static` (QDQ format,
+        int8 weights with per-channel scales, uint8 activations), calibrated on FEED. Prints
+        `MODEL FEED`.
+
+    exporters.py qoperator SRC FEED.npz OUT_DIR
+        The same quantisation in ONNX Runtime's operator format (QLinearConv, QLinearMatMul and
+        friends, no QDQ pairs): OUT_DIR/qoperator.onnx. Prints `MODEL FEED`.
+
+    exporters.py uint8 SRC FEED.npz OUT_DIR
+        Writes OUT_DIR/uint8.onnx: SRC behind a uint8 image input (`Cast` to float and `Div` by
+        255, as image pipelines export), and its feed (FEED rescaled to 0..255). Prints `MODEL FEED`.
+
     exporters.py check ORIGINAL PRUNED FEED.npz
         Refuses PRUNED unless the full checker and strict shape inference accept it and ONNX
         Runtime runs it on FEED with the original's output shapes and types. Exits 1 with the
@@ -115,6 +136,178 @@ def legacy(out):
     print(out)
 
 
+F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+
+
+def _retype_values(values, old, new):
+    for v in values:
+        if v.type.tensor_type.elem_type == old:
+            v.type.tensor_type.elem_type = new
+
+
+def _graph_to_fp16(graph):
+    """Every float weight, Constant, Cast target and recorded value type of `graph` in float16."""
+    for t in graph.initializer:
+        if t.data_type == F32:
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.float16), t.name))
+    for n in graph.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == F32:
+                a.t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(a.t).astype(np.float16), a.t.name))
+            if n.op_type == "Cast" and a.name == "to" and a.i == F32:
+                a.i = F16
+    _retype_values(graph.value_info, F32, F16)
+    del graph.value_info[:]
+
+
+def _save_checked(model, path):
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+
+
+def _feed_for(model_path, feed, out):
+    """FEED's arrays cast to the model's input types, saved at `out`."""
+    types = {i.name: i.type for i in session(model_path).get_inputs()}
+    cast = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(uint8)": np.uint8}
+    np.savez(out, **{k: v.astype(cast[types[k]]) for k, v in feed.items() if k in types})
+    return out
+
+
+def fp16(src, feed_path, out_dir):
+    feed = dict(np.load(feed_path))
+    lines = []
+    whole = onnx.load(src)
+    _graph_to_fp16(whole.graph)
+    _retype_values(list(whole.graph.input) + list(whole.graph.output), F32, F16)
+    path = f"{out_dir}/fp16.onnx"
+    _save_checked(whole, path)
+    lines.append(f"{path} {_feed_for(path, feed, f'{out_dir}/fp16.inputs.npz')}")
+
+    io = onnx.load(src)
+    g = io.graph
+    _graph_to_fp16(g)
+    casts_in, casts_out = [], []
+    for i in g.input:
+        if i.type.tensor_type.elem_type != F32:
+            continue
+        inner = f"{i.name}_fp16"
+        for n in g.node:
+            n.input[:] = [inner if x == i.name else x for x in n.input]
+        casts_in.append(oh.make_node("Cast", [i.name], [inner], name=f"{i.name}_to_fp16", to=F16))
+    for o in g.output:
+        if o.type.tensor_type.elem_type != F32:
+            continue
+        inner = f"{o.name}_fp16"
+        for n in g.node:
+            n.output[:] = [inner if x == o.name else x for x in n.output]
+            n.input[:] = [inner if x == o.name else x for x in n.input]
+        casts_out.append(oh.make_node("Cast", [inner], [o.name], name=f"{o.name}_to_fp32", to=F32))
+    nodes = casts_in + list(g.node) + casts_out
+    del g.node[:]
+    g.node.extend(nodes)
+    path = f"{out_dir}/fp16_io.onnx"
+    _save_checked(io, path)
+    lines.append(f"{path} {_feed_for(path, feed, f'{out_dir}/fp16_io.inputs.npz')}")
+
+    # tract 0.23 cannot run a float16 Gemm with a bias (its expansion multiplies C by an f32
+    # beta, so the sum comes out f32); the same model with the Gemm as MatMul and Add (how
+    # exporters write Linear layers on 3-D inputs) is what tract can verify.
+    matmul = onnx.load(path.replace("fp16_io", "fp16"))
+    _gemm_to_matmul(matmul.graph)
+    path = f"{out_dir}/fp16_matmul.onnx"
+    _save_checked(matmul, path)
+    lines.append(f"{path} {_feed_for(path, feed, f'{out_dir}/fp16_matmul.inputs.npz')}")
+    print("\n".join(lines))
+
+
+def _gemm_to_matmul(graph):
+    """Every Gemm of a constant B (alpha 1, no transA) as MatMul(A, B') and Add(·, C)."""
+    inits = {t.name: t for t in graph.initializer}
+    nodes = []
+    for n in graph.node:
+        attrs = {a.name: a for a in n.attribute}
+        plain = n.op_type == "Gemm" and n.input[1] in inits and not attrs.get("transA", onnx.AttributeProto()).i
+        plain = plain and attrs.get("alpha", onnx.AttributeProto(f=1.0)).f == 1.0 and attrs.get("beta", onnx.AttributeProto(f=1.0)).f == 1.0
+        if not plain:
+            nodes.append(n)
+            continue
+        b = inits[n.input[1]]
+        if attrs.get("transB", onnx.AttributeProto()).i:
+            b.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(b).T.copy(), b.name))
+        out = n.output[0]
+        if len(n.input) > 2 and n.input[2]:
+            nodes.append(oh.make_node("MatMul", n.input[:2], [f"{out}_matmul"], name=f"{n.name}_matmul"))
+            nodes.append(oh.make_node("Add", [f"{out}_matmul", n.input[2]], [out], name=f"{n.name}_bias"))
+        else:
+            nodes.append(oh.make_node("MatMul", n.input[:2], [out], name=f"{n.name}_matmul"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+
+
+def qdq(src, feed_path, out_dir, quant_format="QDQ"):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    feed = dict(np.load(feed_path))
+    names = [i.name for i in session(src).get_inputs()]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = [{k: feed[k] for k in names}]
+
+        def get_next(self):
+            return self.batches.pop() if self.batches else None
+
+    stem = "qdq" if quant_format == "QDQ" else "qoperator"
+    path = f"{out_dir}/{stem}.onnx"
+    quantize_static(
+        src,
+        path,
+        Reader(),
+        quant_format=QuantFormat.QDQ if quant_format == "QDQ" else QuantFormat.QOperator,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,
+    )
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    print(f"{path} {_feed_for(path, feed, f'{out_dir}/{stem}.inputs.npz')}")
+
+
+def qoperator(src, feed_path, out_dir):
+    qdq(src, feed_path, out_dir, "QOperator")
+
+
+def uint8(src, feed_path, out_dir):
+    model = onnx.load(src)
+    g = model.graph
+    x = g.input[0]
+    raw = f"{x.name}_uint8"
+    for n in g.node:
+        n.input[:] = [f"{x.name}_scaled" if i == x.name else i for i in n.input]
+    g.initializer.append(onnx.numpy_helper.from_array(np.array(255.0, np.float32), "pixel_scale"))
+    front = [
+        oh.make_node("Cast", [raw], [f"{x.name}_float"], name="pixels_to_float", to=F32),
+        oh.make_node("Div", [f"{x.name}_float", "pixel_scale"], [f"{x.name}_scaled"], name="pixels_scale"),
+    ]
+    nodes = front + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    x.name = raw
+    x.type.tensor_type.elem_type = TensorProto.UINT8
+    del g.value_info[:]
+    path = f"{out_dir}/uint8.onnx"
+    _save_checked(model, path)
+    feed = dict(np.load(feed_path))
+    first = feed[list(feed)[0]]
+    lo, hi = first.min(), first.max()
+    pixels = np.round((first - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8)
+    out = f"{out_dir}/uint8.inputs.npz"
+    np.savez(out, **{raw: pixels})
+    print(f"{path} {out}")
+
+
 def session(path):
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -137,7 +330,7 @@ def check(original, pruned, feed_path):
 
 def main():
     command, *args = sys.argv[1:]
-    {"make": make, "legacy": legacy, "check": check}[command](*args)
+    {"make": make, "legacy": legacy, "check": check, "fp16": fp16, "qdq": qdq, "qoperator": qoperator, "uint8": uint8}[command](*args)
 
 
 if __name__ == "__main__":

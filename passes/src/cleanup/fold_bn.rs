@@ -78,7 +78,7 @@ fn foldable(graph: &Graph, bn: OpId) -> Option<Fold> {
     }
     let [gamma, beta, mean, var] = [1, 2, 3, 4].map(|slot| floats(graph, graph.op_input(bn, slot)));
     let (gamma, beta, mean, var) = (gamma?, beta?, mean?, var?);
-    let eps = op.attr("epsilon").and_then(|a| a.proto.f).unwrap_or(1e-5);
+    let eps = op.attr_float("epsilon").unwrap_or(1e-5);
     let scale: Vec<f32> = gamma.iter().zip(&var).map(|(g, v)| g / (v + eps).sqrt()).collect();
     let w = constant_tensor(graph, graph.op_input(producer, 1)?)?;
     let dims = w.dims();
@@ -87,8 +87,8 @@ fn foldable(graph: &Graph, bn: OpId) -> Option<Fold> {
     let axis = match p.op_type.as_str() {
         "Conv" if graph.op_input(producer, 0).and_then(|x| graph.value(x).shape.as_ref().map(|s| s.rank())).is_none_or(|r| r >= 3) => 0,
         "Gemm"
-            if p.attr("alpha").and_then(|a| a.proto.f).unwrap_or(1.0) == 1.0
-                && p.attr("beta").and_then(|a| a.proto.f).unwrap_or(1.0) == 1.0 =>
+            if p.attr_float("alpha").unwrap_or(1.0) == 1.0
+                && p.attr_float("beta").unwrap_or(1.0) == 1.0 =>
         {
             if p.attr_int("transB").unwrap_or(0) != 0 {
                 0

@@ -113,8 +113,9 @@ pub(crate) fn score_groups(
     order: &HashMap<String, usize>,
     calibration: Option<&Calibration>,
 ) -> Vec<Option<Vec<f64>>> {
+    let quantized = quantized_weights(graph);
     let wanted: BTreeSet<(String, usize)> =
-        groups.iter().flat_map(|g| scored_slices(graph, g, criterion)).map(|w| (w.weight.clone(), w.axis)).collect();
+        groups.iter().flat_map(|g| scored_slices(graph, g, criterion, &quantized)).map(|w| (w.weight.clone(), w.axis)).collect();
     // A closure, not a function pointer, so it inlines into the per-element loop of the sums.
     let absolute = matches!(criterion, Criterion::L1 | Criterion::BnScale | Criterion::Wanda);
     let power = move |x: f64| if absolute { x.abs() } else { x * x };
@@ -127,7 +128,12 @@ pub(crate) fn score_groups(
     let sums: HashMap<(String, usize), Vec<f64>> = per_weight
         .into_par_iter()
         .filter_map(|(weight, axes)| {
-            let t = constant_tensor(graph, graph.value_by_name(&weight)?)?;
+            // A quantised weight is scored dequantised (see `quantized_weights`).
+            let dequantized = quantized.iter().find(|((_, w), _)| *w == weight).and_then(|(_, &op)| prunec_ir::dequantized_weight(graph, op));
+            let t = match &dequantized {
+                Some(t) => t,
+                None => constant_tensor(graph, graph.value_by_name(&weight)?)?,
+            };
             let sums = t.axes_sums(&axes, power)?;
             Some(axes.into_iter().zip(sums).map(move |(axis, s)| ((weight.clone(), axis), s)).collect::<Vec<_>>())
         })
@@ -141,7 +147,7 @@ pub(crate) fn score_groups(
                 let mut rng = prunec_ir::SplitMix64(seed ^ (g.id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
                 return Some((0..channels).map(|_| rng.unit()).collect());
             }
-            let mut slices: Vec<&prunec_ir::WeightSlice> = scored_slices(graph, g, criterion).collect();
+            let mut slices: Vec<&prunec_ir::WeightSlice> = scored_slices(graph, g, criterion, &quantized).collect();
             if reduction == Reduction::First {
                 slices.retain(|w| w.role == Role::Producer);
                 slices.sort_by_key(|w| order.get(&w.node).copied().unwrap_or(usize::MAX));
@@ -183,12 +189,40 @@ pub(crate) fn reduce(per_slice: &[Vec<f64>], channels: usize, reduction: Reducti
     Some((0..channels).map(score).collect())
 }
 
-/// The slices a criterion reads: producer and consumer weights of a float type (biases and other
-/// per-channel parameters are not counted), or the BatchNormalization scales for `bn-scale`.
-fn scored_slices<'g>(graph: &'g Graph, group: &'g Group, criterion: Criterion) -> impl Iterator<Item = &'g prunec_ir::WeightSlice> + 'g {
+/// The quantised weights of the graph (`prunec_ir::reads_quantized_weight`): `(node, weight)` of
+/// the op that reads each integer weight with its scale, and that op.
+///
+/// A quantised weight is scored as the float weight it stands for, `(q − zero_point) · scale`,
+/// dequantised whole, rather than as its integers times a per-channel scale: the scale runs
+/// along the output channels, so the input columns a consumer slice sums mix channels of
+/// different scales, and only the dequantised values rank those columns as the float model's
+/// would (and as the float weight's scores rank its output rows). The cost is one f32 copy of a
+/// quantised weight while it is scored. Like every other weight type, the sums are in f64.
+fn quantized_weights(graph: &Graph) -> BTreeMap<(String, String), prunec_ir::OpId> {
+    graph
+        .op_ids()
+        .filter(|&op| prunec_ir::reads_quantized_weight(graph, op))
+        .filter_map(|op| {
+            let q = prunec_ir::quantized_input(&graph.op(op).op_type)?;
+            let w = graph.op_input(op, q.weight)?;
+            Some(((graph.op(op).name.clone(), graph.value(w).name.clone()), op))
+        })
+        .collect()
+}
+
+/// The slices a criterion reads: producer and consumer weights of a float type or quantised
+/// (biases and other per-channel parameters are not counted), or the BatchNormalization scales
+/// for `bn-scale`. Scores are f64 whatever the stored type (f16, bf16, int8 weights included).
+fn scored_slices<'g>(
+    graph: &'g Graph,
+    group: &'g Group,
+    criterion: Criterion,
+    quantized: &'g BTreeMap<(String, String), prunec_ir::OpId>,
+) -> impl Iterator<Item = &'g prunec_ir::WeightSlice> + 'g {
     group.weights.iter().filter(move |w| {
         let Some(v) = graph.value_by_name(&w.weight) else { return false };
-        let is_float = constant_tensor(graph, v).is_some_and(|t| t.dtype().is_float());
+        let is_float = constant_tensor(graph, v).is_some_and(|t| t.dtype().is_float())
+            || quantized.contains_key(&(w.node.clone(), w.weight.clone()));
         match criterion {
             Criterion::BnScale => {
                 w.role == Role::Param

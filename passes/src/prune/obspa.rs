@@ -488,12 +488,7 @@ impl Im2col {
         let dilations = ints("dilations", 1);
         let input = shape[2..].to_vec();
         let pads = op.attr_ints("pads").map(<[i64]>::to_vec).unwrap_or_else(|| vec![0; 2 * spatial]);
-        let auto = op
-            .attributes
-            .iter()
-            .find(|a| a.name() == "auto_pad")
-            .and_then(|a| a.proto.s.as_ref())
-            .map(|s| String::from_utf8_lossy(s).into_owned());
+        let auto = op.attr_string("auto_pad").map(|s| String::from_utf8_lossy(s).into_owned());
         let mut pads_begin = Vec::with_capacity(spatial);
         let mut output = Vec::with_capacity(spatial);
         for i in 0..spatial {
@@ -602,7 +597,7 @@ fn bias_of(graph: &Graph, op: OpId, rows: usize) -> Option<(BiasSlot, Vec<f64>)>
         let one_d = t.numel() as usize == rows && t.dims().iter().filter(|&&d| d != 1).count() <= 1;
         (t.dtype() == prunec_ir::DType::F32 && one_d && rewritable(graph, v)).then(|| t.to_f64_vec()).flatten()
     };
-    let unit = |name: &str| o.attr(name).and_then(|a| a.proto.f).unwrap_or(1.0) == 1.0;
+    let unit = |name: &str| o.attr_float(name).unwrap_or(1.0) == 1.0;
     let input_or_norm = |slot: usize| match graph.op_input(op, slot) {
         Some(b) => Some((BiasSlot::Input(slot), values(b)?)),
         None => {
@@ -1003,7 +998,7 @@ pub fn bn_hessian(graph: &Graph, op: OpId) -> Option<Hessian> {
     }
     let param = |slot: usize| constant_tensor(graph, graph.op_input(producer, slot)?)?.to_f64_vec();
     let (gamma, beta, var) = (param(1)?, param(2)?, param(4)?);
-    let eps = bn.attr("epsilon").and_then(|a| a.proto.f).unwrap_or(1e-5) as f64;
+    let eps = bn.attr_float("epsilon").unwrap_or(1e-5) as f64;
     let channels = view.columns / view.per_index;
     if gamma.len() != channels || beta.len() != channels || var.len() != channels {
         return None;
@@ -1113,8 +1108,7 @@ mod tests {
         let mut op = unnamed_op("Conv");
         for (name, v) in [("strides", stride), ("pads", pad), ("dilations", dil)] {
             let n = if name == "pads" { 4 } else { 2 };
-            let proto = prunec_ir::proto::AttributeProto { name: Some(name.into()), ints: vec![v as i64; n], ..Default::default() };
-            op.attributes.push(prunec_ir::Attribute { proto, tensor: None });
+            op.set_attr_ints(name, &vec![v as i64; n]);
         }
         let unfold = Im2col::new(&op, &[1, c, h, w], &[k, k]).expect("valid geometry");
         let want = direct_conv(&x, c, h, w, &weight, k, stride, pad, dil);

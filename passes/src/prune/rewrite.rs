@@ -6,7 +6,7 @@
 //! cannot be written (a shape computed at run time, a strided slice) is known before anything
 //! changes; [`apply`] then performs it.
 
-use prunec_ir::{Graph, Group, OpId, Tensor, ValueId, ValueKind, constant_tensor, proto};
+use prunec_ir::{Graph, Group, OpId, Tensor, ValueId, ValueKind, constant_tensor};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -96,7 +96,9 @@ fn op_edits(graph: &Graph, removal: &Removal, op_id: OpId, opset: i64) -> Result
     let const_ints = |slot| input(slot).and_then(|v| constant_tensor(graph, v)).and_then(|t| t.to_i64_vec().map(|ints| (t.clone(), ints)));
     let mut edits = Vec::new();
     if !op.domain.is_empty() && op.domain != "ai.onnx" {
-        return Ok(edits);
+        // The coupling table has no rule for other domains, so their tensors never change size;
+        // one that does would have no rule here either.
+        return Err(fail(format!("is an op of domain `{}`, which has no rewrite rule", op.domain)));
     }
     match op.op_type.as_str() {
         "Reshape" => {
@@ -215,7 +217,7 @@ fn op_edits(graph: &Graph, removal: &Removal, op_id: OpId, opset: i64) -> Result
             }
             edits.push(Edit::Input { op: op_id, slot: 3, tensor: int_tensor_like(&t, &target) });
         }
-        "Conv" | "ConvTranspose" => {
+        "Conv" | "ConvTranspose" | "ConvInteger" | "QLinearConv" => {
             let group = op.attr_int("group").unwrap_or(1);
             let Some(x) = input(0) else { return Ok(edits) };
             if group > 1
@@ -237,10 +239,100 @@ fn op_edits(graph: &Graph, removal: &Removal, op_id: OpId, opset: i64) -> Result
                 edits.push(Edit::Int { op: op_id, name: "hidden_size", value: hidden - removed as i64 });
             }
         }
-        _ => {}
+        other if NO_EDIT.binary_search(&other).is_ok() => {}
+        _ => return Err(fail("has no rewrite rule for its op type, so its tensors cannot change size".into())),
     }
     Ok(edits)
 }
+
+/// The op types whose attributes and constant inputs spell out no channel count, so a change of
+/// their tensors' sizes needs no edit: elementwise ops, pooling, normalisations with per-channel
+/// parameters (sliced as weights), reductions and layout ops whose attributes name axes, not
+/// sizes, and the ops that carry weights whose sizes are the weights' own. Sorted (a test
+/// checks); an op type neither here nor in [`op_edits`]'s rules is refused, never passed over.
+/// `Resize` and `Upsample` are here for their scale form (input 3 absent), which scales each
+/// axis by a ratio; their `sizes` form has a rule.
+const NO_EDIT: &[&str] = &[
+    "Abs",
+    "Add",
+    "AveragePool",
+    "BatchNormalization",
+    "Cast",
+    "Ceil",
+    "Clip",
+    "Concat",
+    "Constant",
+    "Cos",
+    "DequantizeLinear",
+    "Div",
+    "Dropout",
+    "Einsum",
+    "Elu",
+    "Equal",
+    "Erf",
+    "Exp",
+    "Flatten",
+    "Floor",
+    "Gather",
+    "Gelu",
+    "Gemm",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "Greater",
+    "GroupNormalization",
+    "HardSigmoid",
+    "HardSwish",
+    "Identity",
+    "InstanceNormalization",
+    "IsNaN",
+    "LayerNormalization",
+    "LeakyRelu",
+    "Less",
+    "Log",
+    "MatMul",
+    "MatMulInteger",
+    "Max",
+    "MaxPool",
+    "Min",
+    "Mish",
+    "Mul",
+    "Neg",
+    "Not",
+    "PRelu",
+    "Pad",
+    "Pow",
+    "QLinearMatMul",
+    "QuantizeLinear",
+    "Reciprocal",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceSum",
+    "Relu",
+    "Resize",
+    "Round",
+    "Selu",
+    "Shape",
+    "Sigmoid",
+    "Sign",
+    "Sin",
+    "Softmax",
+    "Softplus",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Tanh",
+    "Transpose",
+    "Unsqueeze",
+    "Upsample",
+    "Where",
+];
+
+/// The op types [`op_edits`] has an edit rule for.
+#[cfg(test)]
+const EDITED: &[&str] =
+    &["Conv", "ConvInteger", "ConvTranspose", "Expand", "GRU", "LSTM", "QLinearConv", "RNN", "Reshape", "Resize", "Slice", "Split", "Upsample"];
 
 fn normalize(axis: i64, rank: usize) -> Option<usize> {
     let a = if axis < 0 { axis + rank as i64 } else { axis };
@@ -369,26 +461,12 @@ pub(crate) fn apply(graph: &mut Graph, removal: &Removal, opset: i64) -> Result<
                 let new = graph.add_initializer(&format!("{base}_{}", graph.op(op).name), tensor);
                 graph.set_op_input(op, slot, new);
             }
-            Edit::Int { op, name, value } => set_attr(graph.op_mut(op), name, |a| a.i = Some(value)),
-            Edit::Ints { op, name, values } => set_attr(graph.op_mut(op), name, |a| a.ints = values),
-            Edit::Drop { op, name } => graph.op_mut(op).attributes.retain(|a| a.name() != name),
+            Edit::Int { op, name, value } => graph.op_mut(op).set_attr_int(name, value),
+            Edit::Ints { op, name, values } => graph.op_mut(op).set_attr_ints(name, &values),
+            Edit::Drop { op, name } => graph.op_mut(op).remove_attr(name),
         }
     }
     Ok(applied)
-}
-
-fn set_attr(op: &mut prunec_ir::Op, name: &str, set: impl FnOnce(&mut proto::AttributeProto)) {
-    use proto::attribute_proto::AttributeType;
-    match op.attributes.iter_mut().find(|a| a.name() == name) {
-        Some(a) => set(&mut a.proto),
-        None => {
-            let mut proto = proto::AttributeProto { name: Some(name.to_string()), ..Default::default() };
-            set(&mut proto);
-            let kind = if proto.ints.is_empty() { AttributeType::Int } else { AttributeType::Ints };
-            proto.r#type = Some(kind as i32);
-            op.attributes.push(prunec_ir::Attribute { proto, tensor: None });
-        }
-    }
 }
 
 /// Zeroes, in a model that keeps all its channels, what the consumers read of the removed
@@ -411,4 +489,24 @@ pub fn mask_consumers(graph: &mut Graph, slices: &[super::MaskedSlice]) -> Resul
         graph.replace_input(op, v, new);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_no_edit_list_is_sorted_and_disjoint_from_the_rules() {
+        assert!(NO_EDIT.windows(2).all(|w| w[0] < w[1]), "NO_EDIT is not sorted");
+        let both: Vec<&&str> = NO_EDIT.iter().filter(|o| EDITED.contains(o) && !matches!(**o, "Resize" | "Upsample")).collect();
+        assert!(both.is_empty(), "in both lists: {both:?}");
+    }
+
+    #[test]
+    fn every_op_of_the_coupling_table_has_a_rewrite_answer() {
+        // An op with a coupling rule can see its tensors change size; the rewrite must say what
+        // that means for it (an edit, or none) rather than fall through.
+        let missing: Vec<&str> = prunec_ir::coupled_op_types().filter(|o| !NO_EDIT.contains(o) && !EDITED.contains(o)).collect();
+        assert!(missing.is_empty(), "ops with a coupling rule but no rewrite answer: {missing:?}");
+    }
 }
