@@ -6,6 +6,7 @@
 
 mod cleanup;
 mod error;
+pub mod layers;
 pub mod prune;
 
 pub use error::PassError;

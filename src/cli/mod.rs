@@ -2,6 +2,7 @@
 
 pub mod args;
 mod bench;
+mod blocks;
 mod emit;
 mod inspect;
 mod report;
@@ -36,6 +37,7 @@ pub fn run(cli: Cli) -> Result<()> {
             emit(&list)
         }
         Some(Command::Bench(a)) => bench::run(&a),
+        Some(Command::Blocks(a)) => blocks::run(&a),
         None => compile(&cli.compile),
     }
 }
