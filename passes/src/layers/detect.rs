@@ -73,10 +73,17 @@ pub struct Layer {
     /// Everything the signature covers, in full, to compare layers.
     #[serde(skip)]
     pub(crate) signature_text: String,
-    /// The float weights those ops read and nothing else does, in signature order: the values
-    /// [`super::remove`] averages across layers of equal signature.
+    /// See [`Layer::weights`].
     #[serde(skip)]
     pub(crate) weights: Vec<ValueId>,
+}
+
+impl Layer {
+    /// The float weights only this layer reads, in signature order: what removing it deletes,
+    /// and what `Merge::Average` averages position by position across layers of one stack.
+    pub fn weights(&self) -> &[ValueId] {
+        &self.weights
+    }
 }
 
 /// A sub-block: residual regions that can only be removed together (one region, or the two
@@ -406,6 +413,10 @@ impl<'g> OpGraph<'g> {
                 // Arithmetic such as GELU's `x + 0.044715·x³`, not a block.
                 continue;
             }
+            if skip_broadcasts(graph.value(skip).shape.as_ref(), graph.value(y).shape.as_ref()) {
+                // A tensor broadcast into the sum (an attention mask) is no residual stream.
+                continue;
+            }
             match (&graph.value(skip).shape, &graph.value(y).shape) {
                 (Some(s), Some(t)) if s == t && s.0.iter().all(|d| *d != prunec_ir::Dim::Unknown) => {}
                 (Some(s), Some(t)) if s.concrete().is_some() && t.concrete().is_some() || s.rank() != t.rank() => {
@@ -731,13 +742,15 @@ impl<'g> OpGraph<'g> {
             }
             for v in graph.op_inputs(op).into_iter().flatten() {
                 let Some(t) = constant_tensor(graph, v) else { continue };
-                let only_here = graph.producer(v).is_none_or(|(p, _)| dead.contains(&p))
-                    && graph.consumers(v).iter().all(|(r, _)| dead.contains(r))
-                    && !graph.is_output(v)
-                    && !graph.inputs.contains(&v);
-                if t.dtype().is_float() && only_here && counted.insert(v) {
+                // The value holding the tensor: exporters share one weight through Identity nodes.
+                let held = stored_constant(graph, v);
+                let only_here = graph.producer(held).is_none_or(|(p, _)| dead.contains(&p))
+                    && graph.consumers(held).iter().all(|(r, _)| dead.contains(r))
+                    && !graph.is_output(held)
+                    && !graph.inputs.contains(&held);
+                if t.dtype().is_float() && only_here && counted.insert(held) {
                     parameters += t.numel();
-                    weights.push(v);
+                    weights.push(held);
                 }
             }
         }
@@ -842,6 +855,26 @@ fn stacks(layers: &[Layer]) -> Vec<Stack> {
         }
     }
     stacks
+}
+
+/// Whether `skip` is stretched to `sum` by broadcasting: a lower rank, or a size of 1 where the
+/// sum's is not.
+fn skip_broadcasts(skip: Option<&prunec_ir::Shape>, sum: Option<&prunec_ir::Shape>) -> bool {
+    let (Some(skip), Some(sum)) = (skip, sum) else { return false };
+    skip.rank() < sum.rank() || skip.0.iter().zip(&sum.0).any(|(s, t)| s.known() == Some(1) && t.known() != Some(1))
+}
+
+/// The value a constant is stored in: `v`, or the start of the Identity chain it is read through.
+fn stored_constant(graph: &Graph, mut v: ValueId) -> ValueId {
+    // A loop, not recursion: a model decides how long its chains of Identity ops are.
+    while let Some((op, _)) = graph.producer(v) {
+        let o = graph.op(op);
+        match graph.op_input(op, 0) {
+            Some(input) if o.op_type == "Identity" && default_domain(&o.domain) => v = input,
+            _ => break,
+        }
+    }
+    v
 }
 
 /// What an op reads: its inputs and the values its subgraphs capture.
