@@ -34,18 +34,18 @@ pub fn text(report: &BlockReport) -> String {
     let sizes: Vec<String> = report.stacks.iter().map(|s| s.layers.len().to_string()).collect();
     let _ = writeln!(
         out,
-        "{} layers in {} stacks ({}), {} declined",
-        report.layers.len(),
-        report.stacks.len(),
-        sizes.join(" + "),
+        "{} in {} ({}), {} declined",
+        plural(report.layers.len(), "layer"),
+        plural(report.stacks.len(), "stack"),
+        if sizes.is_empty() { "none".to_string() } else { sizes.join(" + ") },
         report.declined.len()
     );
-    let _ = writeln!(out, "{:>5} {:>7}  {:<28} {:>6} {:>11} {:>13}  score", "layer", "stack", "sub-blocks", "nodes", "parameters", "MACs");
+    let _ = writeln!(out, "{:>5} {:>9}  {:<28} {:>6} {:>11} {:>13}  score", "layer", "stack.pos", "sub-blocks", "nodes", "parameters", "MACs");
     for layer in &report.layers {
         let macs = format!("{}{}", layer.macs, if layer.macs_incomplete { "+?" } else { "" });
         let _ = writeln!(
             out,
-            "{:>5} {:>7}  {:<28} {:>6} {:>11} {:>13}  {}",
+            "{:>5} {:>9}  {:<28} {:>6} {:>11} {:>13}  {}",
             layer.index,
             format!("{}.{}", layer.stack, layer.position),
             sub_blocks(layer),
@@ -74,7 +74,12 @@ fn sub_blocks(layer: &Layer) -> String {
     names.join(" ")
 }
 
+/// The weight proxy (lower: removed first), and whether the position prior keeps the layer.
 fn score(layer: &Layer) -> String {
-    let proxy = layer.score.weight_proxy.map_or("-".to_string(), |p| format!("{p:.4}"));
-    if layer.score.protected { format!("{proxy} (kept: stack end)") } else { proxy }
+    let proxy = layer.score.weight_proxy.map_or("-".to_string(), |p| format!("{p:.3e}"));
+    if layer.score.protected { format!("{proxy} (kept: first or last layer)") } else { proxy }
+}
+
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 { format!("1 {what}") } else { format!("{n} {what}s") }
 }

@@ -58,7 +58,8 @@ pub struct Layer {
     pub position: usize,
     /// Its sub-blocks, in topological order.
     pub sub_blocks: Vec<SubBlock>,
-    /// Ops removing the whole layer deletes (the branches and the side computations only they read).
+    /// Ops removing the whole layer deletes: the residual Adds, the branches and the side
+    /// computations only they read.
     pub nodes: usize,
     /// Floating-point weight elements removing the layer deletes.
     pub parameters: u64,
@@ -759,7 +760,7 @@ impl<'g> OpGraph<'g> {
             index,
             stack: 0,
             position: 0,
-            nodes: dead_ops.len(),
+            nodes: dead_ops.len() + sub_blocks.iter().map(|s| s.regions.len()).sum::<usize>(),
             parameters,
             macs,
             macs_incomplete,
