@@ -381,6 +381,8 @@ impl<'g> OpGraph<'g> {
         let graph = self.graph;
         let mut candidates = Vec::new();
         let mut declined = Vec::new();
+        // Sums whose skip is broadcast up to them, with their branches.
+        let mut stretched = Vec::new();
         for &add in &self.order {
             let o = graph.op(add);
             if o.op_type != "Add" || !default_domain(&o.domain) {
@@ -414,14 +416,12 @@ impl<'g> OpGraph<'g> {
                 // Arithmetic such as GELU's `x + 0.044715·x³`, not a block.
                 continue;
             }
-            if skip_broadcasts(graph.value(skip).shape.as_ref(), graph.value(y).shape.as_ref()) {
-                // A tensor broadcast into the sum (an attention mask) is no residual stream.
-                continue;
-            }
             match (&graph.value(skip).shape, &graph.value(y).shape) {
                 (Some(s), Some(t)) if s == t && s.0.iter().all(|d| *d != prunec_ir::Dim::Unknown) => {}
-                (Some(s), Some(t)) if s.concrete().is_some() && t.concrete().is_some() || s.rank() != t.rank() => {
-                    declined.push(decline(DeclineReason::ShapeChange { skip: s.to_string(), output: t.to_string() }));
+                // The sum can only differ from its skip by broadcasting the skip up.
+                (Some(s), Some(t)) if skip_broadcasts(s, t) => {
+                    let reason = DeclineReason::ShapeChange { skip: s.to_string(), output: t.to_string() };
+                    stretched.push((position, Declined { add: self.op_name(add), text: reason.to_string(), reason }, ops));
                     continue;
                 }
                 _ => {
@@ -446,6 +446,13 @@ impl<'g> OpGraph<'g> {
         }
         // Innermost blocks are the layers: a branch holding other candidates' sums is a stage.
         let adds: BTreeMap<OpId, usize> = candidates.iter().enumerate().map(|(i, c)| (c.region.add_op, i)).collect();
+        // A broadcast skip whose "branch" spans whole layers is a tensor added in every layer (an
+        // attention mask), not a residual stream; any other is a residual that changes shape.
+        for (position, d, ops) in stretched {
+            if !ops.iter().any(|op| adds.contains_key(op)) {
+                declined.push((position, d));
+            }
+        }
         let mut kept = Vec::new();
         for c in candidates {
             let inner: Vec<String> = c.ops.iter().filter(|op| adds.contains_key(op)).map(|&op| self.op_name(op)).collect();
@@ -860,8 +867,7 @@ fn stacks(layers: &[Layer]) -> Vec<Stack> {
 
 /// Whether `skip` is stretched to `sum` by broadcasting: a lower rank, or a size of 1 where the
 /// sum's is not.
-fn skip_broadcasts(skip: Option<&prunec_ir::Shape>, sum: Option<&prunec_ir::Shape>) -> bool {
-    let (Some(skip), Some(sum)) = (skip, sum) else { return false };
+fn skip_broadcasts(skip: &prunec_ir::Shape, sum: &prunec_ir::Shape) -> bool {
     skip.rank() < sum.rank() || skip.0.iter().zip(&sum.0).any(|(s, t)| s.known() == Some(1) && t.known() != Some(1))
 }
 
@@ -892,4 +898,161 @@ pub(crate) fn default_domain(domain: &str) -> bool {
 /// A stable 64-bit digest (FNV-1a): signatures are compared in full, the digest is for display.
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prunec_ir::{DType, Op, Shape, Tensor, Value, ValueKind};
+
+    /// A graph built op by op, every value f32 of a known shape.
+    #[derive(Default)]
+    struct Builder {
+        graph: Graph,
+    }
+
+    impl Builder {
+        fn input(&mut self, name: &str, dims: &[u64]) -> ValueId {
+            let id = self.value(name, dims, ValueKind::Input);
+            self.graph.inputs.push(id);
+            id
+        }
+
+        fn weight(&mut self, name: &str, dims: &[u64], fill: impl Fn(usize) -> f32) -> ValueId {
+            let data: Vec<f32> = (0..dims.iter().product::<u64>() as usize).map(fill).collect();
+            self.graph.add_initializer(name, Tensor::from_f32(name, dims, &data))
+        }
+
+        fn ints(&mut self, name: &str, values: &[i64]) -> ValueId {
+            self.graph.add_initializer(name, Tensor::from_i64(name, &[values.len() as u64], values))
+        }
+
+        fn value(&mut self, name: &str, dims: &[u64], kind: ValueKind) -> ValueId {
+            let mut v = Value::new(name, kind);
+            v.dtype = Some(DType::F32);
+            v.shape = Some(Shape::known(dims));
+            self.graph.add_value(v).expect("a new name")
+        }
+
+        fn op(&mut self, op_type: &str, inputs: &[ValueId], dims: &[u64]) -> ValueId {
+            self.op_with(op_type, inputs, &[dims], Vec::new())[0]
+        }
+
+        fn op_with(&mut self, op_type: &str, inputs: &[ValueId], outputs: &[&[u64]], attributes: Vec<prunec_ir::Attribute>) -> Vec<ValueId> {
+            let n = self.graph.op_count();
+            let outs: Vec<ValueId> = outputs.iter().enumerate().map(|(i, d)| self.value(&format!("{op_type}{n}_{i}"), d, ValueKind::Produced)).collect();
+            let op = Op {
+                name: format!("{op_type}{n}"),
+                op_type: op_type.into(),
+                domain: String::new(),
+                attributes,
+                meta: Default::default(),
+                seq: u64::MAX,
+            };
+            let inputs: Vec<Option<ValueId>> = inputs.iter().copied().map(Some).collect();
+            let outputs: Vec<Option<ValueId>> = outs.iter().copied().map(Some).collect();
+            self.graph.add_op(op, &inputs, &outputs).expect("a valid op");
+            outs
+        }
+
+        /// `x + W2·relu(W1·x)` on `[1, 4, 8]`; the Relu's output is returned too.
+        fn mlp_residual(&mut self, x: ValueId) -> (ValueId, ValueId) {
+            let w1 = self.weight("w1", &[8, 8], |i| i as f32 * 0.01);
+            let w2 = self.weight("w2", &[8, 8], |i| 0.5 - i as f32 * 0.01);
+            let h = self.op("MatMul", &[x, w1], &[1, 4, 8]);
+            let r = self.op("Relu", &[h], &[1, 4, 8]);
+            let b = self.op("MatMul", &[r, w2], &[1, 4, 8]);
+            (self.op("Add", &[x, b], &[1, 4, 8]), r)
+        }
+    }
+
+    #[test]
+    fn a_residual_mlp_is_one_layer_of_one_region() {
+        let mut g = Builder::default();
+        let x = g.input("x", &[1, 4, 8]);
+        let (y, _) = g.mlp_residual(x);
+        g.graph.outputs.push(y);
+        let report = find_blocks(&g.graph);
+        assert!(report.declined.is_empty(), "{:?}", report.declined);
+        let [layer] = &report.layers[..] else { panic!("{report:?}") };
+        assert_eq!((layer.nodes, layer.parameters, layer.macs), (4, 128, 2 * 4 * 8 * 8));
+        assert_eq!(layer.sub_blocks[0].kind, BlockKind::Mlp);
+        assert_eq!(layer.sub_blocks[0].regions[0].skip, "x");
+        assert!(layer.score.protected && layer.score.weight_proxy.is_some());
+    }
+
+    #[test]
+    fn a_branch_value_that_is_a_graph_output_declines_the_block() {
+        let mut g = Builder::default();
+        let x = g.input("x", &[1, 4, 8]);
+        let (y, cache) = g.mlp_residual(x);
+        g.graph.outputs.extend([y, cache]);
+        let report = find_blocks(&g.graph);
+        assert!(report.layers.is_empty());
+        let reason = DeclineReason::InternalValueUsed { value: "Relu1_0".into(), reader: None };
+        assert_eq!(report.declined.iter().map(|d| &d.reason).collect::<Vec<_>>(), [&reason]);
+        assert_eq!(report.declined[0].text, "internal value `Relu1_0` is a graph output");
+    }
+
+    #[test]
+    fn a_sum_broadcasting_its_skip_is_a_shape_change() {
+        let mut g = Builder::default();
+        let x = g.input("x", &[1, 1, 8]);
+        let w = g.weight("w", &[8, 8], |i| i as f32);
+        let positions = g.weight("p", &[1, 3, 8], |_| 1.0);
+        let h = g.op("MatMul", &[x, w], &[1, 1, 8]);
+        let b = g.op("Add", &[h, positions], &[1, 3, 8]);
+        let y = g.op("Add", &[x, b], &[1, 3, 8]);
+        g.graph.outputs.push(y);
+        let report = find_blocks(&g.graph);
+        assert!(report.layers.is_empty());
+        let reason = DeclineReason::ShapeChange { skip: "[1,1,8]".into(), output: "[1,3,8]".into() };
+        assert_eq!(report.declined.iter().map(|d| &d.reason).collect::<Vec<_>>(), [&reason]);
+    }
+
+    #[test]
+    fn a_gate_is_scored_by_the_modulation_rows_it_is_split_from() {
+        let mut g = Builder::default();
+        let x = g.input("x", &[1, 4, 8]);
+        let temb = g.input("temb", &[1, 8]);
+        // Rows 16..24 of the modulation (the third chunk, the gate) are 2, the others 0.
+        let modulation = g.weight("modulation", &[24, 8], |i| if i >= 16 * 8 { 2.0 } else { 0.0 });
+        let trans_b = prunec_ir::Attribute::from_proto(prunec_ir::proto::AttributeProto {
+            name: Some("transB".into()),
+            i: Some(1),
+            r#type: Some(prunec_ir::proto::attribute_proto::AttributeType::Int as i32),
+            ..Default::default()
+        })
+        .expect("an attribute");
+        let m = g.op_with("Gemm", &[temb, modulation], &[&[1, 24]], vec![trans_b])[0];
+        let sizes = g.ints("sizes", &[8, 8, 8]);
+        let axis = prunec_ir::Attribute::from_proto(prunec_ir::proto::AttributeProto {
+            name: Some("axis".into()),
+            i: Some(1),
+            r#type: Some(prunec_ir::proto::attribute_proto::AttributeType::Int as i32),
+            ..Default::default()
+        })
+        .expect("an attribute");
+        let chunks = g.op_with("Split", &[m, sizes], &[&[1, 8], &[1, 8], &[1, 8]], vec![axis]);
+        let axes = g.ints("axes", &[1]);
+        let gate = g.op("Unsqueeze", &[chunks[2], axes], &[1, 1, 8]);
+        let w = g.weight("w", &[8, 8], |_| 0.5);
+        let f = g.op("MatMul", &[x, w], &[1, 4, 8]);
+        let b = g.op("Mul", &[gate, f], &[1, 4, 8]);
+        let y = g.op("Add", &[x, b], &[1, 4, 8]);
+        g.graph.outputs.push(y);
+        let report = find_blocks(&g.graph);
+        let [layer] = &report.layers[..] else { panic!("{report:?}") };
+        assert_eq!(layer.sub_blocks[0].regions[0].gate.as_deref(), Some("Unsqueeze2_0"));
+        assert_eq!(layer.score.gates, [2.0]);
+        assert_eq!(layer.score.weight_proxy, Some(0.5 * 2.0));
+        // The modulation only feeds this gate, so it goes with the block.
+        assert_eq!(layer.parameters, 24 * 8 + 8 * 8);
+    }
+
+    #[test]
+    fn an_empty_graph_has_no_blocks() {
+        let report = find_blocks(&Graph::default());
+        assert!(report.layers.is_empty() && report.declined.is_empty());
+    }
 }
