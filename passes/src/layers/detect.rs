@@ -607,8 +607,8 @@ impl<'g> OpGraph<'g> {
             }
             i
         }
-        for i in 0..candidates.len() {
-            for &j in &candidates[i].partners.clone() {
+        for (i, c) in candidates.iter().enumerate() {
+            for &j in &c.partners {
                 let (ri, rj) = (root(&mut parent, i), root(&mut parent, j));
                 parent[ri.max(rj)] = ri.min(rj);
             }
