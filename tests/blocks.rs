@@ -213,22 +213,26 @@ fn removing_any_single_layer_equals_the_original_with_its_residual_branches_zero
         let report = find_blocks(&original.graph);
         let inputs = feed(&case, original);
         let untracted_scale = tract_unsupported(expected.case);
-        let mut selections: Vec<Selection> = (0..report.layers.len()).map(Selection::Layer).collect();
+        let mut selections: Vec<Vec<Selection>> = (0..report.layers.len()).map(|l| vec![Selection::Layer(l)]).collect();
         // One sub-block alone: the second layer's first (its attention, both streams of it for MMDiT).
         if report.layers.get(1).is_some_and(|l| l.sub_blocks.len() > 1) {
-            selections.push(Selection::SubBlock { layer: 1, sub_block: 0 });
+            selections.push(vec![Selection::SubBlock { layer: 1, sub_block: 0 }]);
+        }
+        // Two neighbours at once: the second sum's skip is the first's output, spliced away first.
+        if report.layers.len() >= 3 {
+            selections.push(vec![Selection::Layer(1), Selection::Layer(2)]);
         }
         for selection in selections {
-            let label = match selection {
-                Selection::Layer(l) => format!("{}_layer{l}", case.name),
-                Selection::SubBlock { layer, sub_block } => format!("{}_layer{layer}_sub{sub_block}", case.name),
-            };
+            let label = selection.iter().fold(case.name.clone(), |label, s| match s {
+                Selection::Layer(l) => format!("{label}_layer{l}"),
+                Selection::SubBlock { layer, sub_block } => format!("{label}_layer{layer}_sub{sub_block}"),
+            });
             let mut removed = original.clone();
-            let removal = layers::remove(&mut removed, &report, &[selection]).expect("removal succeeds");
+            let removal = layers::remove(&mut removed, &report, &selection).expect("removal succeeds");
             removed.graph.reconcile_records();
             removed.graph.topo_order().expect("the graph stays acyclic");
             let mut reference = original.clone();
-            layers::zero_residuals(&mut reference, &report, &[selection]).expect("zeroing succeeds");
+            layers::zero_residuals(&mut reference, &report, &selection).expect("zeroing succeeds");
             let tolerance = match untracted_scale {
                 // ONNX Runtime alone compares them, at the scale of the saved outputs.
                 Some(scale) => 1e-5 * scale,
@@ -245,7 +249,7 @@ fn removing_any_single_layer_equals_the_original_with_its_residual_branches_zero
             };
             let (params_before, params_after) = (prunec::ir::model_stats(original).parameters, prunec::ir::model_stats(&removed).parameters);
             assert!(params_after < params_before, "{label}: parameters {params_before} -> {params_after}");
-            if let Selection::Layer(l) = selection {
+            if let [Selection::Layer(l)] = selection[..] {
                 assert_eq!(params_before - params_after, report.layers[l].parameters, "{label}: the parameters the report promised");
                 assert_eq!(removal.ops_removed, report.layers[l].nodes, "{label}: the ops the report promised");
             }

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use prunec::passes::layers::{BlockReport, Layer, find_blocks};
+use prunec::passes::layers::{BlockReport, DeclineReason, Layer, find_blocks};
 use std::fmt::Write;
 use std::path::PathBuf;
 
@@ -60,6 +60,9 @@ pub fn text(report: &BlockReport) -> String {
         for d in &report.declined {
             let _ = writeln!(out, "  {}: {}", d.add, d.text);
         }
+    }
+    if report.declined.iter().any(|d| d.reason == DeclineReason::ShapeUnknown) {
+        let _ = writeln!(out, "note: --input-shape gives shape inference the sizes to prove those sums keep their skip's shape");
     }
     out
 }

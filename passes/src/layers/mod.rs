@@ -14,6 +14,8 @@ mod detect;
 mod reference;
 mod remove;
 pub mod score;
+#[cfg(test)]
+mod tests;
 
 pub use detect::{BlockKind, BlockReport, DeclineReason, Declined, Layer, Region, Stack, SubBlock, find_blocks};
 pub use reference::zero_residuals;
