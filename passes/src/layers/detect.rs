@@ -104,6 +104,8 @@ pub struct SubBlock {
 pub struct Region {
     /// Name of the residual Add node.
     pub add: String,
+    /// Its output `y`, the sum.
+    pub sum: String,
     /// The skip input `x`.
     pub skip: String,
     /// The branch input of the Add: `f(x)`, or `g ⊙ f(x)`.
@@ -432,6 +434,7 @@ impl<'g> OpGraph<'g> {
             let gate = self.gate(branch, &ops);
             let region = Region {
                 add: self.op_name(add),
+                sum: self.value_name(y),
                 skip: self.value_name(skip),
                 branch: self.value_name(branch),
                 gate: gate.map(|g| self.value_name(g)),

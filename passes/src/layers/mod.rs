@@ -7,7 +7,8 @@
 //! - [`remove`] (`remove.rs`) splices the chosen layers or sub-blocks out and runs dead-code
 //!   elimination; [`Merge::Average`] averages the removed layers into their survivors.
 //! - [`zero_residuals`] (`reference.rs`) builds what a removal must equal: the original with
-//!   those branches multiplied by zero.
+//!   those branches multiplied by zero; [`zeroed_branches`] and [`zero_branches`] are the same
+//!   edit by value names, for a reference built from an already edited original.
 //! - [`score`] has the data-free scores and the data-driven ones as functions of activations.
 
 mod detect;
@@ -18,6 +19,6 @@ pub mod score;
 mod tests;
 
 pub use detect::{BlockKind, BlockReport, DeclineReason, Declined, Layer, Region, Stack, SubBlock, find_blocks};
-pub use reference::zero_residuals;
+pub use reference::{ZeroedBranch, zero_branches, zero_residuals, zeroed_branches};
 pub use remove::{Merge, Removal, Selection, remove, remove_with};
 pub use score::DataFreeScore;
