@@ -34,9 +34,24 @@ use std::fmt;
 
 /// What [`find_blocks`] found in a graph.
 ///
-/// Its JSON form (`prunec blocks --json`) is stable: `{"layers": [Layer], "stacks": [Stack],
-/// "declined": [Declined]}`, each described by its type. Handles into the graph are not part
-/// of it: they only mean something for the graph analysed.
+/// Its JSON form (`prunec blocks --json`) is stable; every field is described on its type, and
+/// handles into the graph are left out (they only mean something for the graph analysed):
+///
+/// ```text
+/// { "layers": [ { "index", "stack", "position", "nodes", "parameters", "macs", "macs_incomplete",
+///                 "signature",
+///                 "score": { "protected", "weight_proxy" (number or null), "gates": [number] },
+///                 "sub_blocks": [ { "kind": "attention" | "mlp" | "convolution" | "other", "nodes",
+///                                   "regions": [ { "add", "sum", "skip", "branch",
+///                                                  "gate" (string or null), "nodes" } ] } ] } ],
+///   "stacks": [ { "index", "layers": [index], "signature" } ],
+///   "declined": [ { "add", "text",
+///                   "reason": { "kind": "non_identity_shortcut", "shortcut": [node] }
+///                           | { "kind": "internal_value_used", "value", "reader" (node or null) }
+///                           | { "kind": "shape_change", "skip", "output" }
+///                           | { "kind": "shape_unknown" }
+///                           | { "kind": "nested", "inner": [node] } } ] }
+/// ```
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct BlockReport {
     /// Removable layers, in topological order; `layers[i].index == i`.
@@ -707,16 +722,17 @@ impl<'g> OpGraph<'g> {
             let follows = sub.regions.iter().find_map(|r| {
                 let skip = graph.op_input(r.add_op, r.skip_slot)?;
                 let &(previous, exit) = exit_of.get(&skip)?;
+                // Sub-blocks are in topological order, so the one a skip comes out of is placed.
+                let layer = *layer_of.get(previous)?;
                 let joins = sub.kind != BlockKind::Attention
                     && sub_blocks[previous].kind == BlockKind::Attention
-                    && members[layer_of[previous]][0] == previous
+                    && members[layer].first() == Some(&previous)
                     && !claimed.contains(&exit);
-                joins.then_some((previous, exit))
+                joins.then_some((layer, exit))
             });
             match follows {
-                Some((previous, exit)) => {
+                Some((layer, exit)) => {
                     claimed.insert(exit);
-                    let layer = layer_of[previous];
                     layer_of.push(layer);
                     members[layer].push(s);
                 }
@@ -765,7 +781,7 @@ impl<'g> OpGraph<'g> {
                 }
             }
         }
-        let signature_text = self.signature(&sub_blocks, &dead_ops, &branch_ops);
+        let signature_text = self.signature(&sub_blocks, &dead_ops, &branch_ops, &weights);
         Layer {
             index,
             stack: 0,
@@ -810,16 +826,15 @@ impl<'g> OpGraph<'g> {
     /// The op sequence of the branches, with attributes and how each input is reached (the
     /// skip, an earlier op of the layer, a constant of some shape, a side input), then the
     /// shapes of the weights the layer owns.
-    fn signature(&self, sub_blocks: &[SubBlock], dead_ops: &[OpId], branch_ops: &BTreeSet<OpId>) -> String {
+    fn signature(&self, sub_blocks: &[SubBlock], dead_ops: &[OpId], branch_ops: &BTreeSet<OpId>, weights: &[ValueId]) -> String {
         use std::fmt::Write;
         let graph = self.graph;
         let skips: BTreeSet<ValueId> =
             sub_blocks.iter().flat_map(|s| s.regions.iter().filter_map(|r| graph.op_input(r.add_op, r.skip_slot))).collect();
-        let local: BTreeMap<OpId, usize> = dead_ops.iter().filter(|op| branch_ops.contains(op)).enumerate().map(|(i, &op)| (op, i)).collect();
+        let branch: Vec<OpId> = dead_ops.iter().copied().filter(|op| branch_ops.contains(op)).collect();
+        let local: BTreeMap<OpId, usize> = branch.iter().enumerate().map(|(i, &op)| (op, i)).collect();
         let mut text = String::new();
-        let mut ordered: Vec<(usize, OpId)> = local.iter().map(|(&op, &i)| (i, op)).collect();
-        ordered.sort();
-        for (_, op) in ordered {
+        for &op in &branch {
             let o = graph.op(op);
             let _ = write!(text, "{}.{}(", o.domain, o.op_type);
             for input in graph.op_inputs(op) {
@@ -851,6 +866,11 @@ impl<'g> OpGraph<'g> {
                 }
             }
             text.push('\n');
+        }
+        for &w in weights {
+            if let Some(t) = constant_tensor(graph, w) {
+                let _ = writeln!(text, "weight {}{:?}", t.dtype(), t.dims());
+            }
         }
         text
     }
