@@ -1,6 +1,6 @@
 //! Layer removal: every residual layer of the shared models is found, each one removed alone
 //! gives a valid model equal to the original with that layer's residual branches zeroed, and a
-//! layer made into an exact identity is the one ablation ranks last.
+//! layer made into an exact identity is the one ablation and block influence rank last.
 
 mod common;
 
@@ -297,7 +297,7 @@ fn zero_output_projections(model: &mut Model, layer: &layers::Layer) {
 }
 
 #[test]
-fn a_layer_made_an_identity_is_the_one_ablation_ranks_least_important() {
+fn a_layer_made_an_identity_ranks_least_important_by_ablation_and_by_block_influence() {
     // (Not tiny_vit: torchvision initialises its head to zeros, so no layer changes its output.)
     let case = case("tiny_bert");
     let loaded = load(&case.path, None);
@@ -320,6 +320,31 @@ fn a_layer_made_an_identity_is_the_one_ablation_ranks_least_important() {
     let least = (0..scores.len()).min_by(|&a, &b| scores[a].total_cmp(&scores[b]));
     assert_eq!(least, Some(identity), "{scores:?}");
     assert!(scores.iter().enumerate().all(|(l, &s)| l == identity || s > 1e-4), "every other layer matters: {scores:?}");
+
+    // Block influence from the activations around each layer's MLP: its skip and its sum,
+    // captured as extra graph outputs.
+    let mut probed = model.clone();
+    let mut hidden = Vec::new();
+    for layer in &report.layers {
+        let mlp = layer.sub_blocks.last().and_then(|s| s.regions.first()).expect("an MLP region");
+        for name in [&mlp.skip, &mlp.sum] {
+            let v = probed.graph.value_by_name(name).expect("a value");
+            probed.graph.outputs.push(v);
+        }
+        let skip = probed.graph.value_by_name(&mlp.skip).expect("a value");
+        hidden.push(probed.graph.value(skip).shape.as_ref().and_then(|s| s.0.last()?.known()).expect("a known width") as usize);
+    }
+    let plan = Plan::from_model(&probed, &loaded.dir, &inputs).expect("tract builds the plan");
+    let outputs = plan.run(&inputs).expect("tract runs the plan").values;
+    let influence: Vec<f64> = (0..report.layers.len())
+        .map(|l| {
+            let (x_in, x_out) = (floats(&outputs[1 + 2 * l].1), floats(&outputs[2 + 2 * l].1));
+            score::block_influence(&x_in, &x_out, hidden[l]).expect("whole tokens")
+        })
+        .collect();
+    eprintln!("MLP block influence per layer: {influence:?}");
+    assert!(influence[identity].abs() < 1e-7, "{influence:?}");
+    assert!(influence.iter().enumerate().all(|(l, &b)| l == identity || b > 1e-4), "{influence:?}");
 }
 
 #[test]
