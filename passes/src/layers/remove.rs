@@ -35,7 +35,9 @@ pub enum Merge {
     Identity,
     /// Each surviving layer becomes the element-wise mean of itself and the removed layers it
     /// stands for (the nearest survivor before them in their stack, else the one after), as
-    /// Amber-Image's local weight averaging. Not function-preserving: the result needs
+    /// Amber-Image's local weight averaging: every weight of [`Layer::weights`], position by
+    /// position (weights a layer shares with others, such as an exporter's deduplicated
+    /// constants, are not its own and stay). Not function-preserving: the result needs
     /// distillation.
     Average,
 }
@@ -160,10 +162,22 @@ fn average_into_survivors(model: &mut Model, report: &BlockReport, which: &[Sele
         })?;
         groups.entry(*survivor).or_default().push(gone);
     }
+    // Everything is computed and every target found before anything is written: an error
+    // leaves the model as it was.
+    let mut writes = Vec::new();
     for (&survivor, gone) in &groups {
-        let mean = mean_weights(model, report, survivor, gone)?;
-        for (value, tensor) in mean {
-            write_weight(model, value, tensor)?;
+        for (value, tensor) in mean_weights(model, report, survivor, gone)? {
+            writes.push((weight_slot(model, value)?, tensor));
+        }
+    }
+    for (slot, tensor) in writes {
+        match slot {
+            WeightSlot::Initializer(v) => model.graph.set_initializer(v, tensor),
+            WeightSlot::Constant(op, name) => {
+                if let Some(a) = model.graph.op_mut(op).attributes.iter_mut().find(|a| a.name() == "value") {
+                    a.tensor = Some(tensor.renamed(&name));
+                }
+            }
         }
     }
     Ok(groups.into_iter().collect())
@@ -223,28 +237,30 @@ fn float_values(model: &Model, v: ValueId, layer: usize) -> Result<Vec<f64>, Pas
     tensor.to_f64_vec().ok_or_else(|| PassError::Merge(format!("weight `{}` of layer {layer} cannot be read", tensor.name())))
 }
 
-/// Replaces the constant behind `v` (an initializer or a Constant node, possibly behind
-/// Identity nodes) by `tensor`.
-fn write_weight(model: &mut Model, mut v: ValueId, tensor: Tensor) -> Result<(), PassError> {
-    let graph = &mut model.graph;
+/// Where a weight is stored.
+enum WeightSlot {
+    /// A private initializer.
+    Initializer(ValueId),
+    /// The `value` of a Constant node, and the name of its output.
+    Constant(OpId, String),
+}
+
+/// Where the constant behind `v` is stored (an initializer or a Constant node, possibly behind
+/// Identity nodes), if it can be changed there.
+fn weight_slot(model: &Model, mut v: ValueId) -> Result<WeightSlot, PassError> {
+    let graph = &model.graph;
     loop {
         if let ValueKind::Initializer(_) = graph.value(v).kind {
             if !graph.is_private_initializer(v) {
                 return Err(PassError::Merge(format!("weight `{}` is part of the model's interface", graph.value(v).name)));
             }
-            graph.set_initializer(v, tensor);
-            return Ok(());
+            return Ok(WeightSlot::Initializer(v));
         }
         let Some((op, _)) = graph.producer(v) else { break };
         match graph.op(op).op_type.as_str() {
             "Identity" => v = graph.op_input(op, 0).ok_or_else(|| PassError::Merge("an Identity without input".into()))?,
-            "Constant" => {
-                let name = graph.value(v).name.clone();
-                if let Some(a) = graph.op_mut(op).attributes.iter_mut().find(|a| a.name() == "value") {
-                    a.tensor = Some(tensor.renamed(&name));
-                    return Ok(());
-                }
-                break;
+            "Constant" if graph.op(op).attributes.iter().any(|a| a.name() == "value") => {
+                return Ok(WeightSlot::Constant(op, graph.value(v).name.clone()));
             }
             _ => break,
         }
