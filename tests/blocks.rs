@@ -54,6 +54,12 @@ const EXPECTED: &[Expected] = &[
     // The basic blocks with identity shortcuts; each stage's first block but layer1's has a
     // downsample shortcut. Stages differ in width, so each is its own stack.
     Expected { case: "resnet18", input_shape: None, stacks: &[2, 1, 1, 1], sub_blocks: &["conv"; 5] },
+    // Beyond the list, two more convolution families. MobileNetV2's ten inverted
+    // residuals with identity shortcuts (a stage's first block changes width: no shortcut).
+    Expected { case: "mobilenet_v2", input_shape: None, stacks: &[1, 2, 3, 2, 2], sub_blocks: &["conv"; 10] },
+    // PP-OCRv4 det's residual squeeze-excitation layers in the FPN (its top-down sums are two
+    // deep paths meeting, not shortcuts, and are not reported).
+    Expected { case: "ppocr_det", input_shape: Some(("x", &[1, 3, 64, 64])), stacks: &[4, 4], sub_blocks: &["conv"; 8] },
     // SVTR's two transformer blocks in the neck.
     Expected { case: "ppocr_rec", input_shape: Some(("x", &[1, 3, 48, 96])), stacks: &[2], sub_blocks: &["attention mlp"; 2] },
 ];

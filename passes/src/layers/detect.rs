@@ -246,6 +246,9 @@ const WEIGHTED: &[&str] = &["Conv", "ConvTranspose", "Einsum", "Gemm", "MatMul"]
 const ATTENTION_CORE: &[&str] = &["Attention", "GroupQueryAttention", "MultiHeadAttention", "Softmax"];
 /// Ops that read only the shape of their input, not its data.
 const SHAPE_ONLY: &[&str] = &["Shape", "Size"];
+/// The most ops a shortcut that is not an identity has (a projection: ResNet's Conv and
+/// BatchNormalization, ResNet-D's AvgPool before them); longer ones are not shortcuts.
+const SHORTCUT_OPS: usize = 4;
 /// How far a stream is followed from a sub-block's exit through single-input ops (a post-norm
 /// LayerNormalization, a ReLU after a ResNet sum) to the next sub-block's skip.
 const STREAM_HOPS: usize = 4;
@@ -500,8 +503,8 @@ impl<'g> OpGraph<'g> {
         }
     }
 
-    /// For an Add of two operands that fork from one op and both pass through weights: the
-    /// weighted ops of the shorter side (the shortcut).
+    /// For an Add of two operands that fork from one op and both pass through weights, the
+    /// shorter side short enough to be a projection shortcut: its weighted ops.
     fn non_identity_shortcut(&self, a: ValueId, b: ValueId, y: ValueId) -> Option<Vec<String>> {
         let shapes = [a, b, y].map(|v| self.graph.value(v).shape.clone());
         if shapes[0].is_none() || shapes.iter().any(|s| s != &shapes[0]) {
@@ -526,7 +529,11 @@ impl<'g> OpGraph<'g> {
         if wa.is_empty() || wb.is_empty() {
             return None;
         }
-        let shortcut = if side_a.len() <= side_b.len() { wa } else { wb };
+        let (shortcut, shortcut_ops) = if side_a.len() <= side_b.len() { (wa, side_a.len()) } else { (wb, side_b.len()) };
+        if shortcut_ops > SHORTCUT_OPS {
+            // Two deep paths meeting (an FPN's top-down sum) are no residual block at all.
+            return None;
+        }
         Some(self.sorted(&shortcut.into_iter().collect()).into_iter().map(|op| self.op_name(op)).collect())
     }
 

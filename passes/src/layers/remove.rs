@@ -155,7 +155,8 @@ fn average_into_survivors(model: &mut Model, report: &BlockReport, which: &[Sele
     for &gone in &removed {
         let layer = report.layers.get(gone).ok_or_else(|| PassError::NoSuchBlock(format!("layer {gone}")))?;
         let stack = report.stacks.get(layer.stack).ok_or_else(|| PassError::StaleBlockReport(format!("stack {}", layer.stack)))?;
-        let before = stack.layers[..layer.position].iter().rev().find(|l| !removed.contains(l));
+        let earlier = stack.layers.get(..layer.position).ok_or_else(|| PassError::StaleBlockReport(format!("layer {gone}'s position")))?;
+        let before = earlier.iter().rev().find(|l| !removed.contains(l));
         let after = stack.layers.get(layer.position + 1..).and_then(|rest| rest.iter().find(|l| !removed.contains(l)));
         let survivor = before.or(after).ok_or_else(|| {
             PassError::Merge(format!("layer {gone}: every layer of its stack {} is removed, none can stand for it", layer.stack))
@@ -186,13 +187,14 @@ fn average_into_survivors(model: &mut Model, report: &BlockReport, which: &[Sele
 /// The survivor's weights averaged with the removed layers', keyed by the survivor's values.
 fn mean_weights(model: &Model, report: &BlockReport, survivor: usize, gone: &[usize]) -> Result<Vec<(ValueId, Tensor)>, PassError> {
     let graph = &model.graph;
-    let keep: &Layer = &report.layers[survivor];
+    let layer_of = |l: usize| report.layers.get(l).ok_or_else(|| PassError::StaleBlockReport(format!("no layer {l}")));
+    let keep: &Layer = layer_of(survivor)?;
     let mut sums: Vec<Vec<f64>> = Vec::with_capacity(keep.weights.len());
     for &w in &keep.weights {
         sums.push(float_values(model, w, survivor)?);
     }
     for &g in gone {
-        let layer = &report.layers[g];
+        let layer = layer_of(g)?;
         if layer.signature_text != keep.signature_text || layer.weights.len() != keep.weights.len() {
             return Err(PassError::Merge(format!("layers {survivor} and {g} differ in structure (signatures {} and {})", keep.signature, layer.signature)));
         }
