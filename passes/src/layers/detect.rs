@@ -110,7 +110,7 @@ pub struct SubBlock {
     pub kind: BlockKind,
     /// Its regions, one per stream.
     pub regions: Vec<Region>,
-    /// Ops of the branches.
+    /// Ops of the branches, shared ones once (the residual Adds are not counted).
     pub nodes: usize,
 }
 
@@ -127,7 +127,7 @@ pub struct Region {
     pub branch: String,
     /// The gate `g`, for a gated residual.
     pub gate: Option<String>,
-    /// Ops of the branch.
+    /// Ops of the branch (the residual Add not counted).
     pub nodes: usize,
     #[serde(skip)]
     pub(crate) add_op: OpId,
@@ -476,7 +476,8 @@ impl<'g> OpGraph<'g> {
         }
         let mut kept = Vec::new();
         for c in candidates {
-            let inner: Vec<String> = c.ops.iter().filter(|op| adds.contains_key(op)).map(|&op| self.op_name(op)).collect();
+            let inner: Vec<String> =
+                self.sorted(&c.ops).into_iter().filter(|op| adds.contains_key(op)).map(|op| self.op_name(op)).collect();
             if inner.is_empty() {
                 kept.push(c);
             } else {
