@@ -16,8 +16,8 @@
 mod common;
 
 use common::{prunec, python, root, shared};
-use prunec::runtime::tract::{Feed, Plan, random_feed};
 use prunec::frontend::{ReadOptions, read_model};
+use prunec::runtime::tract::{Feed, Plan, random_feed};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -79,8 +79,11 @@ fn check_in_onnx_runtime(original: &Path, pruned: &Path, feed: &Path) {
 /// constants into int64 initializers).
 fn weight_types(model: &Path) -> Vec<String> {
     let m = read_model(model, &ReadOptions { infer_shapes: false }).expect("reads").model;
-    let mut types: Vec<String> =
-        m.graph.value_ids().filter_map(|v| m.graph.value(v).initializer().filter(|t| t.dtype().is_float()).map(|t| t.dtype().to_string())).collect();
+    let mut types: Vec<String> = m
+        .graph
+        .value_ids()
+        .filter_map(|v| m.graph.value(v).initializer().filter(|t| t.dtype().is_float()).map(|t| t.dtype().to_string()))
+        .collect();
     types.sort();
     types.dedup();
     types

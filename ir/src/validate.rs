@@ -98,9 +98,8 @@ pub fn validate_value_types(graph: &Graph) -> Result<(), ValidateError> {
 pub fn validate_ops(graph: &Graph) -> Result<(), ValidateError> {
     for id in graph.op_ids() {
         let op = graph.op(id);
-        let invalid = |rule: OpRule| {
-            move |what: String| ValidateError::Op { node: op.name.clone(), op_type: op.op_type.clone(), rule, what }
-        };
+        let invalid =
+            |rule: OpRule| move |what: String| ValidateError::Op { node: op.name.clone(), op_type: op.op_type.clone(), rule, what };
         if op.op_type.is_empty() {
             return Err(invalid(OpRule::OpType)("has no op_type".into()));
         }
@@ -485,4 +484,3 @@ fn check_reshape(graph: &Graph, id: OpId) -> Result<(), String> {
     }
     Ok(())
 }
-

@@ -39,4 +39,14 @@ pub enum PassError {
     /// The chosen channels cannot be removed consistently.
     #[error("cannot remove the chosen channels: {0}")]
     Rewrite(#[source] crate::prune::RewriteError),
+    /// A layer selection names no layer or sub-block of the report.
+    #[error("no such block: {0}")]
+    NoSuchBlock(String),
+    /// The block report does not describe this model (it was made for another graph, or the
+    /// graph changed since).
+    #[error("the block report does not match the model: {0}")]
+    StaleBlockReport(String),
+    /// `merge=average` cannot average the chosen layers.
+    #[error("cannot average the layers: {0}")]
+    Merge(String),
 }

@@ -12,6 +12,7 @@
 
 mod cleanup;
 mod error;
+pub mod layers;
 pub mod measure;
 pub mod options;
 pub mod prune;

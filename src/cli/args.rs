@@ -240,6 +240,9 @@ pub enum Command {
     /// Compare an original and a pruned model: latency in tract (and ONNX Runtime, when its
     /// Python package is found), parameters, MACs, weight bytes and output cosine.
     Bench(super::bench::BenchArgs),
+    /// List the removable residual layers: sub-blocks, size, cost, data-free score, and the
+    /// residual candidates that are declined, with the reason.
+    Blocks(super::blocks::BlocksArgs),
 }
 
 #[derive(Debug, Args)]

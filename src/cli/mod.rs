@@ -2,6 +2,7 @@
 
 pub mod args;
 mod bench;
+mod blocks;
 mod emit;
 mod inspect;
 mod progress;
@@ -35,6 +36,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Some(Command::Passes) => emit(&passes_text()),
         Some(Command::Bench(a)) => bench::run(&a),
+        Some(Command::Blocks(a)) => blocks::run(&a),
         None => compile(&cli.compile),
     }
 }

@@ -86,15 +86,8 @@ fn foldable(graph: &Graph, bn: OpId) -> Option<Fold> {
     // The axis of the weight that holds the output channels.
     let axis = match p.op_type.as_str() {
         "Conv" if graph.op_input(producer, 0).and_then(|x| graph.value(x).shape.as_ref().map(|s| s.rank())).is_none_or(|r| r >= 3) => 0,
-        "Gemm"
-            if p.attr_float("alpha").unwrap_or(1.0) == 1.0
-                && p.attr_float("beta").unwrap_or(1.0) == 1.0 =>
-        {
-            if p.attr_int("transB").unwrap_or(0) != 0 {
-                0
-            } else {
-                1
-            }
+        "Gemm" if p.attr_float("alpha").unwrap_or(1.0) == 1.0 && p.attr_float("beta").unwrap_or(1.0) == 1.0 => {
+            if p.attr_int("transB").unwrap_or(0) != 0 { 0 } else { 1 }
         }
         _ => return None,
     };

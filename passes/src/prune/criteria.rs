@@ -129,7 +129,8 @@ pub(crate) fn score_groups(
         .into_par_iter()
         .filter_map(|(weight, axes)| {
             // A quantised weight is scored dequantised (see `quantized_weights`).
-            let dequantized = quantized.iter().find(|((_, w), _)| *w == weight).and_then(|(_, &op)| prunec_ir::dequantized_weight(graph, op));
+            let dequantized =
+                quantized.iter().find(|((_, w), _)| *w == weight).and_then(|(_, &op)| prunec_ir::dequantized_weight(graph, op));
             let t = match &dequantized {
                 Some(t) => t,
                 None => constant_tensor(graph, graph.value_by_name(&weight)?)?,
@@ -221,8 +222,8 @@ fn scored_slices<'g>(
 ) -> impl Iterator<Item = &'g prunec_ir::WeightSlice> + 'g {
     group.weights.iter().filter(move |w| {
         let Some(v) = graph.value_by_name(&w.weight) else { return false };
-        let is_float = constant_tensor(graph, v).is_some_and(|t| t.dtype().is_float())
-            || quantized.contains_key(&(w.node.clone(), w.weight.clone()));
+        let is_float =
+            constant_tensor(graph, v).is_some_and(|t| t.dtype().is_float()) || quantized.contains_key(&(w.node.clone(), w.weight.clone()));
         match criterion {
             Criterion::BnScale => {
                 w.role == Role::Param

@@ -331,8 +331,21 @@ const NO_EDIT: &[&str] = &[
 
 /// The op types [`op_edits`] has an edit rule for.
 #[cfg(test)]
-const EDITED: &[&str] =
-    &["Conv", "ConvInteger", "ConvTranspose", "Expand", "GRU", "LSTM", "QLinearConv", "RNN", "Reshape", "Resize", "Slice", "Split", "Upsample"];
+const EDITED: &[&str] = &[
+    "Conv",
+    "ConvInteger",
+    "ConvTranspose",
+    "Expand",
+    "GRU",
+    "LSTM",
+    "QLinearConv",
+    "RNN",
+    "Reshape",
+    "Resize",
+    "Slice",
+    "Split",
+    "Upsample",
+];
 
 fn normalize(axis: i64, rank: usize) -> Option<usize> {
     let a = if axis < 0 { axis + rank as i64 } else { axis };

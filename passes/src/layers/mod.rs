@@ -1,0 +1,24 @@
+//! Layer removal: residual blocks found in the graph, scored, and replaced by identity.
+//!
+//! - [`find_blocks`] (`detect.rs`) finds the removable residual branches, groups them into
+//!   sub-blocks (the two streams of a joint attention are one), layers (attention then MLP;
+//!   both streams of a dual-stream block) and stacks of equal structure, with the candidates it
+//!   declines and why.
+//! - [`remove`] (`remove.rs`) splices the chosen layers or sub-blocks out and runs dead-code
+//!   elimination; [`Merge::Average`] averages the removed layers into their survivors.
+//! - [`zero_residuals`] (`reference.rs`) builds what a removal must equal: the original with
+//!   those branches multiplied by zero; [`zeroed_branches`] and [`zero_branches`] are the same
+//!   edit by value names, for a reference built from an already edited original.
+//! - [`score`] has the data-free scores and the data-driven ones as functions of activations.
+
+mod detect;
+mod reference;
+mod remove;
+pub mod score;
+#[cfg(test)]
+mod tests;
+
+pub use detect::{BlockKind, BlockReport, DeclineReason, Declined, Layer, Region, Stack, SubBlock, find_blocks};
+pub use reference::{ZeroedBranch, zero_branches, zero_residuals, zeroed_branches};
+pub use remove::{Merge, Removal, Selection, remove, remove_with};
+pub use score::DataFreeScore;

@@ -1,0 +1,90 @@
+//! `prunec blocks`: the removable residual layers of a model.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use prunec::passes::layers::{BlockReport, DeclineReason, Layer, find_blocks};
+use std::fmt::Write;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct BlocksArgs {
+    /// The ONNX model.
+    pub model: PathBuf,
+    /// Print JSON: `prunec::passes::layers::BlockReport` (`{"layers", "stacks", "declined"}`).
+    #[arg(long)]
+    pub json: bool,
+    /// Concrete shape of an input, as for `inspect`.
+    #[arg(long = "input-shape", value_name = "NAME=DIMS")]
+    pub input_shapes: Vec<String>,
+}
+
+pub(super) fn run(a: &BlocksArgs) -> Result<()> {
+    let mut loaded = super::load(&a.model, &a.input_shapes)?;
+    // Folded shape arithmetic turns Shape reads of fixed axes into constants, so a branch's
+    // size computations stop looking like values shared with the rest of the graph.
+    let fold = prunec::passes::parse_pipeline("fold")?;
+    prunec::passes::run_pipeline(&mut loaded.model, &fold, &mut Default::default())
+        .with_context(|| format!("folding `{}`", a.model.display()))?;
+    let report = find_blocks(&loaded.model.graph);
+    if a.json { super::emit(&format!("{}\n", serde_json::to_string_pretty(&report)?)) } else { super::emit(&text(&report)) }
+}
+
+/// The table: one row per layer, then the declined candidates.
+pub fn text(report: &BlockReport) -> String {
+    let mut out = String::new();
+    let sizes: Vec<String> = report.stacks.iter().map(|s| s.layers.len().to_string()).collect();
+    let _ = writeln!(
+        out,
+        "{} in {} ({}), {} declined",
+        plural(report.layers.len(), "layer"),
+        plural(report.stacks.len(), "stack"),
+        if sizes.is_empty() { "none".to_string() } else { sizes.join(" + ") },
+        report.declined.len()
+    );
+    let _ =
+        writeln!(out, "{:>5} {:>9}  {:<28} {:>6} {:>11} {:>13}  score", "layer", "stack.pos", "sub-blocks", "nodes", "parameters", "MACs");
+    for layer in &report.layers {
+        let macs = format!("{}{}", layer.macs, if layer.macs_incomplete { "+?" } else { "" });
+        let _ = writeln!(
+            out,
+            "{:>5} {:>9}  {:<28} {:>6} {:>11} {:>13}  {}",
+            layer.index,
+            format!("{}.{}", layer.stack, layer.position),
+            sub_blocks(layer),
+            layer.nodes,
+            layer.parameters,
+            macs,
+            score(layer)
+        );
+    }
+    if !report.declined.is_empty() {
+        let _ = writeln!(out, "declined:");
+        for d in &report.declined {
+            let _ = writeln!(out, "  {}: {}", d.add, d.text);
+        }
+    }
+    if report.declined.iter().any(|d| d.reason == DeclineReason::ShapeUnknown) {
+        let _ = writeln!(out, "note: --input-shape gives shape inference the sizes to prove those sums keep their skip's shape");
+    }
+    out
+}
+
+/// `attention×2 mlp mlp`: each sub-block's kind, with its stream count when it joins several.
+fn sub_blocks(layer: &Layer) -> String {
+    let names: Vec<String> = layer
+        .sub_blocks
+        .iter()
+        .map(|s| if s.regions.len() > 1 { format!("{}×{}", s.kind, s.regions.len()) } else { s.kind.to_string() })
+        .collect();
+    names.join(" ")
+}
+
+/// The weight proxy (lower: removed first), and whether the position prior keeps the layer.
+fn score(layer: &Layer) -> String {
+    let proxy = layer.score.weight_proxy.map_or("-".to_string(), |p| format!("{p:.3e}"));
+    if layer.score.protected { format!("{proxy} (kept: first or last layer)") } else { proxy }
+}
+
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 { format!("1 {what}") } else { format!("{n} {what}s") }
+}
