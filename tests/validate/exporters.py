@@ -261,8 +261,12 @@ def qdq(src, feed_path, out_dir, quant_format="QDQ"):
 
     stem = "qdq" if quant_format == "QDQ" else "qoperator"
     path = f"{out_dir}/{stem}.onnx"
+    # quantize_static writes a shape-inferred copy beside its input: quantise a copy in OUT_DIR,
+    # never the shared model (and never two runs over one file).
+    source = f"{out_dir}/{stem}.source.onnx"
+    onnx.save(onnx.load(src), source)
     quantize_static(
-        src,
+        source,
         path,
         Reader(),
         quant_format=QuantFormat.QDQ if quant_format == "QDQ" else QuantFormat.QOperator,
