@@ -75,10 +75,18 @@ pub fn compile(
     phase(&mut progress, None);
     refuse_unasked_big_verification(path, &loaded.model, pipeline, recipe)?;
     let mut notes = Vec::new();
+    // Open axes get sizes a run means something at; the passes and verification use them.
+    let (run_shapes, unsized_axes) = crate::runtime::inputs::open_axis_sizes(&loaded.model, &shapes);
+    if !unsized_axes.is_empty() {
+        notes.push(format!(
+            "no realistic size is known for {}: runs use 1 there; give --input-shape or --inputs for a comparison that means something",
+            unsized_axes.join(", ")
+        ));
+    }
     let mut inputs = InputsUsed { source: format!("random inputs (seed {})", settings.seed), ..Default::default() };
     let given = match &settings.inputs {
         Some(file) => {
-            let (feed, generated) = given_feed(&loaded.model, file, &shapes, settings.seed)
+            let (feed, generated) = given_feed(&loaded.model, file, &run_shapes, settings.seed)
                 .map_err(|e| Error::Inputs(format!("reading inputs `{}`: {e}", file.display())))?;
             if !generated.is_empty() {
                 let names: Vec<String> = generated.iter().map(|n| format!("`{n}`")).collect();
@@ -112,7 +120,7 @@ pub fn compile(
     } else {
         let feed = match runtime.given.take() {
             Some(g) => g.feed,
-            None => random_feed(&original, Feed::default(), &shapes, settings.seed)?,
+            None => random_feed(&original, Feed::default(), &run_shapes, settings.seed)?,
         };
         check_feed_matches_input_shapes(&feed, &shapes)?;
         inputs.shapes = feed.0.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect();

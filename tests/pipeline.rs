@@ -261,19 +261,20 @@ fn reports_follow_their_committed_schema() {
         assert_eq!(code, Some(0), "{all:?}: {stderr}");
         reports.push(report);
     }
-    // A transformer whose pruned groups cross a LayerNorm: verified, but not judged.
-    let vit = scratch.path().join("vit.json");
+    // A diffusion transformer whose pruned groups cross a LayerNorm: verified, but not judged.
+    let flux = scratch.path().join("flux.json");
     let (code, stderr) = run(&[
-        zoo.join("tiny_vit.onnx").to_str().unwrap(),
+        zoo.join("tiny_flux.onnx").to_str().unwrap(),
         "--dry-run",
         "--report",
-        vit.to_str().unwrap(),
+        flux.to_str().unwrap(),
         "--inputs",
-        zoo.join("tiny_vit.inputs.npz").to_str().unwrap(),
+        zoo.join("tiny_flux.inputs.npz").to_str().unwrap(),
     ]);
     assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(read_json(&vit)["verification"]["judged"], false);
-    reports.push(vit);
+    let v = &read_json(&flux)["verification"];
+    assert_eq!((&v["judged"], &v["reference"]), (&Json::from(false), &Json::from("tolerance")), "{v:#}");
+    reports.push(flux);
     let schema = common::root().join("src/cli/report.schema.json");
     let script = "import json, sys, jsonschema\nschema = json.load(open(sys.argv[1]))\njsonschema.Draft202012Validator.check_schema(schema)\n\
                   for path in sys.argv[2:]:\n    jsonschema.validate(json.load(open(path)), schema)\nprint(len(sys.argv) - 2)\n";
@@ -282,4 +283,30 @@ fn reports_follow_their_committed_schema() {
     let r = run_captured(cmd, HANG).expect("python runs");
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert_eq!(r.stdout.trim(), reports.len().to_string());
+}
+
+#[test]
+fn a_comparison_of_outputs_that_do_not_depend_on_the_inputs_is_vacuous_and_refused() {
+    // torchvision initialises ViT's classifier to zeros: whatever the pruning did, the logits
+    // are 0 everywhere, and "equal to the reference" would say nothing.
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let out = scratch.path().join("vit.onnx");
+    let zoo = common::shared().join("models/zoo");
+    let (code, stderr) = run(&[zoo.join("tiny_vit.onnx").to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(stderr.contains("is 0 everywhere") && stderr.contains("would prove nothing"), "{stderr}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn open_image_sides_are_verified_at_a_realistic_size_and_the_report_says_which() {
+    // PP-OCRv4's detector declares `x` [N, 3, H, W] with every axis open: a 1×1 image would
+    // make verification (and data-free statistics) say nothing about the convolutions.
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let report = scratch.path().join("det.json");
+    let det = common::shared().join("models/real/rapidocr/ch_PP-OCRv4_det_infer.onnx");
+    let (code, stderr) = run(&[det.to_str().unwrap(), "--dry-run", "--report", report.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("x[1, 3, 224, 224]"), "{stderr}");
+    assert_eq!(read_json(&report)["inputs"]["shapes"]["x"], serde_json::json!([1, 3, 224, 224]));
 }

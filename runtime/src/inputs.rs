@@ -45,6 +45,57 @@ pub fn parse_input_shapes(specs: &[String], input_names: &[String]) -> Result<BT
     Ok(shapes)
 }
 
+/// Image sides given to open spatial axes: ImageNet's, and a multiple of 32 as detectors need.
+pub const OPEN_IMAGE_SIDE: u64 = 224;
+/// Tokens given to an open sequence axis.
+pub const OPEN_SEQUENCE: u64 = 16;
+/// Samples given to an open axis of a 2-D float signal (audio): one 32 ms frame at 16 kHz.
+pub const OPEN_SIGNAL: u64 = 512;
+
+/// Sizes for the inputs `shapes` leaves out whose recorded shape has open axes, chosen so that
+/// a run means something: the batch (axis 0) gets 1; an image's open sides (4-D, 1 to 4
+/// channels) get [`OPEN_IMAGE_SIDE`]; an integer input's open axes after the batch (token ids,
+/// masks) get [`OPEN_SEQUENCE`]; a 2-D float signal gets [`OPEN_SIGNAL`] samples; a 3-D float
+/// sequence [`OPEN_SEQUENCE`] steps. The second value names every axis no rule covers (left at
+/// 1): a comparison there may be degenerate, and the caller says so.
+pub fn open_axis_sizes(model: &Model, shapes: &BTreeMap<String, Vec<u64>>) -> (BTreeMap<String, Vec<u64>>, Vec<String>) {
+    let graph = &model.graph;
+    let mut sized = shapes.clone();
+    let mut unknown = Vec::new();
+    for v in runtime_inputs(graph).iter().filter_map(|n| graph.value_by_name(n)).map(|id| graph.value(id)) {
+        let Some(shape) = v.shape.as_ref().filter(|_| !shapes.contains_key(&v.name)) else { continue };
+        if shape.0.iter().all(|d| d.known().is_some()) {
+            continue;
+        }
+        let rank = shape.rank();
+        let float = v.dtype.is_some_and(|t| t.is_float());
+        let channels = shape.0.get(1).and_then(|d| d.known());
+        let dims = shape
+            .0
+            .iter()
+            .enumerate()
+            .map(|(axis, d)| {
+                if let Some(n) = d.known() {
+                    return n;
+                }
+                match (axis, rank, float) {
+                    (0, _, _) => 1,
+                    (2 | 3, 4, true) if channels.is_some_and(|c| (1..=4).contains(&c)) => OPEN_IMAGE_SIDE,
+                    (_, _, false) => OPEN_SEQUENCE,
+                    (1, 2, true) => OPEN_SIGNAL,
+                    (1, 3, true) => OPEN_SEQUENCE,
+                    _ => {
+                        unknown.push(format!("`{}` axis {axis}", v.name));
+                        1
+                    }
+                }
+            })
+            .collect();
+        sized.insert(v.name.clone(), dims);
+    }
+    (sized, unknown)
+}
+
 /// The user's inputs: the arrays of `path` named like graph inputs, and seeded random values at
 /// `shapes` (or the recorded shapes) for the inputs the file lacks, which the second value names.
 pub fn given_feed(model: &Model, path: &Path, shapes: &BTreeMap<String, Vec<u64>>, seed: u64) -> Result<(Feed, Vec<String>), RunError> {
@@ -54,15 +105,16 @@ pub fn given_feed(model: &Model, path: &Path, shapes: &BTreeMap<String, Vec<u64>
 }
 
 /// Seeded synthetic inputs for data-free statistics: the shapes of `shapes` or the recorded
-/// ones, with the batch axis set to `samples` wherever the model declares it open; image-shaped
-/// float inputs are smoothed ([`smooth_image_noise`]).
+/// ones (open axes sized by [`open_axis_sizes`]), with the batch axis set to `samples` wherever
+/// the model declares it open; image-shaped float inputs are smoothed ([`smooth_image_noise`]).
 pub fn noise_feed(model: &Model, shapes: &BTreeMap<String, Vec<u64>>, samples: usize, seed: u64) -> Result<Feed, RunError> {
     let graph = &model.graph;
     let samples = samples.max(1) as u64;
     let mut sized = BTreeMap::new();
+    let (realistic, _) = open_axis_sizes(model, shapes);
     for v in runtime_inputs(graph).iter().filter_map(|n| graph.value_by_name(n)).map(|id| graph.value(id)) {
         let declared_batch_open = declared_shape(v).is_some_and(|s| declared_open(s, 0));
-        let mut dims: Vec<u64> = match (shapes.get(&v.name), &v.shape) {
+        let mut dims: Vec<u64> = match (realistic.get(&v.name), &v.shape) {
             (Some(dims), _) => dims.clone(),
             (None, Some(shape)) => shape.0.iter().map(|d| if let Dim::Known(n) = d { *n } else { 1 }).collect(),
             (None, None) => continue,

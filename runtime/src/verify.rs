@@ -67,6 +67,10 @@ pub struct OutputCheck {
     pub cosine: f64,
     /// Largest difference to the reference, relative to its scale.
     pub reference_rel: f64,
+    /// Why the comparison of this output proves nothing, when it does not: the original's
+    /// output is the same everywhere (an all-zero head), so equal outputs say nothing of the
+    /// rest of the model.
+    pub vacuous: Option<String>,
 }
 
 /// Why verification failed.
@@ -98,6 +102,12 @@ pub enum VerifyError {
         /// The tolerance it exceeds.
         tolerance: f64,
     },
+    /// Every output of the original is constant on these inputs: no comparison can tell a
+    /// broken rewrite from a correct one.
+    #[error(
+        "every output of the original is constant on these inputs ({0}), so the comparison would prove nothing; verify on inputs the outputs depend on (--inputs)"
+    )]
+    Vacuous(String),
     /// The reference could not be built or run.
     #[error("cannot build the reference: {0}")]
     Reference(String),
@@ -170,6 +180,7 @@ pub fn verify(
         }
         let d = compare(want, have).map_err(|e| changed(e.to_string()))?;
         let dr = compare(&reference.values[i].1, have).map_err(|e| VerifyError::Reference(e.to_string()))?;
+        let vacuous = constant_value(want).map(|c| format!("the original's `{name}` is {c} everywhere"));
         outputs.push(OutputCheck {
             name: name.clone(),
             max_abs: d.max_abs,
@@ -177,11 +188,16 @@ pub fn verify(
             scale: d.ref_max_abs,
             cosine: d.cosine,
             reference_rel: dr.max_abs / dr.ref_max_abs.max(f64::MIN_POSITIVE),
+            vacuous,
         });
     }
     let judged = not_judged.is_empty();
     if judged && let Some(bad) = outputs.iter().find(|o| !(o.reference_rel <= tolerance)) {
         return Err(VerifyError::Mismatch { reference: description, output: bad.name.clone(), rel: bad.reference_rel, tolerance });
+    }
+    // After the judgement: a result that differs is a failure whatever the inputs were.
+    if !outputs.is_empty() && outputs.iter().all(|o| o.vacuous.is_some()) {
+        return Err(VerifyError::Vacuous(outputs.iter().filter_map(|o| o.vacuous.clone()).collect::<Vec<_>>().join("; ")));
     }
     Ok(Verification {
         outputs,
@@ -193,4 +209,12 @@ pub fn verify(
         not_judged,
         tolerance,
     })
+}
+
+/// The one value every element of `t` has, when there is one and more than one element.
+fn constant_value(t: &crate::tract::TractTensor) -> Option<f64> {
+    let values = t.cast_to::<f64>().ok()?;
+    let values = values.try_as_plain_ram().ok()?.as_slice::<f64>().ok()?.to_vec();
+    let first = *values.first()?;
+    (values.len() > 1 && values.iter().all(|&v| v == first)).then_some(first)
 }

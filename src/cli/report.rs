@@ -70,6 +70,7 @@ impl Summary<'_> {
             eprintln!("verify in tract on {} ({}):", c.inputs.source, shapes.join(", "));
             for o in &v.outputs {
                 let reference = match v.reference.as_str() {
+                    _ if o.vacuous.is_some() => format!("; vacuous: {} (this output proves nothing)", o.vacuous.as_deref().unwrap_or("")),
                     "exact" if v.judged => format!("; equals the original ({:.1e} of scale)", o.reference_rel),
                     _ if v.judged => format!("; equals {} ({:.1e} of scale)", v.reference_description, o.reference_rel),
                     _ => String::new(),
