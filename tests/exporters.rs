@@ -15,27 +15,16 @@
 
 mod common;
 
-use common::{prunec, python, root, shared};
+use common::{prunec, shared};
 use prunec::frontend::{ReadOptions, read_model};
 use prunec::runtime::tract::{Plan, load_npz};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn exporters(args: &[&Path]) -> String {
-    let out = Command::new(python()).arg(root().join("tests/validate/exporters.py")).args(args).output().expect("running python");
-    assert!(
-        out.status.success(),
-        "exporters.py {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The variants of a zoo model, made in `dir`.
 fn variants(name: &str, dir: &Path) -> Vec<PathBuf> {
     let src = shared().join(format!("models/zoo/{name}.onnx"));
-    exporters(&[Path::new("make"), &src, dir]).lines().map(PathBuf::from).collect()
+    common::exporters(&[Path::new("make"), &src, dir]).lines().map(PathBuf::from).collect()
 }
 
 /// Prunes `model` with the default command; panics unless it verified and wrote the output.
@@ -50,7 +39,7 @@ fn prune_verified(model: &Path, out: &Path) {
 /// The full checker, strict shape inference and ONNX Runtime (output shapes) on the pruned
 /// model, then tract: it must run the pruned file with the original's output shapes.
 fn check_pruned(original: &Path, pruned: &Path, inputs: &Path) {
-    exporters(&[Path::new("check"), original, pruned, inputs]);
+    common::exporters(&[Path::new("check"), original, pruned, inputs]);
     let model = read_model(original, &ReadOptions { infer_shapes: false }).expect("prunec reads the variant").model;
     let feed = load_npz(inputs, &model).expect("inputs");
     let run = |p: &Path| Plan::from_file(p, &feed).and_then(|plan| plan.run(&feed));
@@ -94,5 +83,5 @@ fn tiny_llama_a_dynamo_export_is_refused_unverified_and_prunes_to_a_model_every_
     assert_eq!(std::fs::read_dir(scratch.path()).expect("listing").count(), 0, "something was written");
     let o = prunec().arg(&model).arg("-o").arg(&out).arg("--no-verify").output().expect("running prunec");
     assert!(o.status.success(), "prunec --no-verify failed:\n{}", String::from_utf8_lossy(&o.stderr));
-    exporters(&[Path::new("check"), &model, &out, &shared().join("models/zoo/tiny_llama.inputs.npz")]);
+    common::exporters(&[Path::new("check"), &model, &out, &shared().join("models/zoo/tiny_llama.inputs.npz")]);
 }

@@ -15,29 +15,18 @@
 
 mod common;
 
-use common::{prunec, python, root, shared};
+use common::{prunec, shared};
 use prunec::frontend::{ReadOptions, read_model};
 use prunec::runtime::tract::{Feed, Plan, random_feed};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn exporters(args: &[&Path]) -> String {
-    let out = Command::new(python()).arg(root().join("tests/validate/exporters.py")).args(args).output().expect("running python");
-    assert!(
-        out.status.success(),
-        "exporters.py {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The `(model, feed)` pairs that `exporters.py KIND` makes of a zoo model in `dir`.
 fn variants(kind: &str, name: &str, dir: &Path) -> Vec<(PathBuf, PathBuf)> {
     let zoo = shared().join("models/zoo");
     let (src, feed) = (zoo.join(format!("{name}.onnx")), zoo.join(format!("{name}.inputs.npz")));
-    exporters(&[Path::new(kind), &src, &feed, dir])
+    common::exporters(&[Path::new(kind), &src, &feed, dir])
         .lines()
         .filter_map(|l| l.split_once(' ').map(|(m, f)| (PathBuf::from(m), PathBuf::from(f))))
         .collect()
@@ -72,7 +61,7 @@ fn check_pruned(original: &Path, pruned: &Path, feed: &Path) {
 
 /// The full checker, strict shape inference and ONNX Runtime only.
 fn check_in_onnx_runtime(original: &Path, pruned: &Path, feed: &Path) {
-    exporters(&[Path::new("check"), original, pruned, feed]);
+    common::exporters(&[Path::new("check"), original, pruned, feed]);
 }
 
 /// The float element types of a model's weights, as prunec reads them (pruning may turn shape

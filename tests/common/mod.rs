@@ -293,3 +293,16 @@ pub fn dump_diff(before: &str, after: &str) -> String {
     let added = after.lines().filter(|l| !b.contains(l)).map(|l| format!("+ {l}"));
     removed.chain(added).collect::<Vec<_>>().join("\n")
 }
+
+/// Runs `tests/validate/exporters.py ARGS…` (the exporter variants made at test time) in the
+/// validator Python; its stdout.
+pub fn exporters(args: &[&Path]) -> String {
+    let out = Command::new(python()).arg(root().join("tests/validate/exporters.py")).args(args).output().expect("running python");
+    assert!(
+        out.status.success(),
+        "exporters.py {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
