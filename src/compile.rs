@@ -32,6 +32,8 @@ pub struct Compiled {
     pub inputs: InputsUsed,
     /// Things the user should know, in the order they happened.
     pub notes: Vec<String>,
+    /// What was asked that cannot be met sensibly: the run's and every pass's.
+    pub warnings: Vec<String>,
 }
 
 /// The inputs of a run, for the report.
@@ -75,6 +77,13 @@ pub fn compile(
     phase(&mut progress, None);
     refuse_unasked_big_verification(path, &loaded.model, pipeline, recipe)?;
     let mut notes = Vec::new();
+    let mut warnings = Vec::new();
+    for (name, dims) in &shapes {
+        let recorded = loaded.model.graph.value_by_name(name).and_then(|v| loaded.model.graph.value(v).shape.as_ref()).map(|s| s.rank());
+        if let Some(rank) = recorded.filter(|&r| r != dims.len()) {
+            warnings.push(format!("--input-shape gives `{name}` {} dims, but the model declares it of rank {rank}", dims.len()));
+        }
+    }
     // Open axes get sizes a run means something at; the passes and verification use them.
     let (run_shapes, unsized_axes) = crate::runtime::inputs::open_axis_sizes(&loaded.model, &shapes);
     if !unsized_axes.is_empty() {
@@ -140,7 +149,8 @@ pub fn compile(
             notes.push(format!("input `{name}` now declares {dims:?}: the model was specialised to --input-shape"));
         }
     }
-    Ok(Compiled { loaded, before, after, runs, verification, inputs, notes })
+    warnings.extend(runs.iter().flat_map(|r| r.report.warnings.iter().cloned()));
+    Ok(Compiled { loaded, before, after, runs, verification, inputs, notes, warnings })
 }
 
 fn unverified(model: &Path, what: &str, e: &VerifyError) -> Error {

@@ -20,7 +20,6 @@ use prunec::frontend::{ReadOptions, read_model};
 use prunec::runtime::tract::{Plan, load_npz};
 use std::path::{Path, PathBuf};
 
-
 /// The variants of a zoo model, made in `dir`.
 fn variants(name: &str, dir: &Path) -> Vec<PathBuf> {
     let src = shared().join(format!("models/zoo/{name}.onnx"));

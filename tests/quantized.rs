@@ -21,7 +21,6 @@ use prunec::runtime::tract::{Feed, Plan, random_feed};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-
 /// The `(model, feed)` pairs that `exporters.py KIND` makes of a zoo model in `dir`.
 fn variants(kind: &str, name: &str, dir: &Path) -> Vec<(PathBuf, PathBuf)> {
     let zoo = shared().join("models/zoo");

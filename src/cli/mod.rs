@@ -200,7 +200,7 @@ fn compile(a: &CompileArgs) -> Result<()> {
         other => other?,
     };
     drop(bars);
-    for warning in compiled.runs.iter().flat_map(|r| &r.report.warnings) {
+    for warning in &compiled.warnings {
         eprintln!("warning: {warning}");
     }
     let summary = report::Summary { compiled: &compiled, recipe: &recipe, args: a };
