@@ -26,6 +26,10 @@
 //!
 //! The crate then embeds the result with `include_bytes!(concat!(env!("OUT_DIR"), "/classifier.nnef.tgz"))`.
 
+// `Error` carries the reader's and the passes' errors by value: it is returned once per run,
+// so its size is not worth a box at every call site.
+#![allow(clippy::result_large_err)]
+
 use crate::backends::WriteError;
 use crate::backends::nnef::{InputShapes, NnefError};
 use crate::backends::onnx::{WriteOptions, write_model};

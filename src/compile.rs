@@ -2,6 +2,10 @@
 //! passes can measure through, verify the result against the passes' references, and specialise
 //! its interface to `--input-shape`. Writing is the caller's ([`crate::emit`]).
 
+// `Error` carries the reader's and the passes' errors by value: it is returned once per run,
+// so its size is not worth a box at every call site.
+#![allow(clippy::result_large_err)]
+
 use crate::api::Error;
 use crate::frontend::{Loaded, ReadOptions, read_model};
 use crate::ir::{Model, ModelStats, model_stats};

@@ -88,8 +88,11 @@ pub struct Registration {
     /// Its options.
     pub options: &'static [OptionSpec],
     /// Builds the pass from `key=value` pairs (the defaults for the keys not given).
-    pub build: fn(&[(String, String)]) -> Result<Box<dyn Pass>, PassError>,
+    pub build: BuildPass,
 }
+
+/// How a registration builds its pass from `key=value` pairs.
+pub type BuildPass = fn(&[(String, String)]) -> Result<Box<dyn Pass>, PassError>;
 
 /// Every pass prunec knows, by name.
 pub const REGISTRY: &[Registration] = &[

@@ -192,7 +192,7 @@ pub fn verify(
         });
     }
     let judged = not_judged.is_empty();
-    if judged && let Some(bad) = outputs.iter().find(|o| !(o.reference_rel <= tolerance)) {
+    if judged && let Some(bad) = outputs.iter().find(|o| within(o.reference_rel, tolerance) != Some(true)) {
         return Err(VerifyError::Mismatch { reference: description, output: bad.name.clone(), rel: bad.reference_rel, tolerance });
     }
     // After the judgement: a result that differs is a failure whatever the inputs were.
@@ -217,4 +217,9 @@ fn constant_value(t: &crate::tract::TractTensor) -> Option<f64> {
     let values = values.try_as_plain_ram().ok()?.as_slice::<f64>().ok()?.to_vec();
     let first = *values.first()?;
     (values.len() > 1 && values.iter().all(|&v| v == first)).then_some(first)
+}
+
+/// Whether `rel` is within `tolerance`; `None` for NaN, which is never within anything.
+fn within(rel: f64, tolerance: f64) -> Option<bool> {
+    rel.partial_cmp(&tolerance).map(|o| o.is_le())
 }
