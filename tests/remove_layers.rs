@@ -188,3 +188,23 @@ fn targets_contiguous_runs_and_data_free_scores_choose_what_they_say() {
     let d = run_pass(&case, &loaded.model, &loaded.dir, "remove-layers{n=1,score=position}");
     assert_eq!(d.removed[0].unit.layer, 3, "later layers first, short of the last");
 }
+
+#[test]
+fn prunec_blocks_with_inputs_adds_the_measured_scores() {
+    let case = case("tiny_bert");
+    let mut cmd = prunec();
+    cmd.arg("blocks").arg(&case.path).arg("--inputs").arg(inputs_npz(&case)).arg("--json");
+    let run = run_captured(cmd, Duration::from_secs(300)).expect("prunec runs");
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let json: Json = serde_json::from_str(&run.stdout).expect("JSON");
+    let measured = json["measured"]["layers"].as_array().expect("measured layers");
+    assert_eq!(measured.len(), json["layers"].as_array().expect("layers").len());
+    for l in measured {
+        assert!(l["ablation"].as_f64().is_some_and(|a| a > 0.0) && l["influence"].as_f64().is_some_and(|i| i > 0.0), "{l}");
+        assert_eq!(l["ablation_per_set"].as_array().map(Vec::len), Some(1));
+    }
+    let mut cmd = prunec();
+    cmd.arg("blocks").arg(&case.path).arg("--inputs").arg(inputs_npz(&case));
+    let run = run_captured(cmd, Duration::from_secs(300)).expect("prunec runs");
+    assert!(run.stdout.contains("influence     ablation"), "{}", run.stdout);
+}

@@ -23,7 +23,7 @@ pub mod score;
 #[cfg(test)]
 mod tests;
 
-pub use pass::{Aggregate, LayerScore, RemoveLayers, RemoveLayersOptions, RemoveLayersReport, RemovedUnit, ScoredUnit, SubBlockChoice};
+pub use pass::{Aggregate, LayerScore, MeasuredScore, MeasuredScores, measured_scores, RemoveLayers, RemoveLayersOptions, RemoveLayersReport, RemovedUnit, ScoredUnit, SubBlockChoice};
 pub use detect::{BlockKind, BlockReport, DeclineReason, Declined, Layer, Region, Stack, SubBlock, find_blocks};
 pub use reference::{ZeroedBranch, zero_branches, zero_residuals, zeroed_branches};
 pub use remove::{Merge, Removal, Selection, remove, remove_with};

@@ -826,3 +826,58 @@ fn hidden_size(a: &Activation, batch: usize) -> usize {
         _ => a.shape.last().copied().unwrap_or(a.values.len()).max(1),
     }
 }
+
+/// The data-driven scores of one layer, as `prunec blocks --inputs` lists them.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MeasuredScore {
+    /// The layer.
+    pub layer: usize,
+    /// Block influence, aggregated over input sets.
+    pub influence: f64,
+    /// Block influence per input set.
+    pub influence_per_set: Vec<f64>,
+    /// Ablation change, aggregated over input sets.
+    pub ablation: f64,
+    /// Ablation change per input set.
+    pub ablation_per_set: Vec<f64>,
+}
+
+/// What [`measured_scores`] found, with how it measured.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MeasuredScores {
+    /// Where the inputs came from.
+    pub inputs: Option<String>,
+    /// Input sets scored separately.
+    pub input_sets: usize,
+    /// How the input sets were formed.
+    pub input_sets_note: String,
+    /// Model runs the scores took.
+    pub runs: usize,
+    /// One entry per layer of `blocks`, in order.
+    pub layers: Vec<MeasuredScore>,
+}
+
+/// Block influence and ablation change of every whole layer of `blocks` (found in `model`), on
+/// the inputs `cx` gives (`Inputs::Given`).
+pub fn measured_scores(model: &Model, blocks: &BlockReport, aggregate: Aggregate, cx: &mut Context) -> Result<MeasuredScores, PassError> {
+    let units = units(blocks, SubBlockChoice::All);
+    let groups: Vec<Vec<usize>> = (0..units.len()).map(|u| vec![u]).collect();
+    let (influence, runs_influence) = {
+        let mut scorer = Scorer::new(model, blocks, &units, LayerScore::Influence, aggregate, cx)?;
+        (scorer.score(&[], &groups)?, scorer.runs)
+    };
+    let mut scorer = Scorer::new(model, blocks, &units, LayerScore::Ablation, aggregate, cx)?;
+    let ablation = scorer.score(&[], &groups)?;
+    let layers = units
+        .iter()
+        .zip(influence.into_iter().zip(ablation))
+        .map(|(u, ((i, ip), (a, ap)))| MeasuredScore { layer: u.layer, influence: i, influence_per_set: ip, ablation: a, ablation_per_set: ap })
+        .collect();
+    Ok(MeasuredScores {
+        inputs: scorer.source.clone(),
+        input_sets: scorer.sets,
+        input_sets_note: scorer.note.clone(),
+        runs: runs_influence + scorer.runs,
+        layers,
+    })
+}
