@@ -324,9 +324,8 @@ impl PassDetails for RemoveLayersReport {
         let share = |(before, after): (u64, u64)| if before == 0 { 0.0 } else { 100.0 * (before - after.min(before)) as f64 / before as f64 };
         let mut lines = vec![
             format!(
-                "remove-layers: {} score, {} of {} layers' units removed: {}",
+                "remove-layers: {} score; of {} layers removed {}",
                 self.score,
-                self.removed.len(),
                 self.layers_found,
                 if removed.is_empty() { "none".into() } else { removed.join(", ") }
             ),
