@@ -63,6 +63,7 @@ fn write_reference(case: &Case, details: &Json, out: &Path) -> std::path::PathBu
 fn the_command_removes_layers_and_verifies_them_against_the_zeroed_reference() {
     let scratch = tempfile::tempdir().expect("temp dir");
     let mut manifest = Vec::new();
+    let mut reports = Vec::new();
     for (name, passes, removed) in [
         ("tiny_bert", "dce,fold,remove-layers{n=1},identity", 1),
         ("tiny_vit", "dce,fold,remove-layers{n=1},identity", 1),
@@ -73,6 +74,7 @@ fn the_command_removes_layers_and_verifies_them_against_the_zeroed_reference() {
         let case = case(name);
         let out = scratch.path().join(format!("{name}_{}.onnx", manifest.len()));
         let report = compile(&case, passes, &out);
+        reports.push(out.with_extension("json"));
         let v = &report["verification"];
         assert_eq!(v["judged"], true, "{name} {passes}: {v}");
         assert_eq!(v["reference"], "reference", "{name} {passes}: {v}");
@@ -102,6 +104,15 @@ fn the_command_removes_layers_and_verifies_them_against_the_zeroed_reference() {
         }));
     }
     validate_with_python(&manifest, scratch.path());
+    // The reports, details included, against the report's JSON Schema.
+    let schema = common::root().join("src/cli/report.schema.json");
+    let script = "import json, sys, jsonschema\nschema = json.load(open(sys.argv[1]))\njsonschema.Draft202012Validator.check_schema(schema)\n\
+                  for path in sys.argv[2:]:\n    jsonschema.validate(json.load(open(path)), schema)\nprint(len(sys.argv) - 2)\n";
+    let mut cmd = std::process::Command::new(common::python());
+    cmd.arg("-c").arg(script).arg(&schema).args(&reports);
+    let r = run_captured(cmd, Duration::from_secs(120)).expect("python runs");
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(r.stdout.trim(), reports.len().to_string());
 }
 
 /// Zeroes the output projection of every branch of a layer (the weight and bias of the last
