@@ -51,7 +51,12 @@ pub(super) fn run(a: &BlocksArgs) -> Result<()> {
 }
 
 /// The data-driven scores of every layer on the inputs of `file`, run in tract.
-fn measure(loaded: &prunec::frontend::Loaded, report: &BlockReport, input_shapes: &[String], file: &std::path::Path) -> Result<MeasuredScores> {
+fn measure(
+    loaded: &prunec::frontend::Loaded,
+    report: &BlockReport,
+    input_shapes: &[String],
+    file: &std::path::Path,
+) -> Result<MeasuredScores> {
     let names = prunec::runtime::inputs::runtime_inputs(&loaded.model.graph);
     let shapes = super::args::input_shapes(input_shapes, &names)?;
     let (feed, _) = prunec::runtime::inputs::given_feed(&loaded.model, file, &shapes, 0)
@@ -77,7 +82,10 @@ fn measured_text(m: &MeasuredScores) -> String {
     for l in &m.layers {
         let _ = writeln!(out, "{:>5} {:>12.4e} {:>12.4e}", l.layer, l.influence, l.ablation);
     }
-    let _ = writeln!(out, "influence: mean 1 − cos(x_in, x_out) per token and stream; ablation: relative L2 change of the outputs with the layer alone removed");
+    let _ = writeln!(
+        out,
+        "influence: mean 1 − cos(x_in, x_out) per token and stream; ablation: relative L2 change of the outputs with the layer alone removed"
+    );
     out
 }
 

@@ -23,8 +23,11 @@ pub mod score;
 #[cfg(test)]
 mod tests;
 
-pub use pass::{Aggregate, LayerScore, MeasuredScore, MeasuredScores, measured_scores, RemoveLayers, RemoveLayersOptions, RemoveLayersReport, RemovedUnit, ScoredUnit, SubBlockChoice};
 pub use detect::{BlockKind, BlockReport, DeclineReason, Declined, Layer, Region, Stack, SubBlock, find_blocks};
+pub use pass::{
+    Aggregate, LayerScore, MeasuredScore, MeasuredScores, RemoveLayers, RemoveLayersOptions, RemoveLayersReport, RemovedUnit, ScoredUnit,
+    SubBlockChoice, measured_scores,
+};
 pub use reference::{ZeroedBranch, zero_branches, zero_residuals, zeroed_branches};
 pub use remove::{Merge, Removal, Selection, remove, remove_with};
 pub use score::DataFreeScore;

@@ -160,7 +160,12 @@ impl PassOptions for RemoveLayersOptions {
             doc: "remove layers by score until this share of parameters or MACs is gone (instead of n)",
         },
         OptionSpec { key: "contiguous", kind: "bool", default: "false", doc: "remove one run of consecutive layers (scored as a run)" },
-        OptionSpec { key: "sub-block", kind: "all|attention|mlp", default: "all", doc: "remove whole layers, or only their attention or MLP" },
+        OptionSpec {
+            key: "sub-block",
+            kind: "all|attention|mlp",
+            default: "all",
+            doc: "remove whole layers, or only their attention or MLP",
+        },
         OptionSpec {
             key: "score",
             kind: "auto|position|weights|gate|influence|ablation",
@@ -321,7 +326,8 @@ impl PassDetails for RemoveLayersReport {
                 format!("{}{what} at {:.3e}", r.unit.layer, r.unit.score)
             })
             .collect();
-        let share = |(before, after): (u64, u64)| if before == 0 { 0.0 } else { 100.0 * (before - after.min(before)) as f64 / before as f64 };
+        let share =
+            |(before, after): (u64, u64)| if before == 0 { 0.0 } else { 100.0 * (before - after.min(before)) as f64 / before as f64 };
         let mut lines = vec![
             format!(
                 "remove-layers: {} score; of {} layers removed {}",
@@ -398,7 +404,8 @@ impl Pass for RemoveLayers {
         let kind = o.score_kind(cx.has_inputs());
         let units = units(&blocks, o.sub_block);
         let n_layers = blocks.layers.len();
-        let mut report = RemoveLayersReport { score: choice_name(&kind, LayerScore::ALL).into(), layers_found: n_layers, ..Default::default() };
+        let mut report =
+            RemoveLayersReport { score: choice_name(&kind, LayerScore::ALL).into(), layers_found: n_layers, ..Default::default() };
         // Explicit layers are taken as asked; the position prior only limits what scores choose.
         let candidates: Vec<usize> = if o.layers.is_empty() {
             (0..units.len()).filter(|&u| units[u].layer >= o.keep_first && units[u].layer + o.keep_last < n_layers).collect()
@@ -408,7 +415,11 @@ impl Pass for RemoveLayers {
                 let u = units.iter().position(|u| u.layer == l).ok_or_else(|| {
                     PassError::NoSuchBlock(format!(
                         "layer {l} (there are {n_layers}{})",
-                        if o.sub_block == SubBlockChoice::All { String::new() } else { format!(", with {} sub-blocks in {}", self.options.get("sub-block"), units.len()) }
+                        if o.sub_block == SubBlockChoice::All {
+                            String::new()
+                        } else {
+                            format!(", with {} sub-blocks in {}", self.options.get("sub-block"), units.len())
+                        }
                     ))
                 })?;
                 chosen.push(u);
@@ -630,7 +641,12 @@ impl<'m, 'c> Scorer<'m, 'c> {
             scorer.runs += 1;
             scorer.baseline = outputs
                 .iter()
-                .map(|v| captured.get(v).cloned().ok_or_else(|| PassError::Measure(format!("remove-layers: output `{}` was not computed", graph.value(*v).name))))
+                .map(|v| {
+                    captured
+                        .get(v)
+                        .cloned()
+                        .ok_or_else(|| PassError::Measure(format!("remove-layers: output `{}` was not computed", graph.value(*v).name)))
+                })
                 .collect::<Result<_, _>>()?;
             let firsts: BTreeSet<Option<usize>> = captured.values().map(|a| a.shape.first().copied()).collect();
             match firsts.iter().next() {
@@ -663,12 +679,11 @@ impl<'m, 'c> Scorer<'m, 'c> {
         let mut per_set = vec![0.0; self.sets];
         for (want, got) in self.baseline.iter().zip(outputs) {
             let (w, g) = (self.split(want), self.split(got));
-            for set in 0..self.sets {
+            for (set, slot) in per_set.iter_mut().enumerate() {
                 let (w, g) = (w.get(set).or(w.first()), g.get(set).or(g.first()));
                 let (Some(w), Some(g)) = (w, g) else { continue };
-                per_set[set] +=
-                    score::ablation_change(w, g).map_err(|e| PassError::Measure(format!("remove-layers: comparing outputs: {e}")))?
-                        / self.baseline.len().max(1) as f64;
+                *slot += score::ablation_change(w, g).map_err(|e| PassError::Measure(format!("remove-layers: comparing outputs: {e}")))?
+                    / self.baseline.len().max(1) as f64;
             }
         }
         Ok(per_set)
@@ -682,7 +697,11 @@ impl<'m, 'c> Scorer<'m, 'c> {
         self.runs += 1;
         outputs
             .iter()
-            .map(|v| captured.remove(v).ok_or_else(|| PassError::Measure(format!("remove-layers: output `{}` was not computed", model.graph.value(*v).name))))
+            .map(|v| {
+                captured
+                    .remove(v)
+                    .ok_or_else(|| PassError::Measure(format!("remove-layers: output `{}` was not computed", model.graph.value(*v).name)))
+            })
             .collect()
     }
 
@@ -751,8 +770,10 @@ impl<'m, 'c> Scorer<'m, 'c> {
                 for &u in &wanted {
                     streams.insert(u, self.streams(&current, u));
                 }
-                let probes: Vec<ValueId> = streams.values().flatten().flat_map(|&(a, b)| [a, b]).collect::<BTreeSet<_>>().into_iter().collect();
-                let measure = self.measure.as_mut().ok_or_else(|| PassError::Measure("remove-layers: no inputs to run the model on".into()))?;
+                let probes: Vec<ValueId> =
+                    streams.values().flatten().flat_map(|&(a, b)| [a, b]).collect::<BTreeSet<_>>().into_iter().collect();
+                let measure =
+                    self.measure.as_mut().ok_or_else(|| PassError::Measure("remove-layers: no inputs to run the model on".into()))?;
                 let captured = measure.capture(&current, &probes).map_err(|e| PassError::Measure(format!("remove-layers: {e}")))?;
                 self.runs += 1;
                 let mut per_unit: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
@@ -760,7 +781,10 @@ impl<'m, 'c> Scorer<'m, 'c> {
                     let mut per = vec![0.0; self.sets];
                     for &(a, b) in pairs {
                         let (Some(x), Some(y)) = (captured.get(&a), captured.get(&b)) else {
-                            return Err(PassError::Measure(format!("remove-layers: layer {}'s activations were not computed", self.units[u].layer)));
+                            return Err(PassError::Measure(format!(
+                                "remove-layers: layer {}'s activations were not computed",
+                                self.units[u].layer
+                            )));
                         };
                         let hidden = hidden_size(x, self.batch);
                         let (xs, ys) = (self.split(x), self.split(y));
@@ -802,10 +826,8 @@ impl<'m, 'c> Scorer<'m, 'c> {
             .collect();
         let regions: Vec<&Region> = chosen.iter().flat_map(|&s| &layer.sub_blocks[s].regions).collect();
         let graph = &current.graph;
-        let ends: Vec<(ValueId, ValueId)> = regions
-            .iter()
-            .filter_map(|r| Some((graph.op_input(r.add_op, r.skip_slot)?, graph.op_output(r.add_op, 0)?)))
-            .collect();
+        let ends: Vec<(ValueId, ValueId)> =
+            regions.iter().filter_map(|r| Some((graph.op_input(r.add_op, r.skip_slot)?, graph.op_output(r.add_op, 0)?))).collect();
         let mut chains: Vec<(ValueId, ValueId)> = Vec::new();
         for (skip, sum) in ends {
             match chains.iter_mut().find(|c| c.1 == skip) {
@@ -870,7 +892,13 @@ pub fn measured_scores(model: &Model, blocks: &BlockReport, aggregate: Aggregate
     let layers = units
         .iter()
         .zip(influence.into_iter().zip(ablation))
-        .map(|(u, ((i, ip), (a, ap)))| MeasuredScore { layer: u.layer, influence: i, influence_per_set: ip, ablation: a, ablation_per_set: ap })
+        .map(|(u, ((i, ip), (a, ap)))| MeasuredScore {
+            layer: u.layer,
+            influence: i,
+            influence_per_set: ip,
+            ablation: a,
+            ablation_per_set: ap,
+        })
         .collect();
     Ok(MeasuredScores {
         inputs: scorer.source.clone(),
