@@ -219,3 +219,83 @@ fn prunec_blocks_with_inputs_adds_the_measured_scores() {
     let run = run_captured(cmd, Duration::from_secs(300)).expect("prunec runs");
     assert!(run.stdout.contains("influence     ablation"), "{}", run.stdout);
 }
+
+/// A measurement of several feeds at once, their values stacked along a new first axis: what
+/// a feed of several samples looks like to the pass (here for a model whose batch is fixed).
+struct Stacked(Vec<prunec::runtime::measure::TractMeasure>);
+
+impl prunec::passes::Measure for Stacked {
+    fn source(&self) -> &str {
+        "stacked feeds"
+    }
+
+    fn capture(
+        &mut self,
+        model: &Model,
+        probes: &[prunec::ir::ValueId],
+    ) -> Result<std::collections::BTreeMap<prunec::ir::ValueId, prunec::passes::Activation>, prunec::passes::MeasureError> {
+        let mut stacked: std::collections::BTreeMap<_, prunec::passes::Activation> = Default::default();
+        for m in &mut self.0 {
+            for (v, a) in m.capture(model, probes)? {
+                let entry =
+                    stacked.entry(v).or_insert_with(|| prunec::passes::Activation { shape: [&[0], &a.shape[..]].concat(), values: vec![] });
+                entry.shape[0] += 1;
+                entry.values.extend(a.values);
+            }
+        }
+        Ok(stacked)
+    }
+
+    fn stepwise<'a>(&'a mut self, _: &Model) -> Box<dyn prunec::passes::Stepwise + 'a> {
+        unimplemented!("remove-layers does not walk")
+    }
+}
+
+struct StackedRuntime(Vec<prunec::runtime::tract::Feed>, std::path::PathBuf);
+
+impl prunec::passes::Runtime for StackedRuntime {
+    fn has_inputs(&self) -> bool {
+        true
+    }
+
+    fn measure<'a>(
+        &'a mut self,
+        _: &Model,
+        _: prunec::passes::Inputs,
+    ) -> Result<Box<dyn prunec::passes::Measure + 'a>, prunec::passes::MeasureError> {
+        let measures = self.0.iter().map(|f| prunec::runtime::measure::TractMeasure::new(&self.1, f.clone(), "one feed".into())).collect();
+        Ok(Box::new(Stacked(measures)))
+    }
+}
+
+#[test]
+fn each_sample_of_a_feed_is_an_input_set_scored_as_if_alone() {
+    let case = case("tiny_bert");
+    let loaded = read_model(&case.path, &ReadOptions::default()).expect("reads");
+    let one = feed(&case, &loaded.model);
+    // A second sample: the same tokens, reversed.
+    let mut other = one.clone();
+    let ids = other.0.get_mut("input_ids").expect("tiny_bert reads input_ids");
+    let mut tokens = ids.try_as_plain_ram().expect("in memory").as_slice::<i64>().expect("i64 ids").to_vec();
+    tokens.reverse();
+    *ids = prunec::runtime::tract::TractTensor::from_shape(ids.shape(), &tokens).expect("same shape");
+    let pass = "remove-layers{n=1,score=ablation,aggregate=max,keep-first=0,keep-last=0}";
+    let pipeline = parse_pipeline(&format!("dce,fold,{pass}")).expect("parses");
+    let mut alone = Vec::new();
+    for f in [&one, &other] {
+        let mut runtime = StackedRuntime(vec![f.clone()], loaded.dir.clone());
+        let runs = run_pipeline(&mut loaded.model.clone(), &pipeline, &mut Context::with_runtime(&mut runtime)).expect("runs");
+        alone.push(runs[2].report.details::<RemoveLayersReport>().expect("details").clone());
+    }
+    assert_eq!(alone[0].input_sets, 1, "a feed of one sample is one set");
+    let mut runtime = StackedRuntime(vec![one, other], loaded.dir.clone());
+    let runs = run_pipeline(&mut loaded.model.clone(), &pipeline, &mut Context::with_runtime(&mut runtime)).expect("runs");
+    let both = runs[2].report.details::<RemoveLayersReport>().expect("details").clone();
+    assert_eq!(both.input_sets, 2, "{}", both.input_sets_note);
+    for (l, c) in both.candidates.iter().enumerate() {
+        let (a, b) = (alone[0].candidates[l].score, alone[1].candidates[l].score);
+        assert!((c.per_set[0] - a).abs() < 1e-9 && (c.per_set[1] - b).abs() < 1e-9, "layer {l}: {:?} against {a}, {b}", c.per_set);
+        assert_eq!(c.score, a.max(b), "aggregate=max");
+    }
+    assert_eq!(both.output_change.as_ref().map(Vec::len), Some(2));
+}
