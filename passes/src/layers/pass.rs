@@ -449,6 +449,10 @@ impl Pass for RemoveLayers {
 
         let original = model.clone();
         let mut warnings = Vec::new();
+        if o.greedy && !kind.needs_inputs() {
+            // Weights do not change when a layer goes, so re-scoring would rank the same.
+            warnings.push(format!("remove-layers: greedy re-scoring changes nothing for the data-free {} score", report.score));
+        }
         let mut scorer = Scorer::new(&original, &blocks, &units, kind, o.aggregate, cx)?;
         let first = scorer.score(&[], &candidates.iter().map(|&u| vec![u]).collect::<Vec<_>>())?;
         report.candidates = candidates.iter().zip(&first).map(|(&u, (s, per))| scored(&units[u], *s, per)).collect();
