@@ -89,6 +89,7 @@ fn every_registered_pass_documents_its_options_prints_them_back_and_has_a_snapsh
         ("fold-bn", "cleanup__batchnorm_folding_is_snapshotted"),
         ("dequantize", "nnef__dequantize_qdq_weights_diff"),
         ("prune", "prune__pruned_conv_residual"),
+        ("remove-layers", "snapshots__remove_layers_tiny_bert_layer1_diff"),
     ];
     for r in REGISTRY {
         assert!(!r.summary.is_empty(), "{}: no summary", r.name);
@@ -112,6 +113,20 @@ fn every_registered_pass_documents_its_options_prints_them_back_and_has_a_snapsh
     let mut options = prunec::passes::prune::PruneOptions::default();
     for (key, value) in [("target", "flops=0.25"), ("exclude", "/a*,/b*"), ("node-ratio", "/c*=0.5"), ("hessian", "bn"), ("refit", "none")]
     {
+        options.set(key, value).expect("valid");
+        assert_eq!(options.get(key), value);
+    }
+    let mut options = prunec::passes::layers::RemoveLayersOptions::default();
+    for (key, value) in [
+        ("layers", "3,4,5"),
+        ("target", "params=0.25"),
+        ("sub-block", "mlp"),
+        ("score", "influence"),
+        ("aggregate", "max"),
+        ("merge", "average"),
+        ("greedy", "true"),
+        ("contiguous", "true"),
+    ] {
         options.set(key, value).expect("valid");
         assert_eq!(options.get(key), value);
     }

@@ -5,6 +5,7 @@ mod common;
 
 use prunec::frontend::{ReadOptions, read_model};
 use prunec::ir::dump;
+use prunec::passes::PassDetails;
 
 fn dump_of(file: &str) -> (prunec::ir::Model, String) {
     let loaded = read_model(&common::root().join("testdata/models").join(file), &ReadOptions::default()).expect("testdata models read");
@@ -104,4 +105,22 @@ fn two_prune_entries_of_one_pipeline_keep_their_own_options() {
         })
         .collect();
     insta::assert_snapshot!("two_prunes_mlp", format!("{}\n\n{}", summary.join("\n"), common::dump_diff(&before, &dump(&model))));
+}
+
+#[test]
+fn remove_layers_splices_out_a_layer_and_its_dead_branch() {
+    // tiny_bert's layer 1, chosen by index (data-free: no inputs), after folding its shape
+    // arithmetic: the readers of its output sum read its input instead, and both branches go
+    // with the weights only they used.
+    let path = common::shared().join("models/zoo/tiny_bert.onnx");
+    let mut model = read_model(&path, &ReadOptions::default()).expect("tiny_bert reads").model;
+    run(&mut model, "fold");
+    let before = dump(&model);
+    let runs = run(&mut model, "remove-layers{layers=1}");
+    let report = runs[0].report.details::<prunec::passes::layers::RemoveLayersReport>().expect("remove-layers details");
+    assert_eq!(report.removed.iter().map(|r| r.unit.layer).collect::<Vec<_>>(), [1]);
+    insta::assert_snapshot!(
+        "remove_layers_tiny_bert_layer1_diff",
+        format!("{}\n\n{}", report.summary().join("\n"), common::dump_diff(&before, &dump(&model)))
+    );
 }

@@ -147,6 +147,12 @@ pub const REGISTRY: &[Registration] = &[
         options: prune::PruneOptions::SCHEMA,
         build: |pairs| Ok(Box::new(prune::ChannelPruning { options: prune::PruneOptions::from_pairs("prune", pairs)? })),
     },
+    Registration {
+        name: "remove-layers",
+        summary: "remove the least important residual layers (or their attention or MLP), scored from weights or on --inputs",
+        options: layers::RemoveLayersOptions::SCHEMA,
+        build: |pairs| Ok(Box::new(layers::RemoveLayers { options: layers::RemoveLayersOptions::from_pairs("remove-layers", pairs)? })),
+    },
 ];
 
 /// The pipeline of a bare `prunec MODEL -o OUT`: cleanup, folding of shape arithmetic (which

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use prunec::passes::layers::{BlockReport, DeclineReason, Layer, find_blocks};
+use prunec::passes::layers::{Aggregate, BlockReport, DeclineReason, Layer, MeasuredScores, find_blocks, measured_scores};
 use std::fmt::Write;
 use std::path::PathBuf;
 
@@ -16,6 +16,11 @@ pub struct BlocksArgs {
     /// Concrete shape of an input, as for `inspect`.
     #[arg(long = "input-shape", value_name = "NAME=DIMS")]
     pub input_shapes: Vec<String>,
+    /// Inputs (`.npz`) to measure the data-driven scores on: block influence and the output
+    /// change when the layer alone is removed (added to the table, and to the JSON as
+    /// `measured`: `prunec::passes::layers::MeasuredScores`).
+    #[arg(long, value_name = "FILE.npz")]
+    pub inputs: Option<PathBuf>,
 }
 
 pub(super) fn run(a: &BlocksArgs) -> Result<()> {
@@ -26,7 +31,62 @@ pub(super) fn run(a: &BlocksArgs) -> Result<()> {
     prunec::passes::run_pipeline(&mut loaded.model, &fold, &mut Default::default())
         .with_context(|| format!("folding `{}`", a.model.display()))?;
     let report = find_blocks(&loaded.model.graph);
-    if a.json { super::emit(&format!("{}\n", serde_json::to_string_pretty(&report)?)) } else { super::emit(&text(&report)) }
+    let measured = match &a.inputs {
+        Some(file) => Some(measure(&loaded, &report, &a.input_shapes, file)?),
+        None => None,
+    };
+    if a.json {
+        let mut json = serde_json::to_value(&report)?;
+        if let (Some(m), Some(object)) = (&measured, json.as_object_mut()) {
+            object.insert("measured".into(), serde_json::to_value(m)?);
+        }
+        super::emit(&format!("{}\n", serde_json::to_string_pretty(&json)?))
+    } else {
+        let mut out = text(&report);
+        if let Some(m) = &measured {
+            out += &measured_text(m);
+        }
+        super::emit(&out)
+    }
+}
+
+/// The data-driven scores of every layer on the inputs of `file`, run in tract.
+fn measure(
+    loaded: &prunec::frontend::Loaded,
+    report: &BlockReport,
+    input_shapes: &[String],
+    file: &std::path::Path,
+) -> Result<MeasuredScores> {
+    let names = prunec::runtime::inputs::runtime_inputs(&loaded.model.graph);
+    let shapes = super::args::input_shapes(input_shapes, &names)?;
+    let (feed, _) = prunec::runtime::inputs::given_feed(&loaded.model, file, &shapes, 0)
+        .with_context(|| format!("reading inputs `{}`", file.display()))?;
+    let given = prunec::runtime::measure::GivenInputs { feed, source: format!("`{}`", file.display()) };
+    let mut runtime = prunec::runtime::measure::TractRuntime { dir: loaded.dir.clone(), given: Some(given), input_shapes: shapes };
+    let mut cx = prunec::passes::Context::with_runtime(&mut runtime);
+    measured_scores(&loaded.model, report, Aggregate::Mean, &mut cx).context("measuring the layers' scores")
+}
+
+/// The measured scores, one row per layer.
+fn measured_text(m: &MeasuredScores) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "measured on {}: {} input set(s) ({}), {} runs",
+        m.inputs.as_deref().unwrap_or("the inputs"),
+        m.input_sets,
+        m.input_sets_note,
+        m.runs
+    );
+    let _ = writeln!(out, "{:>5} {:>12} {:>12}", "layer", "influence", "ablation");
+    for l in &m.layers {
+        let _ = writeln!(out, "{:>5} {:>12.4e} {:>12.4e}", l.layer, l.influence, l.ablation);
+    }
+    let _ = writeln!(
+        out,
+        "influence: mean 1 − cos(x_in, x_out) per token and stream; ablation: relative L2 change of the outputs with the layer alone removed"
+    );
+    out
 }
 
 /// The table: one row per layer, then the declined candidates.

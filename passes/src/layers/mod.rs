@@ -9,9 +9,14 @@
 //! - [`zero_residuals`] (`reference.rs`) builds what a removal must equal: the original with
 //!   those branches multiplied by zero; [`zeroed_branches`] and [`zero_branches`] are the same
 //!   edit by value names, for a reference built from an already edited original.
+//! - [`RemoveLayers`] (`pass.rs`) is the `remove-layers` pass: candidates, scores (data-free,
+//!   or measured on the inputs: block influence, ablation, greedy re-scoring), the choice (a
+//!   count, explicit layers, a parameter or MAC target, one contiguous run), the removal and
+//!   its zeroed-branch reference.
 //! - [`score`] has the data-free scores and the data-driven ones as functions of activations.
 
 mod detect;
+mod pass;
 mod reference;
 mod remove;
 pub mod score;
@@ -19,6 +24,10 @@ pub mod score;
 mod tests;
 
 pub use detect::{BlockKind, BlockReport, DeclineReason, Declined, Layer, Region, Stack, SubBlock, find_blocks};
+pub use pass::{
+    Aggregate, LayerScore, MeasuredScore, MeasuredScores, RemoveLayers, RemoveLayersOptions, RemoveLayersReport, RemovedUnit, ScoredUnit,
+    SubBlockChoice, measured_scores,
+};
 pub use reference::{ZeroedBranch, zero_branches, zero_residuals, zeroed_branches};
 pub use remove::{Merge, Removal, Selection, remove, remove_with};
 pub use score::DataFreeScore;

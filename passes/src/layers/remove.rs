@@ -173,16 +173,28 @@ fn average_into_survivors(model: &mut Model, report: &BlockReport, which: &[Sele
         }
     }
     for (slot, tensor) in writes {
-        match slot {
-            WeightSlot::Initializer(v) => model.graph.set_initializer(v, tensor),
-            WeightSlot::Constant(op, name) => {
-                if let Some(a) = model.graph.op_mut(op).attributes.iter_mut().find(|a| a.name() == "value") {
-                    a.tensor = Some(tensor.renamed(&name));
-                }
+        write_slot(model, slot, tensor);
+    }
+    Ok(groups.into_iter().collect())
+}
+
+/// Writes `tensor` where the constant behind `v` is stored (an initializer, or a Constant node
+/// behind Identity nodes): how the averaging reference repeats the pass's writes by name.
+pub(crate) fn write_weight(model: &mut Model, v: ValueId, tensor: Tensor) -> Result<(), PassError> {
+    let slot = weight_slot(model, v)?;
+    write_slot(model, slot, tensor);
+    Ok(())
+}
+
+fn write_slot(model: &mut Model, slot: WeightSlot, tensor: Tensor) {
+    match slot {
+        WeightSlot::Initializer(v) => model.graph.set_initializer(v, tensor),
+        WeightSlot::Constant(op, name) => {
+            if let Some(a) = model.graph.op_mut(op).attributes.iter_mut().find(|a| a.name() == "value") {
+                a.tensor = Some(tensor.renamed(&name));
             }
         }
     }
-    Ok(groups.into_iter().collect())
 }
 
 /// The survivor's weights averaged with the removed layers', keyed by the survivor's values.
