@@ -17,6 +17,7 @@ pub mod measure;
 pub mod options;
 pub mod prune;
 pub mod reference;
+pub mod streams;
 
 pub use cleanup::remove_dead_code;
 pub use error::PassError;
