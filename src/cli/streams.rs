@@ -68,7 +68,12 @@ pub fn text(report: &StreamReport) -> String {
         for w in &b.weights {
             let shape: Vec<String> = w.shape.iter().map(u64::to_string).collect();
             let d = w.divergence.map_or("-".to_string(), |d| format!("{d:.4}"));
-            let _ = writeln!(out, "  {:<14} {:>10}  {:<44} {}", format!("[{}]", shape.join(",")), d, w.text, w.image);
+            // Slice twins say which rows: SD3's last text modulation is (scale, shift), the
+            // image's (shift, scale, ...).
+            let rows = w.rows.as_ref().map_or(String::new(), |r| {
+                format!(" (axis {} rows {}..{} ~ {}..{})", r.axis, r.text[0], r.text[1], r.image[0], r.image[1])
+            });
+            let _ = writeln!(out, "  {:<14} {:>10}  {:<44} {}{rows}", format!("[{}]", shape.join(",")), d, w.text, w.image);
         }
     }
     if !report.declined.is_empty() {

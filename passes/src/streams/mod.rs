@@ -13,4 +13,4 @@
 
 mod twins;
 
-pub use twins::{DeclinedBlock, DualBlock, Order, StreamReport, TwinOp, TwinWeight, find_streams, find_streams_in, tie_text_weights};
+pub use twins::{DeclinedBlock, DualBlock, Order, RowRanges, StreamReport, TwinOp, TwinWeight, find_streams, find_streams_in, tie_text_weights};

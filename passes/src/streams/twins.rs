@@ -213,28 +213,61 @@ pub fn find_streams_in(graph: &Graph, blocks: &BlockReport) -> StreamReport {
 }
 
 /// Overwrites every text weight of `block` with its image twin (the tied copy, exact for the
-/// single-stream conversion); returns the elements overwritten. Fails, before changing anything,
-/// when a weight is not an initializer of `graph` or the twins' shapes differ.
+/// single-stream conversion): whole weights are copied, slice twins slice by slice. Returns the
+/// elements overwritten. Fails, before changing anything, when a weight is not an initializer
+/// of `graph`, is not f32 where slices are copied, or the twins' shapes differ.
 pub fn tie_text_weights(graph: &mut Graph, block: &DualBlock) -> Result<u64, String> {
-    let mut edits = Vec::new();
-    for w in &block.weights {
-        let lookup = |name: &str| {
-            graph
-                .value_by_name(name)
-                .filter(|&v| graph.value(v).initializer().is_some())
-                .ok_or_else(|| format!("weight `{name}` is not an initializer"))
-        };
-        let (text, image) = (lookup(&w.text)?, lookup(&w.image)?);
-        let tensor = graph.value(image).initializer().ok_or_else(|| format!("weight `{}` has no data", w.image))?;
-        if graph.value(text).initializer().map(Tensor::dims) != Some(tensor.dims()) {
-            return Err(format!("weights `{}` and `{}` differ in shape", w.text, w.image));
-        }
-        edits.push((text, tensor.renamed(&w.text)));
-    }
+    let lookup = |name: &str| -> Result<(ValueId, &Tensor), String> {
+        let v = graph.value_by_name(name).ok_or_else(|| format!("no value `{name}`"))?;
+        let t = graph.value(v).initializer().ok_or_else(|| format!("weight `{name}` is not an initializer"))?;
+        Ok((v, t))
+    };
+    // The new data of each text weight, in first-met order.
+    let mut edits: Vec<(ValueId, String, Vec<u64>, Vec<f32>)> = Vec::new();
     let mut total = 0;
-    for (text, tensor) in edits {
-        total += tensor.numel();
-        graph.set_initializer(text, tensor);
+    for w in &block.weights {
+        let ((text, tt), (_, ti)) = (lookup(&w.text)?, lookup(&w.image)?);
+        let at = match edits.iter().position(|e| e.0 == text) {
+            Some(at) => at,
+            None => {
+                let data = tt.to_f32_vec().filter(|_| tt.dtype() == prunec_ir::DType::F32);
+                let data = data.ok_or_else(|| format!("weight `{}` is not f32", w.text))?;
+                edits.push((text, w.text.clone(), tt.dims(), data));
+                edits.len() - 1
+            }
+        };
+        let image = ti.to_f32_vec().filter(|_| ti.dtype() == prunec_ir::DType::F32).ok_or_else(|| format!("weight `{}` is not f32", w.image))?;
+        let dims = ti.dims();
+        let edit = &mut edits[at];
+        match &w.rows {
+            None => {
+                if edit.2 != dims {
+                    return Err(format!("weights `{}` and `{}` differ in shape", w.text, w.image));
+                }
+                total += image.len() as u64;
+                edit.3 = image;
+            }
+            Some(r) => {
+                let (n_text, n_image) = (edit.2.get(r.axis).copied(), dims.get(r.axis).copied());
+                let same_rest = edit.2.len() == dims.len() && edit.2.iter().zip(&dims).enumerate().all(|(i, (a, b))| i == r.axis || a == b);
+                let fits = |range: [u64; 2], n: Option<u64>| range[0] <= range[1] && n.is_some_and(|n| range[1] <= n);
+                if !same_rest || !fits(r.text, n_text) || !fits(r.image, n_image) || r.text[1] - r.text[0] != r.image[1] - r.image[0] {
+                    return Err(format!("slices of `{}` and `{}` do not match", w.text, w.image));
+                }
+                let inner: usize = dims[r.axis + 1..].iter().product::<u64>() as usize;
+                let outer: usize = dims[..r.axis].iter().product::<u64>() as usize;
+                let len = (r.text[1] - r.text[0]) as usize * inner;
+                for o in 0..outer {
+                    let from = (o * n_image.unwrap_or(0) as usize + r.image[0] as usize) * inner;
+                    let to = (o * n_text.unwrap_or(0) as usize + r.text[0] as usize) * inner;
+                    edit.3[to..to + len].copy_from_slice(&image[from..from + len]);
+                }
+                total += (len * outer) as u64;
+            }
+        }
+    }
+    for (text, name, dims, data) in edits {
+        graph.set_initializer(text, Tensor::from_f32(&name, &dims, &data));
     }
     Ok(total)
 }
