@@ -7,7 +7,7 @@ mod common;
 use common::{Case, feed, prunec, shared_cases};
 use prunec::frontend::{Loaded, ReadOptions, read_model};
 use prunec::ir::constant_tensor;
-use prunec::passes::streams::{Order, RowRanges, StreamReport, find_streams, tie_text_weights};
+use prunec::passes::streams::{Order, RowRanges, StreamReport, convert, find_streams, tie_text_weights};
 use prunec::runtime::tract::{Plan, compare};
 use std::collections::BTreeSet;
 
@@ -162,4 +162,40 @@ fn the_json_report_names_its_fields() {
     assert!(block["text_output"].is_null(), "SD3's last block has no text output");
     assert_eq!(block["order"], "image_first");
     assert!(report["declined"].is_array());
+}
+
+/// Float weight elements of a model.
+fn parameters(model: &prunec::ir::Model) -> u64 {
+    let g = &model.graph;
+    g.value_ids().filter_map(|v| g.value(v).initializer()).filter(|t| t.dtype().is_float()).map(|t| t.numel()).sum()
+}
+
+#[test]
+fn converting_the_last_k_blocks_equals_the_tied_copy_and_frees_the_text_weights() {
+    for &(name, blocks, ..) in EXPECTED {
+        let loaded = load(name);
+        let original = &loaded.model;
+        let report = find_streams(&original.graph);
+        let inputs = feed(&case(name), original);
+        let run = |model: &prunec::ir::Model| {
+            let plan = Plan::from_model(model, &loaded.dir, &inputs).expect("tract builds the plan");
+            plan.run(&inputs).expect("tract runs").values.swap_remove(0).1
+        };
+        for k in 1..=blocks {
+            let range = blocks - k..blocks;
+            let mut tied = original.clone();
+            for b in &report.blocks[range.clone()] {
+                tie_text_weights(&mut tied.graph, b).expect("ties");
+            }
+            let mut converted = tied.clone();
+            let done = convert(&mut converted, &report, range.clone()).unwrap_or_else(|e| panic!("{name} last {k}: {e}"));
+            converted.graph.reconcile_records();
+            prunec::ir::validate(&converted.graph).unwrap_or_else(|e| panic!("{name} last {k}: {e}"));
+            let freed: u64 = done.iter().map(|b| b.text_parameters).sum();
+            assert_eq!(parameters(&tied) - parameters(&converted), freed, "{name} last {k}");
+            let diff = compare(&run(&tied), &run(&converted)).expect("same shapes");
+            eprintln!("{name} last {k}: freed {freed}, max |tied - converted| = {:.3e}", diff.max_abs);
+            assert!(diff.max_abs <= 1e-5, "{name} last {k}: {diff:?}");
+        }
+    }
 }

@@ -11,6 +11,9 @@
 //! - The data-free divergence of a block is the relative Frobenius distance between its text
 //!   and image weights: how much tying the text branch to the image branch changes.
 
+mod convert;
 mod twins;
+
+pub use convert::{ConvertedBlock, convert};
 
 pub use twins::{DeclinedBlock, DualBlock, Order, RowRanges, StreamReport, TwinOp, TwinWeight, find_streams, find_streams_in, tie_text_weights};
