@@ -145,6 +145,14 @@ pub const REGISTRY: &[Registration] = &[
         options: prune::PruneOptions::SCHEMA,
         build: |pairs| Ok(Box::new(prune::ChannelPruning { options: prune::PruneOptions::from_pairs("prune", pairs)? })),
     },
+    Registration {
+        name: "single-stream",
+        summary: "run the last K (or a range of) dual-stream MMDiT blocks as single-stream blocks, text weights tied to the image branch",
+        options: streams::SingleStreamOptions::SCHEMA,
+        build: |pairs| {
+            Ok(Box::new(streams::SingleStream { options: streams::SingleStreamOptions::from_pairs("single-stream", pairs)? }))
+        },
+    },
 ];
 
 /// The pipeline of a bare `prunec MODEL -o OUT`: cleanup, folding of shape arithmetic (which

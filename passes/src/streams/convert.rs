@@ -193,6 +193,18 @@ fn convert_block(
             }
         }
     }
+    // Where the text branch ends at the attention, the image slice of the attention output has
+    // no twin: it is the first Slice after the anchors that cuts the joint length to the image's.
+    if b.text_output.is_none() {
+        let anchors: Vec<OpId> = b.anchors.iter().map(|a| op(a)).collect::<Result<_, String>>()?;
+        let cut = image_cut(graph, &anchors, lt, li).ok_or_else(|| format!("block {}: no slice of the attention output keeps the image tokens", b.index))?;
+        {
+            let (Some(joint), Some(out)) = (graph.op_input(cut, 0), graph.op_output(cut, 0)) else { return Err("a Slice without data".into()) };
+            for (reader, _) in graph.consumers(out) {
+                graph.replace_input(reader, out, joint);
+            }
+        }
+    }
     // The anchors read the image side, now joint.
     for anchor in &b.anchors {
         let a = op(anchor)?;
@@ -203,6 +215,32 @@ fn convert_block(
         }
     }
     Ok(())
+}
+
+/// The first Slice computed from the anchors whose input has the joint length `lt + li` on
+/// some axis and whose output has `li` there (by the recorded shapes).
+fn image_cut(graph: &Graph, anchors: &[OpId], lt: i64, li: i64) -> Option<OpId> {
+    let dims = |v: ValueId| -> Option<Vec<u64>> { graph.value(v).shape.as_ref()?.0.iter().map(|d| d.known()).collect() };
+    let mut seen: BTreeSet<OpId> = anchors.iter().copied().collect();
+    let mut queue: std::collections::VecDeque<OpId> = anchors.iter().copied().collect();
+    while let Some(op) = queue.pop_front() {
+        if graph.op(op).op_type == "Slice" {
+            if let (Some(i), Some(o)) = (graph.op_input(op, 0).and_then(dims), graph.op_output(op, 0).and_then(dims)) {
+                let cuts = i.len() == o.len() && (0..i.len()).any(|a| i[a] as i64 == lt + li && o[a] as i64 == li);
+                if cuts {
+                    return Some(op);
+                }
+            }
+        }
+        for v in graph.op_outputs(op).into_iter().flatten() {
+            for (reader, _) in graph.consumers(v) {
+                if seen.insert(reader) {
+                    queue.push_back(reader);
+                }
+            }
+        }
+    }
+    None
 }
 
 /// `Concat(tables in the streams' order)` on the axis where their shapes differ.

@@ -12,8 +12,10 @@
 //!   and image weights: how much tying the text branch to the image branch changes.
 
 mod convert;
+mod pass;
 mod twins;
 
 pub use convert::{ConvertedBlock, convert};
+pub use pass::{BlockParameters, SingleStream, SingleStreamOptions, SingleStreamReport, Tie};
 
 pub use twins::{DeclinedBlock, DualBlock, Order, RowRanges, StreamReport, TwinOp, TwinWeight, find_streams, find_streams_in, tie_text_weights};
