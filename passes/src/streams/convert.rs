@@ -72,8 +72,9 @@ pub fn convert(model: &mut Model, report: &StreamReport, range: std::ops::Range<
     let mut tables: BTreeMap<(ValueId, ValueId), ValueId> = BTreeMap::new();
     let mut converted = Vec::new();
     let mut image_ops: BTreeSet<OpId> = BTreeSet::new();
+    let mut fixed: BTreeSet<ValueId> = BTreeSet::new();
     for b in blocks {
-        convert_block(graph, b, lt, li, &mut tables, &mut image_ops)?;
+        convert_block(graph, b, lt, li, &mut tables, &mut image_ops, &mut fixed)?;
         converted.push(ConvertedBlock { index: b.index, text_parameters: b.text_parameters });
     }
     // The exit: both streams sliced back out of X for what reads them after the range.
@@ -97,15 +98,20 @@ pub fn convert(model: &mut Model, report: &StreamReport, range: std::ops::Range<
         }
         exits.insert(txt);
     }
-    // Values computed on the joint sequence have another length than recorded: forget the
-    // recorded shapes from X to the exit slices.
+    // Values computed on the joint sequence have another length than recorded. A twin's shape
+    // says where (`fixed`), the attention core's recorded shapes already have the joint length;
+    // the others (image ops without a twin, after the attention of a block whose text branch
+    // ends there) are forgotten from X to the exit slices.
+    let joint_len = (lt + li) as u64;
     let mut stack = vec![x];
     let mut seen = BTreeSet::new();
     while let Some(v) = stack.pop() {
         if !seen.insert(v) || exits.contains(&v) {
             continue;
         }
-        if v != x {
+        let in_core = graph.producer(v).is_some_and(|(op, _)| !image_ops.contains(&op))
+            && graph.value(v).shape.as_ref().is_some_and(|s| s.0.iter().any(|d| d.known() == Some(joint_len)));
+        if v != x && !fixed.contains(&v) && !in_core {
             graph.value_mut(v).shape = None;
         }
         for (op, _) in graph.consumers(v) {
@@ -127,6 +133,7 @@ fn convert_block(
     li: i64,
     tables: &mut BTreeMap<(ValueId, ValueId), ValueId>,
     image_ops: &mut BTreeSet<OpId>,
+    fixed: &mut BTreeSet<ValueId>,
 ) -> Result<(), String> {
     let op_by_name: BTreeMap<String, OpId> = graph.op_ids().map(|op| (graph.op(op).name.clone(), op)).collect();
     let op = |name: &str| op_by_name.get(name).copied().ok_or_else(|| format!("no op `{name}`"));
@@ -137,6 +144,21 @@ fn convert_block(
         .collect();
     let pairs: Vec<(OpId, OpId)> = b.ops.iter().map(|p| Ok((op(&p.text)?, op(&p.image)?))).collect::<Result<_, String>>()?;
     image_ops.extend(pairs.iter().map(|&(_, i)| i));
+    // Each image output's shape on the joint sequence: where its text twin's differs from it
+    // by the stream lengths, the joint length.
+    let known = |g: &Graph, v: ValueId| -> Option<Vec<u64>> { g.value(v).shape.as_ref()?.0.iter().map(|d| d.known()).collect() };
+    for &(t, i) in &pairs {
+        for (vt, vi) in graph.op_outputs(t).into_iter().zip(graph.op_outputs(i)) {
+            let (Some(vt), Some(vi)) = (vt, vi) else { continue };
+            let (Some(dt), Some(di)) = (known(graph, vt), known(graph, vi)) else { continue };
+            let ok = dt.len() == di.len() && dt.iter().zip(&di).all(|(a, c)| a == c || (*a as i64, *c as i64) == (lt, li));
+            if ok {
+                let dims: Vec<u64> = dt.iter().zip(&di).map(|(a, c)| if a == c { *c } else { (lt + li) as u64 }).collect();
+                graph.value_mut(vi).shape = Some(Shape::known(&dims));
+                fixed.insert(vi);
+            }
+        }
+    }
     for &(t, i) in &pairs {
         let (ins_t, ins_i) = (graph.op_inputs(t), graph.op_inputs(i));
         let o = graph.op(i).op_type.clone();
