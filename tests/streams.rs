@@ -6,11 +6,11 @@ mod common;
 
 use common::{Case, feed, feed_json, prunec, shared_cases, validate_with_python};
 use prunec::backends::onnx::{WriteOptions, write_model};
-use serde_json::json;
 use prunec::frontend::{Loaded, ReadOptions, read_model};
 use prunec::ir::constant_tensor;
 use prunec::passes::streams::{Order, RowRanges, StreamReport, convert, find_streams, tie_text_weights};
 use prunec::runtime::tract::{Plan, compare};
+use serde_json::json;
 use std::collections::BTreeSet;
 
 fn case(name: &str) -> Case {
@@ -158,7 +158,9 @@ fn the_json_report_names_its_fields() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let block = &report["blocks"][3];
-    for field in ["index", "layer", "order", "axis", "anchors", "text_input", "image_input", "image_output", "ops", "weights", "text_parameters"] {
+    for field in
+        ["index", "layer", "order", "axis", "anchors", "text_input", "image_input", "image_output", "ops", "weights", "text_parameters"]
+    {
         assert!(!block[field].is_null(), "block has no `{field}`: {block}");
     }
     assert!(block["text_output"].is_null(), "SD3's last block has no text output");
@@ -201,7 +203,8 @@ fn converting_the_last_k_blocks_equals_the_tied_copy_and_frees_the_text_weights(
             eprintln!("{name} last {k}: freed {freed}, max |tied - converted| = {:.3e}", diff.max_abs);
             assert!(diff.max_abs <= 1e-5, "{name} last {k}: {diff:?}");
             // The checker and ONNX Runtime: the converted model against the tied copy.
-            let (out, reference) = (scratch.path().join(format!("{name}_last{k}.onnx")), scratch.path().join(format!("{name}_last{k}.tied.onnx")));
+            let (out, reference) =
+                (scratch.path().join(format!("{name}_last{k}.onnx")), scratch.path().join(format!("{name}_last{k}.tied.onnx")));
             write_model(&converted, &out, &WriteOptions::default()).expect("writes");
             write_model(&tied, &reference, &WriteOptions::default()).expect("writes");
             manifest.push(json!({
@@ -217,13 +220,30 @@ fn converting_the_last_k_blocks_equals_the_tied_copy_and_frees_the_text_weights(
 fn the_single_stream_pass_is_judged_against_the_tied_original() {
     // Through the CLI: the verifier builds the reference from the pass's edit and judges it.
     let scratch = tempfile::tempdir().expect("temp dir");
-    for (name, passes) in [("tiny_flux", "single-stream{last=3}"), ("tiny_sd3", "single-stream{blocks=1..3}"), ("tiny_qwenimage", "single-stream{last=2,tie=text}")] {
+    for (name, passes) in [
+        ("tiny_flux", "single-stream{last=3}"),
+        ("tiny_sd3", "single-stream{blocks=1..3}"),
+        ("tiny_qwenimage", "single-stream{last=2,tie=text}"),
+    ] {
         let (out, report) = (scratch.path().join(format!("{name}.onnx")), scratch.path().join(format!("{name}.json")));
-        let run = prunec().arg(case(name).path).arg("-o").arg(&out).args(["--passes", passes]).arg("--report").arg(&report).output().expect("prunec");
+        let run = prunec()
+            .arg(case(name).path)
+            .arg("-o")
+            .arg(&out)
+            .args(["--passes", passes])
+            .arg("--report")
+            .arg(&report)
+            .output()
+            .expect("prunec");
         assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
         let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("JSON");
         let details = common::pass_details(&report, "single-stream");
-        let freed: u64 = details["blocks"].as_array().expect("blocks").iter().map(|b| b["before"].as_u64().unwrap() - b["after"].as_u64().unwrap()).sum();
+        let freed: u64 = details["blocks"]
+            .as_array()
+            .expect("blocks")
+            .iter()
+            .map(|b| b["before"].as_u64().unwrap() - b["after"].as_u64().unwrap())
+            .sum();
         let (before, after) = (details["parameters_before"].as_u64().unwrap(), details["parameters_after"].as_u64().unwrap());
         assert_eq!(before - after, freed, "{name}: {details}");
         let text = report.to_string();

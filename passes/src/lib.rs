@@ -149,9 +149,7 @@ pub const REGISTRY: &[Registration] = &[
         name: "single-stream",
         summary: "run the last K (or a range of) dual-stream MMDiT blocks as single-stream blocks, text weights tied to the image branch",
         options: streams::SingleStreamOptions::SCHEMA,
-        build: |pairs| {
-            Ok(Box::new(streams::SingleStream { options: streams::SingleStreamOptions::from_pairs("single-stream", pairs)? }))
-        },
+        build: |pairs| Ok(Box::new(streams::SingleStream { options: streams::SingleStreamOptions::from_pairs("single-stream", pairs)? })),
     },
 ];
 

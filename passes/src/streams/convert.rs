@@ -27,9 +27,11 @@ pub struct ConvertedBlock {
 /// branches. Only exact when the text weights equal their image twins; the caller ties them.
 /// Fails, before changing the graph, when the blocks or their shapes do not allow it.
 pub fn convert(model: &mut Model, report: &StreamReport, range: std::ops::Range<usize>) -> Result<Vec<ConvertedBlock>, String> {
-    let blocks = report.blocks.get(range.clone()).filter(|b| !b.is_empty()).ok_or_else(|| {
-        format!("blocks {}..{} are not among the {} dual-stream blocks", range.start, range.end, report.blocks.len())
-    })?;
+    let blocks = report
+        .blocks
+        .get(range.clone())
+        .filter(|b| !b.is_empty())
+        .ok_or_else(|| format!("blocks {}..{} are not among the {} dual-stream blocks", range.start, range.end, report.blocks.len()))?;
     for pair in blocks.windows(2) {
         if pair[0].text_output.as_ref() != Some(&pair[1].text_input) || pair[0].image_output != pair[1].image_input {
             return Err(format!("block {} is not entered from block {}", pair[1].index, pair[0].index));
@@ -42,7 +44,8 @@ pub fn convert(model: &mut Model, report: &StreamReport, range: std::ops::Range<
     let (x_t, x_i) = (value(graph, &first.text_input)?, value(graph, &first.image_input)?);
     // The streams' sequence axis: the one where their shapes differ.
     let dims = |g: &Graph, v: ValueId| -> Option<Vec<u64>> { g.value(v).shape.as_ref()?.0.iter().map(|d| d.known()).collect() };
-    let (dt, di) = (dims(graph, x_t).ok_or("the text stream's shape is not known")?, dims(graph, x_i).ok_or("the image stream's shape is not known")?);
+    let (dt, di) =
+        (dims(graph, x_t).ok_or("the text stream's shape is not known")?, dims(graph, x_i).ok_or("the image stream's shape is not known")?);
     let differ: Vec<usize> = (0..dt.len().min(di.len())).filter(|&a| dt[a] != di[a]).collect();
     let ([axis], true) = (&differ[..], dt.len() == di.len()) else {
         return Err("the streams' shapes do not differ in exactly one axis (equal lengths hide the sequence axis)".into());
@@ -60,9 +63,15 @@ pub fn convert(model: &mut Model, report: &StreamReport, range: std::ops::Range<
     joint_dims[axis] = (lt + li) as u64;
 
     // X: the streams joined once.
-    let x = new_op(graph, "Concat", &ordered(x_t, x_i), &format!("{}/single_stream/Concat", first.image_input), dtype, Some(&joint_dims), |o| {
-        o.set_attr_int("axis", axis as i64)
-    })?;
+    let x = new_op(
+        graph,
+        "Concat",
+        &ordered(x_t, x_i),
+        &format!("{}/single_stream/Concat", first.image_input),
+        dtype,
+        Some(&joint_dims),
+        |o| o.set_attr_int("axis", axis as i64),
+    )?;
     let concat_op = graph.producer(x).map(|(op, _)| op);
     for (op, _) in graph.consumers(x_i) {
         if Some(op) != concat_op {
@@ -137,11 +146,8 @@ fn convert_block(
 ) -> Result<(), String> {
     let op_by_name: BTreeMap<String, OpId> = graph.op_ids().map(|op| (graph.op(op).name.clone(), op)).collect();
     let op = |name: &str| op_by_name.get(name).copied().ok_or_else(|| format!("no op `{name}`"));
-    let positional: BTreeMap<(ValueId, ValueId), ()> = b
-        .positional
-        .iter()
-        .filter_map(|[t, i]| Some(((graph.value_by_name(t)?, graph.value_by_name(i)?), ())))
-        .collect();
+    let positional: BTreeMap<(ValueId, ValueId), ()> =
+        b.positional.iter().filter_map(|[t, i]| Some(((graph.value_by_name(t)?, graph.value_by_name(i)?), ()))).collect();
     let pairs: Vec<(OpId, OpId)> = b.ops.iter().map(|p| Ok((op(&p.text)?, op(&p.image)?))).collect::<Result<_, String>>()?;
     image_ops.extend(pairs.iter().map(|&(_, i)| i));
     // Each image output's shape on the joint sequence: where its text twin's differs from it
@@ -176,12 +182,13 @@ fn convert_block(
                 continue;
             }
             // The Split of the joint sequence back into the streams: its input.
-            if let (Some((st, _)), Some((si, _))) = (graph.producer(vt), graph.producer(vi)) {
-                if st == si && graph.op(si).op_type == "Split" {
-                    let joint = graph.op_input(si, 0).ok_or("a Split without input")?;
-                    graph.set_op_input(i, slot, joint);
-                    continue;
-                }
+            if let (Some((st, _)), Some((si, _))) = (graph.producer(vt), graph.producer(vi))
+                && st == si
+                && graph.op(si).op_type == "Split"
+            {
+                let joint = graph.op_input(si, 0).ok_or("a Split without input")?;
+                graph.set_op_input(i, slot, joint);
+                continue;
             }
             // A per-stream positional table: one joint table, in the streams' order.
             if positional.contains_key(&(vt, vi)) {
@@ -209,6 +216,10 @@ fn convert_block(
                         shape[k] = lt + li;
                     }
                 }
+                if shape == si {
+                    // `-1` or `0` already: the target fits any length.
+                    continue;
+                }
                 let name = format!("{}/single_stream_shape", graph.op(i).name);
                 let c = graph.add_initializer(&name, Tensor::from_i64(&name, &[shape.len() as u64], &shape));
                 graph.set_op_input(i, slot, c);
@@ -219,9 +230,12 @@ fn convert_block(
     // no twin: it is the first Slice after the anchors that cuts the joint length to the image's.
     if b.text_output.is_none() {
         let anchors: Vec<OpId> = b.anchors.iter().map(|a| op(a)).collect::<Result<_, String>>()?;
-        let cut = image_cut(graph, &anchors, lt, li).ok_or_else(|| format!("block {}: no slice of the attention output keeps the image tokens", b.index))?;
+        let cut = image_cut(graph, &anchors, lt, li)
+            .ok_or_else(|| format!("block {}: no slice of the attention output keeps the image tokens", b.index))?;
         {
-            let (Some(joint), Some(out)) = (graph.op_input(cut, 0), graph.op_output(cut, 0)) else { return Err("a Slice without data".into()) };
+            let (Some(joint), Some(out)) = (graph.op_input(cut, 0), graph.op_output(cut, 0)) else {
+                return Err("a Slice without data".into());
+            };
             for (reader, _) in graph.consumers(out) {
                 graph.replace_input(reader, out, joint);
             }
@@ -246,13 +260,12 @@ fn image_cut(graph: &Graph, anchors: &[OpId], lt: i64, li: i64) -> Option<OpId> 
     let mut seen: BTreeSet<OpId> = anchors.iter().copied().collect();
     let mut queue: std::collections::VecDeque<OpId> = anchors.iter().copied().collect();
     while let Some(op) = queue.pop_front() {
-        if graph.op(op).op_type == "Slice" {
-            if let (Some(i), Some(o)) = (graph.op_input(op, 0).and_then(dims), graph.op_output(op, 0).and_then(dims)) {
-                let cuts = i.len() == o.len() && (0..i.len()).any(|a| i[a] as i64 == lt + li && o[a] as i64 == li);
-                if cuts {
-                    return Some(op);
-                }
-            }
+        if graph.op(op).op_type == "Slice"
+            && let (Some(i), Some(o)) = (graph.op_input(op, 0).and_then(dims), graph.op_output(op, 0).and_then(dims))
+            && i.len() == o.len()
+            && (0..i.len()).any(|a| i[a] as i64 == lt + li && o[a] as i64 == li)
+        {
+            return Some(op);
         }
         for v in graph.op_outputs(op).into_iter().flatten() {
             for (reader, _) in graph.consumers(v) {
@@ -267,7 +280,8 @@ fn image_cut(graph: &Graph, anchors: &[OpId], lt: i64, li: i64) -> Option<OpId> 
 
 /// `Concat(tables in the streams' order)` on the axis where their shapes differ.
 fn joint_table(graph: &mut Graph, t: ValueId, i: ValueId, order: Order) -> Result<ValueId, String> {
-    let (tt, ti) = (constant_tensor(graph, t).ok_or("a table is not constant")?, constant_tensor(graph, i).ok_or("a table is not constant")?);
+    let (tt, ti) =
+        (constant_tensor(graph, t).ok_or("a table is not constant")?, constant_tensor(graph, i).ok_or("a table is not constant")?);
     let (dt, di) = (tt.dims(), ti.dims());
     let differ: Vec<usize> = (0..dt.len().min(di.len())).filter(|&a| dt[a] != di[a]).collect();
     let [axis] = differ[..] else { return Err("positional tables that do not differ in one axis".into()) };
@@ -281,8 +295,19 @@ fn joint_table(graph: &mut Graph, t: ValueId, i: ValueId, order: Order) -> Resul
 
 /// `Slice(x, start..end)` on `axis`.
 #[allow(clippy::too_many_arguments)]
-fn slice(graph: &mut Graph, x: ValueId, start: i64, end: i64, axis: usize, name: &str, dtype: Option<DType>, dims: &[u64]) -> Result<ValueId, String> {
-    let c = |g: &mut Graph, what: &str, v: i64| g.add_initializer(&format!("{name}_{what}"), Tensor::from_i64(&format!("{name}_{what}"), &[1], &[v]));
+fn slice(
+    graph: &mut Graph,
+    x: ValueId,
+    start: i64,
+    end: i64,
+    axis: usize,
+    name: &str,
+    dtype: Option<DType>,
+    dims: &[u64],
+) -> Result<ValueId, String> {
+    let c = |g: &mut Graph, what: &str, v: i64| {
+        g.add_initializer(&format!("{name}_{what}"), Tensor::from_i64(&format!("{name}_{what}"), &[1], &[v]))
+    };
     let (s, e, a) = (c(graph, "starts", start), c(graph, "ends", end), c(graph, "axes", axis as i64));
     new_op(graph, "Slice", &[x, s, e, a], name, dtype, Some(dims), |_| {})
 }
@@ -301,7 +326,14 @@ fn new_op(
     v.dtype = dtype;
     v.shape = dims.map(Shape::known);
     let out = graph.add_value(v).map_err(|e| e.to_string())?;
-    let mut op = Op { name: name.to_string(), op_type: op_type.into(), domain: String::new(), attributes: Vec::new(), meta: Default::default(), seq: u64::MAX };
+    let mut op = Op {
+        name: name.to_string(),
+        op_type: op_type.into(),
+        domain: String::new(),
+        attributes: Vec::new(),
+        meta: Default::default(),
+        seq: u64::MAX,
+    };
     attrs(&mut op);
     let ins: Vec<Option<ValueId>> = inputs.iter().copied().map(Some).collect();
     graph.add_op(op, &ins, &[Some(out)]).map_err(|e| e.to_string())?;

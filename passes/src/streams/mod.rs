@@ -18,4 +18,6 @@ mod twins;
 pub use convert::{ConvertedBlock, convert};
 pub use pass::{BlockParameters, SingleStream, SingleStreamOptions, SingleStreamReport, Tie};
 
-pub use twins::{DeclinedBlock, DualBlock, Order, RowRanges, StreamReport, TwinOp, TwinWeight, find_streams, find_streams_in, tie_text_weights};
+pub use twins::{
+    DeclinedBlock, DualBlock, Order, RowRanges, StreamReport, TwinOp, TwinWeight, find_streams, find_streams_in, tie_text_weights,
+};

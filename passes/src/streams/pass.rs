@@ -44,7 +44,12 @@ impl Default for SingleStreamOptions {
 impl PassOptions for SingleStreamOptions {
     const SCHEMA: &'static [OptionSpec] = &[
         OptionSpec { key: "last", kind: "integer|none", default: "1", doc: "convert the last K dual-stream blocks (clears blocks)" },
-        OptionSpec { key: "blocks", kind: "START..END|none", default: "none", doc: "convert the dual-stream blocks START..END-1 (clears last)" },
+        OptionSpec {
+            key: "blocks",
+            kind: "START..END|none",
+            default: "none",
+            doc: "convert the dual-stream blocks START..END-1 (clears last)",
+        },
         OptionSpec {
             key: "tie",
             kind: "image|text",
@@ -84,7 +89,9 @@ impl PassOptions for SingleStreamOptions {
                 self.tie = match value {
                     "image" => Tie::Image,
                     "text" => Tie::Text,
-                    "average" => return Err("average is not implemented: it would need MLP hidden units told apart from aligned weights".into()),
+                    "average" => {
+                        return Err("average is not implemented: it would need MLP hidden units told apart from aligned weights".into());
+                    }
                     _ => return Err("image or text".into()),
                 }
             }
@@ -247,10 +254,8 @@ impl Pass for SingleStream {
                 if why.is_empty() { String::new() } else { format!(" (declined: {why})") }
             )));
         }
-        let chosen: Vec<DualBlock> = report.blocks[range.clone()]
-            .iter()
-            .map(|b| if self.options.tie == Tie::Image { b.clone() } else { swapped(b) })
-            .collect();
+        let chosen: Vec<DualBlock> =
+            report.blocks[range.clone()].iter().map(|b| if self.options.tie == Tie::Image { b.clone() } else { swapped(b) }).collect();
         let before = parameters(model);
         let mut tied = model.clone();
         for b in &chosen {

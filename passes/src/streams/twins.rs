@@ -203,8 +203,7 @@ pub fn find_streams_in(graph: &Graph, blocks: &BlockReport) -> StreamReport {
             }
             None => report.declined.push(DeclinedBlock {
                 layer: m.layer,
-                reason: "cannot tell which stream is the text: both streams continue and no slice of their joint sequence keeps one"
-                    .into(),
+                reason: "cannot tell which stream is the text: both streams continue and no slice of their joint sequence keeps one".into(),
             }),
         }
     }
@@ -236,7 +235,8 @@ pub fn tie_text_weights(graph: &mut Graph, block: &DualBlock) -> Result<u64, Str
                 edits.len() - 1
             }
         };
-        let image = ti.to_f32_vec().filter(|_| ti.dtype() == prunec_ir::DType::F32).ok_or_else(|| format!("weight `{}` is not f32", w.image))?;
+        let image =
+            ti.to_f32_vec().filter(|_| ti.dtype() == prunec_ir::DType::F32).ok_or_else(|| format!("weight `{}` is not f32", w.image))?;
         let dims = ti.dims();
         let edit = &mut edits[at];
         match &w.rows {
@@ -543,7 +543,8 @@ fn is_noop_cast(graph: &Graph, op: OpId) -> bool {
 /// Row pairs that pair every slice of a weight with the same slice of an equal-shaped twin
 /// become one pair of whole weights; the others stay as slices. Order is kept.
 fn collapse_rows(graph: &Graph, weights: Vec<WeightPair>) -> Vec<WeightPair> {
-    let mut by_weight: BTreeMap<(ValueId, ValueId), Vec<(usize, [u64; 2], [u64; 2])>> = BTreeMap::new();
+    type Rows = Vec<(usize, [u64; 2], [u64; 2])>;
+    let mut by_weight: BTreeMap<(ValueId, ValueId), Rows> = BTreeMap::new();
     for w in &weights {
         if let Some(r) = w.rows {
             by_weight.entry((w.a, w.b)).or_default().push(r);
@@ -646,7 +647,11 @@ impl<'g> Walk<'g> {
             }
             if a == b {
                 let inside = self.graph.producer(a).is_some_and(|(op, _)| self.layer_ops.contains(&op));
-                if inside { self.joint.insert(a) } else { self.shared.insert(a) };
+                if inside {
+                    self.joint.insert(a)
+                } else {
+                    self.shared.insert(a)
+                };
                 continue;
             }
             match self.roots {
@@ -997,16 +1002,15 @@ fn dropped_side(graph: &Graph, m: &Matched, order: &[OpId], position: &BTreeMap<
         let o = graph.op(op);
         if o.op_type == "Slice" && reads.first().copied().flatten().is_some_and(|v| reach.contains(&v)) {
             let int = |slot: usize| reads.get(slot).copied().flatten().and_then(|v| constant_tensor(graph, v)).and_then(|t| t.to_i64_vec());
-            if let (Some(starts), Some(axes)) = (int(1), int(3)) {
-                if let ([start], [a]) = (&starts[..], &axes[..]) {
-                    let live_out = graph.op_output(op, 0).is_some_and(|v| live.contains(&v));
-                    if normalize(*a, rank) == Some(axis) && live_out {
-                        // Starting at 0 keeps the first input's tokens; past it, the second's.
-                        let kept = if *start == 0 { inputs[0] } else { inputs[1] };
-                        let kept_side = if kept == Some(ea) { Side::A } else { Side::B };
-                        last = Some(kept_side.other());
-                    }
-                }
+            if let (Some(starts), Some(axes)) = (int(1), int(3))
+                && let ([start], [a]) = (&starts[..], &axes[..])
+                && normalize(*a, rank) == Some(axis)
+                && graph.op_output(op, 0).is_some_and(|v| live.contains(&v))
+            {
+                // Starting at 0 keeps the first input's tokens; past it, the second's.
+                let kept = if *start == 0 { inputs[0] } else { inputs[1] };
+                let kept_side = if kept == Some(ea) { Side::A } else { Side::B };
+                last = Some(kept_side.other());
             }
         }
         reach.extend(graph.op_outputs(op).into_iter().flatten());
