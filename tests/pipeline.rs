@@ -90,6 +90,7 @@ fn every_registered_pass_documents_its_options_prints_them_back_and_has_a_snapsh
         ("dequantize", "nnef__dequantize_qdq_weights_diff"),
         ("prune", "prune__pruned_conv_residual"),
         ("remove-layers", "snapshots__remove_layers_tiny_bert_layer1_diff"),
+        ("single-stream", "streams__single_stream_tiny_sd3_last1_diff"),
     ];
     for r in REGISTRY {
         assert!(!r.summary.is_empty(), "{}: no summary", r.name);

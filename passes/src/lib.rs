@@ -17,6 +17,7 @@ pub mod measure;
 pub mod options;
 pub mod prune;
 pub mod reference;
+pub mod streams;
 
 pub use cleanup::remove_dead_code;
 pub use error::PassError;
@@ -152,6 +153,12 @@ pub const REGISTRY: &[Registration] = &[
         summary: "remove the least important residual layers (or their attention or MLP), scored from weights or on --inputs",
         options: layers::RemoveLayersOptions::SCHEMA,
         build: |pairs| Ok(Box::new(layers::RemoveLayers { options: layers::RemoveLayersOptions::from_pairs("remove-layers", pairs)? })),
+    },
+    Registration {
+        name: "single-stream",
+        summary: "run the last K (or a range of) dual-stream MMDiT blocks as single-stream blocks, text weights tied to the image branch",
+        options: streams::SingleStreamOptions::SCHEMA,
+        build: |pairs| Ok(Box::new(streams::SingleStream { options: streams::SingleStreamOptions::from_pairs("single-stream", pairs)? })),
     },
 ];
 

@@ -243,6 +243,9 @@ pub enum Command {
     /// List the removable residual layers: sub-blocks, size, cost, data-free score, and the
     /// residual candidates that are declined, with the reason.
     Blocks(super::blocks::BlocksArgs),
+    /// List the dual-stream blocks of an MMDiT model: per block the twin ops and weights of its
+    /// text and image streams, and the data-free divergence between them.
+    Streams(super::streams::StreamsArgs),
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,7 @@ mod emit;
 mod inspect;
 mod progress;
 mod report;
+mod streams;
 
 use anyhow::{Context, Result};
 use args::{Cli, Command, CompileArgs};
@@ -37,6 +38,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Passes) => emit(&passes_text()),
         Some(Command::Bench(a)) => bench::run(&a),
         Some(Command::Blocks(a)) => blocks::run(&a),
+        Some(Command::Streams(a)) => streams::run(&a),
         None => compile(&cli.compile),
     }
 }
