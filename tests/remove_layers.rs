@@ -66,7 +66,9 @@ fn the_command_removes_layers_and_verifies_them_against_the_zeroed_reference() {
     let mut reports = Vec::new();
     for (name, passes, removed) in [
         ("tiny_bert", "dce,fold,remove-layers{n=1},identity", 1),
-        ("tiny_vit", "dce,fold,remove-layers{n=1},identity", 1),
+        // (Not tiny_vit: torchvision's all-zero head makes its comparison vacuous, which
+        // verification refuses; a diffusion transformer instead.)
+        ("tiny_flux", "dce,fold,remove-layers{n=1},identity", 1),
         ("tiny_bert", "dce,fold,remove-layers{layers=1,2},identity", 2),
         ("tiny_bert", "dce,fold,remove-layers{n=1,sub-block=mlp,score=influence},identity", 1),
         ("tiny_bert", "dce,fold,remove-layers{n=1,merge=average},identity", 1),
