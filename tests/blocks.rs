@@ -87,15 +87,6 @@ fn load(path: &Path, input_shape: Option<(&str, &[u64])>) -> Loaded {
     loaded
 }
 
-fn sub_blocks(layer: &layers::Layer) -> String {
-    let names: Vec<String> = layer
-        .sub_blocks
-        .iter()
-        .map(|s| if s.regions.len() > 1 { format!("{}×{}", s.kind, s.regions.len()) } else { s.kind.to_string() })
-        .collect();
-    names.join(" ")
-}
-
 #[test]
 fn every_layer_of_the_shared_models_is_found() {
     for expected in EXPECTED {
@@ -103,7 +94,7 @@ fn every_layer_of_the_shared_models_is_found() {
         let report = find_blocks(&loaded.model.graph);
         let stacks: Vec<usize> = report.stacks.iter().map(|s| s.layers.len()).collect();
         assert_eq!(stacks, expected.stacks, "{}: layers per stack", expected.case);
-        let found: Vec<String> = report.layers.iter().map(sub_blocks).collect();
+        let found: Vec<String> = report.layers.iter().map(layers::Layer::sub_block_summary).collect();
         assert_eq!(found, expected.sub_blocks, "{}: sub-blocks per layer", expected.case);
         for layer in &report.layers {
             assert!(layer.parameters > 0 && layer.nodes > 0, "{} layer {}: {layer:?}", expected.case, layer.index);
@@ -277,34 +268,6 @@ fn removing_any_single_layer_equals_the_original_with_its_residual_branches_zero
     validate_with_python(&manifest, scratch.path());
 }
 
-/// Zeroes the output projection of every branch of a layer (the weight and bias of the last
-/// dense op, and any bias added after it), which makes the layer an exact identity.
-fn zero_output_projections(model: &mut Model, layer: &layers::Layer) {
-    let graph = &mut model.graph;
-    for region in layer.sub_blocks.iter().flat_map(|s| &s.regions) {
-        let mut value = graph.value_by_name(&region.branch).expect("the branch is a value");
-        loop {
-            let (op, _) = graph.producer(value).expect("the branch ends in a dense op");
-            let op_type = graph.op(op).op_type.clone();
-            let mut next = None;
-            for input in graph.op_inputs(op).into_iter().flatten() {
-                match constant_tensor(graph, input).filter(|t| t.dtype().is_float()).map(|t| (t.name().to_string(), t.dims())) {
-                    Some((name, dims)) if ["Add", "Gemm", "MatMul"].contains(&op_type.as_str()) => {
-                        let n = dims.iter().product::<u64>() as usize;
-                        graph.set_initializer(input, Tensor::from_f32(&name, &dims, &vec![0.0; n]));
-                    }
-                    Some(_) => {}
-                    None => next = next.or(Some(input)),
-                }
-            }
-            if op_type == "Gemm" || op_type == "MatMul" {
-                break;
-            }
-            value = next.expect("a computed input");
-        }
-    }
-}
-
 #[test]
 fn a_layer_made_an_identity_ranks_least_important_by_ablation_and_by_block_influence() {
     // (Not tiny_vit: torchvision initialises its head to zeros, so no layer changes its output.)
@@ -313,7 +276,7 @@ fn a_layer_made_an_identity_ranks_least_important_by_ablation_and_by_block_influ
     let mut model = loaded.model.clone();
     let report = find_blocks(&model.graph);
     let identity = 2;
-    zero_output_projections(&mut model, &report.layers[identity]);
+    common::zero_output_projections(&mut model, &report.layers[identity]);
     let inputs = feed(&case, &model);
     let values = |t: &TractTensor| floats(t);
     let original = values(&run(&model, &loaded.dir, &inputs));

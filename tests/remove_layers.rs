@@ -8,7 +8,7 @@ mod common;
 use common::{Case, feed, feed_json, prunec, run_captured, shared_cases, validate_with_python};
 use prunec::backends::onnx::{WriteOptions, write_model};
 use prunec::frontend::{ReadOptions, read_model};
-use prunec::ir::{Model, Tensor, constant_tensor};
+use prunec::ir::Model;
 use prunec::passes::layers::{self, RemoveLayersReport, ZeroedBranch, find_blocks};
 use prunec::passes::{Context, parse_pipeline, run_pipeline};
 use prunec::runtime::measure::{GivenInputs, TractRuntime};
@@ -117,34 +117,6 @@ fn the_command_removes_layers_and_verifies_them_against_the_zeroed_reference() {
     assert_eq!(r.stdout.trim(), reports.len().to_string());
 }
 
-/// Zeroes the output projection of every branch of a layer (the weight and bias of the last
-/// dense op, and any bias added after it), which makes the layer an exact identity.
-fn zero_output_projections(model: &mut Model, layer: &layers::Layer) {
-    let graph = &mut model.graph;
-    for region in layer.sub_blocks.iter().flat_map(|s| &s.regions) {
-        let mut value = graph.value_by_name(&region.branch).expect("the branch is a value");
-        loop {
-            let (op, _) = graph.producer(value).expect("the branch ends in a dense op");
-            let op_type = graph.op(op).op_type.clone();
-            let mut next = None;
-            for input in graph.op_inputs(op).into_iter().flatten() {
-                match constant_tensor(graph, input).filter(|t| t.dtype().is_float()).map(|t| (t.name().to_string(), t.dims())) {
-                    Some((name, dims)) if ["Add", "Gemm", "MatMul"].contains(&op_type.as_str()) => {
-                        let n = dims.iter().product::<u64>() as usize;
-                        graph.set_initializer(input, Tensor::from_f32(&name, &dims, &vec![0.0; n]));
-                    }
-                    Some(_) => {}
-                    None => next = next.or(Some(input)),
-                }
-            }
-            if op_type == "Gemm" || op_type == "MatMul" {
-                break;
-            }
-            value = next.expect("a computed input");
-        }
-    }
-}
-
 /// Runs `dce,fold,<pass>` on `model` with `case`'s inputs given, and gives the pass's details.
 fn run_pass(case: &Case, model: &Model, dir: &Path, pass: &str) -> RemoveLayersReport {
     let mut model = model.clone();
@@ -165,7 +137,7 @@ fn a_layer_made_an_identity_is_ranked_last_by_every_data_driven_score_of_the_pas
     run_pipeline(&mut model, &parse_pipeline("fold").expect("registered"), &mut Context::default()).expect("folds");
     let report = find_blocks(&model.graph);
     let identity = 2;
-    zero_output_projections(&mut model, &report.layers[identity]);
+    common::zero_output_projections(&mut model, &report.layers[identity]);
     for score in ["ablation", "influence"] {
         for greedy in [false, true] {
             let pass = format!("remove-layers{{n=2,score={score},greedy={greedy},keep-first=0,keep-last=0}}");

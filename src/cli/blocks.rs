@@ -110,7 +110,7 @@ pub fn text(report: &BlockReport) -> String {
             "{:>5} {:>9}  {:<28} {:>6} {:>11} {:>13}  {}",
             layer.index,
             format!("{}.{}", layer.stack, layer.position),
-            sub_blocks(layer),
+            layer.sub_block_summary(),
             layer.nodes,
             layer.parameters,
             macs,
@@ -127,16 +127,6 @@ pub fn text(report: &BlockReport) -> String {
         let _ = writeln!(out, "note: --input-shape gives shape inference the sizes to prove those sums keep their skip's shape");
     }
     out
-}
-
-/// `attention×2 mlp mlp`: each sub-block's kind, with its stream count when it joins several.
-fn sub_blocks(layer: &Layer) -> String {
-    let names: Vec<String> = layer
-        .sub_blocks
-        .iter()
-        .map(|s| if s.regions.len() > 1 { format!("{}×{}", s.kind, s.regions.len()) } else { s.kind.to_string() })
-        .collect();
-    names.join(" ")
 }
 
 /// The weight proxy (lower: removed first), and whether the position prior keeps the layer.

@@ -95,6 +95,19 @@ pub struct Layer {
 }
 
 impl Layer {
+    /// Its sub-blocks' kinds, with the stream count where one joins several:
+    /// `attention×2 mlp mlp` (what `prunec blocks` prints).
+    pub fn sub_block_summary(&self) -> String {
+        let names: Vec<String> = self
+            .sub_blocks
+            .iter()
+            .map(|s| if s.regions.len() > 1 { format!("{}×{}", s.kind, s.regions.len()) } else { s.kind.to_string() })
+            .collect();
+        names.join(" ")
+    }
+}
+
+impl Layer {
     /// The float weights only this layer reads, in signature order: what removing it deletes,
     /// and what `Merge::Average` averages position by position across layers of one stack.
     pub fn weights(&self) -> &[ValueId] {
