@@ -911,3 +911,30 @@ fn savez(path: &Path, names: &[&str]) {
         .expect("python runs");
     assert!(status.success());
 }
+
+#[test]
+fn unnamed_nodes_are_masked_and_compensated_where_their_weights_are_read() {
+    // Many exporters leave node names empty: the masked reference and the compensation must
+    // find each consumer as the reader of its weight, not as the first node named "".
+    let s = Scratch::new();
+    let model = s.model(&two_layer_model(|g| {
+        g.initializer[0] = f32_tensor("W1", &[4, 4], &weight_values());
+        g.initializer[1] = f32_tensor("B", &[4], &[0.1, -0.2, 0.3, 0.0]);
+        g.initializer[2] = f32_tensor("W2", &[4, 4], &weight_values().iter().rev().copied().collect::<Vec<_>>());
+        for n in &mut g.node {
+            n.name = None;
+        }
+    }));
+    for criterion in ["l2", "obspa"] {
+        let r = run([
+            model.as_os_str(),
+            OsStr::new("--dry-run"),
+            OsStr::new("--ratio"),
+            OsStr::new("0.5"),
+            OsStr::new("--criterion"),
+            OsStr::new(criterion),
+        ]);
+        assert_eq!(r.code, Some(0), "{criterion}: stderr:\n{}", r.stderr);
+        assert!(r.stderr.contains("masked original ("), "{criterion}: stderr:\n{}", r.stderr);
+    }
+}

@@ -891,7 +891,12 @@ pub fn apply_compensations(graph: &mut Graph, compensations: &[Compensation]) ->
                 BiasSlot::Add(add, slot) => (add, *slot, 1.0),
                 BiasSlot::BatchNormMean(bn) => (bn, 3, -1.0),
             };
-            let op = *ops.get(op.as_str()).ok_or_else(|| format!("`{op}` is not in the model"))?;
+            // The consumer itself is the reader of its weight of that name: node names need not be
+            // unique, nor set.
+            let reader = matches!(b.slot, BiasSlot::Input(_))
+                .then(|| graph.consumers(w).into_iter().map(|(op, _)| op).find(|&r| graph.op(r).name == *op))
+                .flatten();
+            let op = reader.or_else(|| ops.get(op.as_str()).copied()).ok_or_else(|| format!("`{op}` is not in the model"))?;
             let old = graph.op_input(op, slot).ok_or_else(|| format!("`{}` has no bias input", graph.op(op).name))?;
             let dims = constant_tensor(graph, old).map(|t| t.dims()).unwrap_or_default();
             let values: Vec<f32> = b.values.iter().map(|v| sign * v).collect();

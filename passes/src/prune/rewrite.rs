@@ -492,8 +492,16 @@ pub fn mask_consumers(graph: &mut Graph, slices: &[super::MaskedSlice]) -> Resul
     }
     for ((node, weight), axes) in per_use {
         let fail = |why: &str| RewriteError { node: node.to_string(), op_type: "consumer".into(), why: why.into() };
-        let op = graph.op_ids().find(|&op| graph.op(op).name == node).ok_or_else(|| fail("is not in the model"))?;
         let v = graph.value_by_name(weight).ok_or_else(|| fail("reads a weight that is not in the model"))?;
+        // Node names need not be unique, nor set (many exporters leave them empty): the reader
+        // of this weight with that name first, then any node of that name.
+        let op = graph
+            .consumers(v)
+            .into_iter()
+            .map(|(op, _)| op)
+            .find(|&op| graph.op(op).name == node)
+            .or_else(|| graph.op_ids().find(|&op| graph.op(op).name == node))
+            .ok_or_else(|| fail("is not in the model"))?;
         let mut masked = constant_tensor(graph, v).ok_or_else(|| fail("reads a weight that is not constant"))?.clone();
         for (axis, indices) in axes {
             masked = masked.zero_indices(axis, &indices.into_iter().collect::<Vec<_>>()).map_err(|e| fail(&e.to_string()))?;
