@@ -160,25 +160,6 @@ fn give_the_head_weights(model: &mut Model) {
     graph.set_initializer(head, Tensor::from_f32("heads.head.weight", &dims, &values));
 }
 
-/// For a model tract cannot run, the scale of its saved outputs (max |output|); `None` for the
-/// others. tract cannot analyse tiny_llama's position arithmetic (see `tests/exporters.rs`);
-/// that it still cannot is checked here, so this test says when it can.
-fn tract_unsupported(case_name: &str) -> Option<f64> {
-    if case_name != "tiny_llama" {
-        return None;
-    }
-    let zoo = shared().join("models/zoo");
-    let original = read_model(&zoo.join("tiny_llama.onnx"), &ReadOptions::default()).expect("reads");
-    let inputs = prunec::runtime::tract::load_npz(&zoo.join("tiny_llama.inputs.npz"), &original.model).expect("inputs");
-    let refusal = Plan::from_model(&original.model, &original.dir, &inputs).err().map(|e| e.to_string());
-    assert!(refusal.as_deref().is_some_and(|e| e.contains("CumSum")), "tract runs tiny_llama now: compare in tract too ({refusal:?})");
-    let script = "import numpy as np, sys; print(float(np.abs(np.load(sys.argv[1])['logits']).max()))";
-    let out =
-        std::process::Command::new(common::python()).args(["-c", script]).arg(zoo.join("tiny_llama.outputs.npz")).output().expect("python");
-    let scale: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("a number");
-    Some(scale.max(1.0))
-}
-
 /// Runs a model in tract on `inputs` and gives its first output; the plan is dropped before
 /// returning, so only one lives at a time.
 fn run(model: &Model, dir: &Path, inputs: &Feed) -> TractTensor {
@@ -210,7 +191,6 @@ fn removing_any_single_layer_equals_the_original_with_its_residual_branches_zero
         let original = &loaded.model;
         let report = find_blocks(&original.graph);
         let inputs = feed(&case, original);
-        let untracted_scale = tract_unsupported(expected.case);
         let mut selections: Vec<Vec<Selection>> = (0..report.layers.len()).map(|l| vec![Selection::Layer(l)]).collect();
         // One sub-block alone: the second layer's first (its attention, both streams of it for MMDiT).
         if report.layers.get(1).is_some_and(|l| l.sub_blocks.len() > 1) {
@@ -231,20 +211,13 @@ fn removing_any_single_layer_equals_the_original_with_its_residual_branches_zero
             removed.graph.topo_order().expect("the graph stays acyclic");
             let mut reference = original.clone();
             layers::zero_residuals(&mut reference, &report, &selection).expect("zeroing succeeds");
-            let tolerance = match untracted_scale {
-                // ONNX Runtime alone compares them, at the scale of the saved outputs.
-                Some(scale) => 1e-5 * scale,
-                None => {
-                    let want = run(&reference, &loaded.dir, &inputs);
-                    let got = run(&removed, &loaded.dir, &inputs);
-                    let d = compare(&want, &got).expect("comparable outputs");
-                    assert!(d.ref_max_abs > 0.0, "{label}: the output is zero, the comparison would see nothing");
-                    let tolerance = 1e-5 * d.ref_max_abs.max(1.0);
-                    assert!(d.max_abs <= tolerance, "{label}: max abs {} over {tolerance} ({d:?})", d.max_abs);
-                    table += &format!("{label:<28} tract: max abs {:.1e} (scale {:.1e})\n", d.max_abs, d.ref_max_abs);
-                    tolerance
-                }
-            };
+            let want = run(&reference, &loaded.dir, &inputs);
+            let got = run(&removed, &loaded.dir, &inputs);
+            let d = compare(&want, &got).expect("comparable outputs");
+            assert!(d.ref_max_abs > 0.0, "{label}: the output is zero, the comparison would see nothing");
+            let tolerance = 1e-5 * d.ref_max_abs.max(1.0);
+            assert!(d.max_abs <= tolerance, "{label}: max abs {} over {tolerance} ({d:?})", d.max_abs);
+            table += &format!("{label:<28} tract: max abs {:.1e} (scale {:.1e})\n", d.max_abs, d.ref_max_abs);
             let (params_before, params_after) =
                 (prunec::ir::model_stats(original).parameters, prunec::ir::model_stats(&removed).parameters);
             assert!(params_after < params_before, "{label}: parameters {params_before} -> {params_after}");

@@ -33,9 +33,21 @@ pub struct Plan {
 impl Plan {
     /// Builds an optimised plan from an IR model, for the shapes of `feed`. External data is
     /// looked up relative to `dir`.
+    ///
+    /// If tract cannot build it, the shape arithmetic is folded at the feed's sizes and tract
+    /// tries again: tract evaluates shape-derived integers as symbolic sizes, which some of its
+    /// ops cannot take (dynamo's position ids are a `CumSum` of a mask computed from the sequence
+    /// length: "TDim is not a number"). The fold is exact, so the plan computes what the model
+    /// does for this feed.
     pub fn from_model(model: &Model, dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
         let bytes = prunec_backends::onnx::to_bytes(model)?;
-        Plan::from_bytes(&bytes, dir, feed)
+        let refusal = match Plan::from_bytes(&bytes, dir, feed) {
+            Ok(plan) => return Ok(plan),
+            Err(refusal) => refusal,
+        };
+        let Some(folded) = folded_for_feed(model, feed) else { return Err(refusal) };
+        // The first refusal names the model's own problem; a second one would name the fold's.
+        Plan::from_bytes(&prunec_backends::onnx::to_bytes(&folded)?, dir, feed).map_err(|_| refusal)
     }
 
     /// Builds an optimised plan from an ONNX file.
@@ -134,6 +146,45 @@ fn specialise(pb: &mut tract_onnx::pb::ModelProto, feed: &Feed) {
         }
     }
     rewrite(graph, &sizes);
+}
+
+/// Integer tensors up to this size are folded for a feed: a mask or position ids per token of a
+/// long sequence, not a weight.
+const FEED_FOLD_ELEMENTS: usize = 1 << 16;
+
+/// A copy of `model` whose inputs have the feed's sizes, whose recorded symbolic sizes named like
+/// theirs have them too, and whose shape arithmetic is folded at those sizes; `None` if nothing
+/// folds. Weights are shared with `model`, not copied.
+fn folded_for_feed(model: &Model, feed: &Feed) -> Option<Model> {
+    let mut copy = model.clone();
+    let graph = &mut copy.graph;
+    let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
+    for &input in &graph.inputs.clone() {
+        let value = graph.value_mut(input);
+        let Some(tensor) = feed.0.get(&value.name) else { continue };
+        let dims: Vec<u64> = tensor.shape().iter().map(|&d| d as u64).collect();
+        if let Some(shape) = &value.shape {
+            for (d, &size) in shape.0.iter().zip(&dims) {
+                if let Dim::Sym(name) = d {
+                    sizes.insert(name.clone(), size);
+                }
+            }
+        }
+        value.shape = Some(prunec_ir::Shape::known(&dims));
+    }
+    for id in graph.value_ids().collect::<Vec<_>>() {
+        if let Some(shape) = graph.value_mut(id).shape.as_mut() {
+            for d in &mut shape.0 {
+                if let Dim::Sym(name) = d
+                    && let Some(&size) = sizes.get(name.as_str())
+                {
+                    *d = Dim::Known(size);
+                }
+            }
+        }
+    }
+    let report = prunec_passes::fold_shape_arithmetic(&mut copy, FEED_FOLD_ELEMENTS).ok()?;
+    (report.ops_removed > 0).then_some(copy)
 }
 
 /// Reads the arrays of an `.npz` file whose names are inputs of `model`; other arrays (labels)
