@@ -42,6 +42,14 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+impl Error {
+    /// A read failure of `path`, named once: in the reader's message where it names the file,
+    /// else in this one ("reading `path`: node … ").
+    pub fn reading(path: &Path, source: ReadError) -> Error {
+        if source.names_the_file() { Error::ReadFile(source) } else { Error::Read { path: path.to_path_buf(), source } }
+    }
+}
+
 /// Why a step of the library API failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -53,6 +61,9 @@ pub enum Error {
         /// Why.
         source: ReadError,
     },
+    /// The model file could not be read; the reader's message names it.
+    #[error(transparent)]
+    ReadFile(ReadError),
     /// A pass list or a pass failed.
     #[error(transparent)]
     Pass(#[from] PassError),
@@ -153,7 +164,7 @@ pub struct PassSummary {
 /// Reads a model, with tract's shape inference at `input_shapes` where the model does not
 /// record shapes (as `prunec MODEL --input-shape` does).
 pub fn load(path: &Path, input_shapes: &InputShapes) -> Result<Loaded, Error> {
-    let read = |source| Error::Read { path: path.to_path_buf(), source };
+    let read = |source| Error::reading(path, source);
     let mut loaded = read_model(path, &ReadOptions { infer_shapes: input_shapes.is_empty() }).map_err(read)?;
     if !input_shapes.is_empty() {
         loaded.infer_shapes(input_shapes).map_err(read)?;

@@ -61,7 +61,7 @@ pub fn compile(
     after_pass: &mut dyn FnMut(&PassRun, &Model) -> ControlFlow<()>,
     mut progress: Option<&mut dyn Progress>,
 ) -> Result<Compiled, Error> {
-    let read = |source| Error::Read { path: path.to_path_buf(), source };
+    let read = |source| Error::reading(path, source);
     let settings = &recipe.verify;
     let phase = |p: &mut Option<&mut dyn Progress>, name: Option<&str>| {
         if let Some(p) = p.as_deref_mut() {

@@ -79,20 +79,9 @@ fn tiny_llama_a_dynamo_export_prunes_verified_to_a_model_every_tool_accepts() {
     let model = shared().join("models/zoo/tiny_llama.onnx");
     let inputs = shared().join("models/zoo/tiny_llama.inputs.npz");
     let out = scratch.path().join("tiny_llama.pruned.onnx");
-    // Folded at the feed's sizes, tract computes what PyTorch did.
-    let read = read_model(&model, &ReadOptions { infer_shapes: false }).expect("reads");
-    let feed = load_npz(&inputs, &read.model).expect("inputs");
-    let got = Plan::from_model(&read.model, &read.dir, &feed).and_then(|plan| plan.run(&feed)).expect("tract runs tiny_llama");
-    let computed = scratch.path().join("tract.npz");
-    let logits = got.values.into_iter().collect();
-    prunec::runtime::tract::save_npz(&prunec::runtime::tract::Feed(logits), &computed).expect("saves");
-    let script = "import numpy as np, sys; a = np.load(sys.argv[1])['logits']; b = np.load(sys.argv[2])['logits']; \
-                  print(float(np.abs(a - b).max() / np.abs(b).max()))";
-    let saved = shared().join("models/zoo/tiny_llama.outputs.npz");
-    let o = std::process::Command::new(common::python()).args(["-c", script]).arg(&computed).arg(&saved).output().expect("python");
-    let rel: f64 = String::from_utf8_lossy(&o.stdout).trim().parse().expect("a number");
-    assert!(rel < 1e-5, "tract's logits differ from PyTorch's by {rel:e} of scale");
-    std::fs::remove_file(&computed).expect("removes");
+    // Folded at the feed's sizes, tract computes what ONNX Runtime does.
+    let rel = common::tract_against_onnx_runtime(&model, &inputs);
+    assert!(rel < 1e-5, "tract's logits differ from ONNX Runtime's by {rel:e} of scale");
     prune_verified(&model, &out);
     check_pruned(&model, &out, &inputs);
     // Every group but the hidden one, which RMSNorm normalises, is judged by masking.

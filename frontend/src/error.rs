@@ -58,3 +58,11 @@ pub enum ReadError {
     #[error("unsupported model: {0}")]
     Unsupported(String),
 }
+
+impl ReadError {
+    /// Whether the message names the model file itself, so a caller adding "reading `path`"
+    /// would say it twice. Errors about the graph inside name nodes and values instead.
+    pub fn names_the_file(&self) -> bool {
+        matches!(self, ReadError::Io { .. } | ReadError::NotAFile { .. } | ReadError::Empty(_) | ReadError::Decode { .. })
+    }
+}

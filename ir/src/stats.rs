@@ -11,9 +11,11 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct ModelStats {
     /// Elements of floating-point constant tensors (initializers, `Constant` values and tensor
-    /// attributes, subgraphs included). Integer constants are shapes, axes and indices, not weights.
+    /// attributes, subgraphs included), and of integer constants that an op reads as a quantised
+    /// weight ([`crate::quant::quantized_input`]). Other integer constants are shapes, axes and
+    /// indices, not weights.
     pub parameters: u64,
-    /// Bytes of those floating-point tensors.
+    /// Bytes of those tensors.
     pub parameter_bytes: u64,
     /// Bytes of every constant tensor, of any type.
     pub weight_bytes: u64,
@@ -46,16 +48,18 @@ pub enum OpCost {
 pub fn model_stats(model: &Model) -> ModelStats {
     let graph = &model.graph;
     let mut stats = ModelStats::default();
+    let quantized = quantized_weights(graph);
     for &id in &graph.initializers {
         if let Some(t) = graph.value(id).initializer() {
-            stats.add_tensor(t.dtype(), t.numel(), t.nbytes(), t.is_external());
+            stats.add_tensor(t.dtype(), t.numel(), t.nbytes(), t.is_external(), quantized.contains(&id));
         }
     }
     for op_id in graph.op_ids() {
         let op = graph.op(op_id);
+        let output_is_weight = graph.op_output(op_id, 0).is_some_and(|v| quantized.contains(&v));
         for a in &op.attributes {
             if let Some(t) = &a.tensor {
-                stats.add_tensor(t.dtype(), t.numel(), t.nbytes(), t.is_external());
+                stats.add_tensor(t.dtype(), t.numel(), t.nbytes(), t.is_external(), output_is_weight);
             }
             for t in &a.proto.tensors {
                 stats.add_proto_tensor(t);
@@ -76,9 +80,31 @@ pub fn model_stats(model: &Model) -> ModelStats {
     stats
 }
 
+/// The integer constants (initializers, or `Constant` outputs) that an op reads in its quantised
+/// weight slot: the weights of QDQ and QOperator models.
+fn quantized_weights(graph: &Graph) -> std::collections::HashSet<crate::ids::ValueId> {
+    let mut weights = std::collections::HashSet::new();
+    for op_id in graph.op_ids() {
+        let op = graph.op(op_id);
+        let Some(q) = crate::quant::quantized_input(&op.op_type) else { continue };
+        if !(op.domain.is_empty() || op.domain == "ai.onnx") {
+            continue;
+        }
+        let Some(w) = graph.op_input(op_id, q.weight) else { continue };
+        let constant = match graph.producer(w) {
+            None => graph.value(w).initializer().is_some(),
+            Some((p, _)) => graph.op(p).op_type == "Constant",
+        };
+        if constant {
+            weights.insert(w);
+        }
+    }
+    weights
+}
+
 impl ModelStats {
-    fn add_tensor(&mut self, dtype: DType, numel: u64, nbytes: u64, external: bool) {
-        if dtype.is_float() {
+    fn add_tensor(&mut self, dtype: DType, numel: u64, nbytes: u64, external: bool, quantized_weight: bool) {
+        if dtype.is_float() || quantized_weight {
             self.parameters += numel;
             self.parameter_bytes += nbytes;
         }
@@ -93,7 +119,7 @@ impl ModelStats {
         let numel = t.dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?)).unwrap_or(0);
         let dtype = DType(t.data_type());
         let external = t.data_location() == proto::tensor_proto::DataLocation::External;
-        self.add_tensor(dtype, numel, dtype.packed_bytes(numel).unwrap_or(0), external);
+        self.add_tensor(dtype, numel, dtype.packed_bytes(numel).unwrap_or(0), external, false);
     }
 
     fn add_subgraph(&mut self, g: &proto::GraphProto) {

@@ -7,12 +7,15 @@
 //! - [`verify`]: the pipeline's output judged against the composition of its passes'
 //!   references.
 //! - [`latency`]: two plans timed in alternation, median and spread.
+//! - `lower`: tract's own copy of a model it refuses as written (shape arithmetic folded at the
+//!   feed's sizes, ops it lacks lowered into ones it has).
 //!
 //! The passes never see tract: they see the measuring service as a trait.
 
 mod error;
 pub mod inputs;
 pub mod latency;
+mod lower;
 pub mod measure;
 pub mod tract;
 pub mod verify;

@@ -34,20 +34,18 @@ impl Plan {
     /// Builds an optimised plan from an IR model, for the shapes of `feed`. External data is
     /// looked up relative to `dir`.
     ///
-    /// If tract cannot build it, the shape arithmetic is folded at the feed's sizes and tract
-    /// tries again: tract evaluates shape-derived integers as symbolic sizes, which some of its
-    /// ops cannot take (dynamo's position ids are a `CumSum` of a mask computed from the sequence
-    /// length: "TDim is not a number"). The fold is exact, so the plan computes what the model
-    /// does for this feed.
+    /// If tract cannot build it, tract tries again on its own copy of the model, made runnable
+    /// by rewrites that compute the same function for this feed (the `lower` module: shape
+    /// arithmetic folded at the feed's sizes, ops tract lacks lowered into ones it has).
     pub fn from_model(model: &Model, dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
         let bytes = prunec_backends::onnx::to_bytes(model)?;
         let refusal = match Plan::from_bytes(&bytes, dir, feed) {
             Ok(plan) => return Ok(plan),
             Err(refusal) => refusal,
         };
-        let Some(folded) = folded_for_feed(model, feed) else { return Err(refusal) };
-        // The first refusal names the model's own problem; a second one would name the fold's.
-        Plan::from_bytes(&prunec_backends::onnx::to_bytes(&folded)?, dir, feed).map_err(|_| refusal)
+        let Some(copy) = crate::lower::for_tract(model, feed) else { return Err(refusal) };
+        // The first refusal names what tract lacks; a second one would name the copy's.
+        Plan::from_bytes(&prunec_backends::onnx::to_bytes(&copy)?, dir, feed).map_err(|_| refusal)
     }
 
     /// Builds an optimised plan from an ONNX file.
@@ -148,45 +146,6 @@ fn specialise(pb: &mut tract_onnx::pb::ModelProto, feed: &Feed) {
     rewrite(graph, &sizes);
 }
 
-/// Integer tensors up to this size are folded for a feed: a mask or position ids per token of a
-/// long sequence, not a weight.
-const FEED_FOLD_ELEMENTS: usize = 1 << 16;
-
-/// A copy of `model` whose inputs have the feed's sizes, whose recorded symbolic sizes named like
-/// theirs have them too, and whose shape arithmetic is folded at those sizes; `None` if nothing
-/// folds. Weights are shared with `model`, not copied.
-fn folded_for_feed(model: &Model, feed: &Feed) -> Option<Model> {
-    let mut copy = model.clone();
-    let graph = &mut copy.graph;
-    let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
-    for &input in &graph.inputs.clone() {
-        let value = graph.value_mut(input);
-        let Some(tensor) = feed.0.get(&value.name) else { continue };
-        let dims: Vec<u64> = tensor.shape().iter().map(|&d| d as u64).collect();
-        if let Some(shape) = &value.shape {
-            for (d, &size) in shape.0.iter().zip(&dims) {
-                if let Dim::Sym(name) = d {
-                    sizes.insert(name.clone(), size);
-                }
-            }
-        }
-        value.shape = Some(prunec_ir::Shape::known(&dims));
-    }
-    for id in graph.value_ids().collect::<Vec<_>>() {
-        if let Some(shape) = graph.value_mut(id).shape.as_mut() {
-            for d in &mut shape.0 {
-                if let Dim::Sym(name) = d
-                    && let Some(&size) = sizes.get(name.as_str())
-                {
-                    *d = Dim::Known(size);
-                }
-            }
-        }
-    }
-    let report = prunec_passes::fold_shape_arithmetic(&mut copy, FEED_FOLD_ELEMENTS).ok()?;
-    (report.ops_removed > 0).then_some(copy)
-}
-
 /// Reads the arrays of an `.npz` file whose names are inputs of `model`; other arrays (labels)
 /// are ignored, but a file none of whose arrays is named like an input is refused: its inputs
 /// would silently be replaced by random ones. An array's `.npy` suffix (as `numpy.savez` may
@@ -261,7 +220,36 @@ fn read_array(npz: &mut ndarray_npy::NpzReader<std::fs::File>, name: &str) -> Re
     try_type!(bool);
     try_type!(u8);
     try_type!(i8);
-    Err("unsupported element type (expected f32, f64, i64, i32, u8, i8 or bool)".into())
+    if let Ok(a) = npz.by_name::<OwnedRepr<NpyF16>, tract_ndarray::IxDyn>(name) {
+        let a: ArrayD<NpyF16> = a;
+        return Ok(a.mapv(|h| h.0).into_tensor());
+    }
+    Err("unsupported element type (expected f32, f16, f64, i64, i32, u8, i8 or bool)".into())
+}
+
+/// A half-precision element as `.npy` stores it (`<f2`), which ndarray-npy does not read itself:
+/// fp16 models take fp16 inputs.
+#[derive(Clone, Copy)]
+struct NpyF16(f16);
+
+impl ndarray_npy::ReadableElement for NpyF16 {
+    fn read_to_end_exact_vec<R: std::io::Read>(
+        mut reader: R,
+        type_desc: &py_literal::Value,
+        len: usize,
+    ) -> Result<Vec<Self>, ndarray_npy::ReadDataError> {
+        let little = cfg!(target_endian = "little");
+        match type_desc {
+            py_literal::Value::String(s) if s == "<f2" || (little && s == "=f2") => {}
+            other => return Err(ndarray_npy::ReadDataError::WrongDescriptor(other.clone())),
+        }
+        let mut bytes = vec![0u8; len.checked_mul(2).ok_or_else(|| std::io::Error::other("array too large"))?];
+        reader.read_exact(&mut bytes)?;
+        if reader.read(&mut [0u8])? != 0 {
+            return Err(ndarray_npy::ReadDataError::ExtraBytes(1));
+        }
+        Ok(bytes.chunks_exact(2).map(|b| NpyF16(f16::from_bits(u16::from_le_bytes([b[0], b[1]])))).collect())
+    }
 }
 
 /// Seeded random inputs for every graph input of `model` that `given` lacks. Shapes come from

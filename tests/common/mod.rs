@@ -307,6 +307,25 @@ pub fn exporters(args: &[&Path]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// How far tract's outputs of `model` on the arrays of `inputs` are from ONNX Runtime's: the
+/// largest difference over the outputs, relative to each output's scale (at least 1). The model
+/// is read by prunec, so tract runs its own copy where it refuses the model as written (shape
+/// arithmetic folded at the feed's sizes, ops it lacks lowered): this is what says the copy
+/// computes what the model does.
+pub fn tract_against_onnx_runtime(model: &Path, inputs: &Path) -> f64 {
+    let read = prunec::frontend::read_model(model, &prunec::frontend::ReadOptions { infer_shapes: false }).expect("prunec reads it");
+    let feed = load_npz(inputs, &read.model).expect("inputs");
+    let plan = prunec::runtime::tract::Plan::from_model(&read.model, &read.dir, &feed);
+    let outputs = plan.and_then(|plan| plan.run(&feed)).unwrap_or_else(|e| panic!("tract cannot run {}: {e}", model.display()));
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let computed = scratch.path().join("tract.npz");
+    // `.npz` is written in f32 (f16 has no writer); the comparison is in f64 anyway.
+    let as_f32 = |t: TractTensor| if t.datum_type().is_float() { t.cast_to::<f32>().expect("casts").into_owned() } else { t };
+    let outputs = Feed(outputs.values.into_iter().map(|(name, t)| (name, as_f32(t))).collect());
+    prunec::runtime::tract::save_npz(&outputs, &computed).expect("saves");
+    exporters(&[Path::new("against"), model, inputs, &computed]).trim().parse().expect("a number")
+}
+
 /// torchvision initialises ViT's classifier to zeros, which makes every comparison of tiny_vit's
 /// output vacuous (verification refuses it): gives `heads.head` fixed non-zero weights, where
 /// the model has it.

@@ -332,9 +332,28 @@ def check(original, pruned, feed_path):
     print(f"ok {pruned}")
 
 
+def against(model, feed_path, computed_path):
+    """Prints the largest difference between ONNX Runtime's outputs of MODEL on FEED and the
+    arrays of COMPUTED (named like the outputs), each relative to that output's largest
+    magnitude (at least 1)."""
+    data, computed = np.load(feed_path), np.load(computed_path)
+    s = session(model)
+    feed = {i.name: data[i.name] for i in s.get_inputs()}
+    worst = 0.0
+    for meta, want in zip(s.get_outputs(), s.run(None, feed)):
+        got = computed[meta.name]
+        if got.shape != want.shape:
+            raise SystemExit(f"output {meta.name}: {list(got.shape)} computed, {list(want.shape)} in ONNX Runtime")
+        want, got = want.astype(np.float64), got.astype(np.float64)
+        worst = max(worst, float(np.abs(want - got).max() / max(np.abs(want).max(), 1.0)))
+    print(worst)
+
+
 def main():
     command, *args = sys.argv[1:]
-    {"make": make, "legacy": legacy, "check": check, "fp16": fp16, "qdq": qdq, "qoperator": qoperator, "uint8": uint8}[command](*args)
+    commands = {"make": make, "legacy": legacy, "check": check, "against": against}
+    commands.update({"fp16": fp16, "qdq": qdq, "qoperator": qoperator, "uint8": uint8})
+    commands[command](*args)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ impl Pass for FoldConstants {
     }
 }
 
+/// An op output that becomes an initializer: the value, its elements and its dims.
+type Folded = (ValueId, Vec<i64>, Vec<u64>);
+
 /// Folds every small integer computation of `model` whose result is known into an initializer
 /// (see the module's documentation), tracking integer tensors of up to `max_elements` elements,
 /// then removes what became dead. The `fold` pass tracks [`MAX_ELEMENTS`]: what it folds is
@@ -58,7 +61,7 @@ pub fn fold_shape_arithmetic(model: &mut Model, max_elements: usize) -> Result<P
     let graph = &mut model.graph;
     let order = graph.topo_order().map_err(|source| PassError::BrokeGraph { pass: "fold", source })?;
     let mut values: HashMap<ValueId, Partial> = HashMap::new();
-    let mut folds: Vec<(OpId, Vec<(ValueId, Vec<i64>, Vec<u64>)>)> = Vec::new();
+    let mut folds: Vec<(OpId, Vec<Folded>)> = Vec::new();
     for op in order {
         let outputs = graph.op_outputs(op);
         let Some(results) = evaluate(graph, op, &mut values, max_elements) else { continue };
