@@ -8,7 +8,7 @@ use common::{Case, feed, feed_json, prunec, shared_cases, validate_with_python};
 use prunec::backends::onnx::{WriteOptions, write_model};
 use prunec::frontend::{Loaded, ReadOptions, read_model};
 use prunec::ir::constant_tensor;
-use prunec::passes::streams::{Order, RowRanges, StreamReport, convert, find_streams, tie_text_weights};
+use prunec::passes::streams::{DualBlock, Order, RowRanges, StreamReport, average_image_weights, convert, find_streams, tie_text_weights};
 use prunec::runtime::tract::{Plan, compare};
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -174,8 +174,10 @@ fn parameters(model: &prunec::ir::Model) -> u64 {
     g.value_ids().filter_map(|v| g.value(v).initializer()).filter(|t| t.dtype().is_float()).map(|t| t.numel()).sum()
 }
 
-#[test]
-fn converting_the_last_k_blocks_equals_the_tied_copy_and_frees_the_text_weights() {
+/// Converts the last K dual-stream blocks of every shared MMDiT, for every K, after `merge` made
+/// each converted block's twins equal: the conversion frees exactly the text weights and
+/// equals the merged copy to 1e-5 in tract, the checker and ONNX Runtime.
+fn conversion_equals_the_merged_copy(what: &str, merge: impl Fn(&mut prunec::ir::Graph, &DualBlock)) {
     let scratch = tempfile::tempdir().expect("temp dir");
     let mut manifest = Vec::new();
     for &(name, blocks, ..) in EXPECTED {
@@ -191,7 +193,7 @@ fn converting_the_last_k_blocks_equals_the_tied_copy_and_frees_the_text_weights(
             let range = blocks - k..blocks;
             let mut tied = original.clone();
             for b in &report.blocks[range.clone()] {
-                tie_text_weights(&mut tied.graph, b).expect("ties");
+                merge(&mut tied.graph, b);
             }
             let mut converted = tied.clone();
             let done = convert(&mut converted, &report, range.clone()).unwrap_or_else(|e| panic!("{name} last {k}: {e}"));
@@ -200,11 +202,11 @@ fn converting_the_last_k_blocks_equals_the_tied_copy_and_frees_the_text_weights(
             let freed: u64 = done.iter().map(|b| b.text_parameters).sum();
             assert_eq!(parameters(&tied) - parameters(&converted), freed, "{name} last {k}");
             let diff = compare(&run(&tied), &run(&converted)).expect("same shapes");
-            eprintln!("{name} last {k}: freed {freed}, max |tied - converted| = {:.3e}", diff.max_abs);
-            assert!(diff.max_abs <= 1e-5, "{name} last {k}: {diff:?}");
-            // The checker and ONNX Runtime: the converted model against the tied copy.
+            eprintln!("{what}: {name} last {k}: freed {freed}, max |merged - converted| = {:.3e}", diff.max_abs);
+            assert!(diff.max_abs <= 1e-5, "{what}: {name} last {k}: {diff:?}");
+            // The checker and ONNX Runtime: the converted model against the merged copy.
             let (out, reference) =
-                (scratch.path().join(format!("{name}_last{k}.onnx")), scratch.path().join(format!("{name}_last{k}.tied.onnx")));
+                (scratch.path().join(format!("{name}_last{k}.onnx")), scratch.path().join(format!("{name}_last{k}.merged.onnx")));
             write_model(&converted, &out, &WriteOptions::default()).expect("writes");
             write_model(&tied, &reference, &WriteOptions::default()).expect("writes");
             manifest.push(json!({
@@ -217,6 +219,74 @@ fn converting_the_last_k_blocks_equals_the_tied_copy_and_frees_the_text_weights(
 }
 
 #[test]
+fn converting_the_last_k_blocks_equals_the_tied_copy_and_frees_the_text_weights() {
+    conversion_equals_the_merged_copy("tie=image", |g, b| {
+        tie_text_weights(g, b).expect("ties");
+    });
+}
+
+#[test]
+fn converting_the_last_k_blocks_equals_the_averaged_copy() {
+    conversion_equals_the_merged_copy("tie=average", |g, b| {
+        average_image_weights(g, b).expect("averages");
+        tie_text_weights(g, b).expect("ties");
+    });
+}
+
+/// The f32 data of an initializer.
+fn data(graph: &prunec::ir::Graph, name: &str) -> Vec<f32> {
+    constant_tensor(graph, graph.value_by_name(name).expect("a value")).expect("a constant").to_f32_vec().expect("f32")
+}
+
+#[test]
+fn averaging_takes_the_mean_of_aligned_twins_and_keeps_the_image_mlp() {
+    for &(name, ..) in EXPECTED {
+        let loaded = load(name);
+        let original = &loaded.model.graph;
+        let report = find_streams(original);
+        for b in &report.blocks {
+            // The MLP's four weights (fc1 weight and bias, fc2 weight and bias) where the text
+            // branch has an MLP, none where it ends at the attention.
+            let mlp = b.weights.iter().filter(|w| w.mlp).count();
+            assert_eq!(mlp, if b.text_output.is_some() { 4 } else { 0 }, "{name} block {}", b.index);
+            let mut merged = original.clone();
+            average_image_weights(&mut merged, b).expect("averages");
+            tie_text_weights(&mut merged, b).expect("ties");
+            for w in &b.weights {
+                let (t, i) = (data(original, &w.text), data(original, &w.image));
+                let (mt, mi) = (data(&merged, &w.text), data(&merged, &w.image));
+                let Some(r) = &w.rows else {
+                    let expected: Vec<f32> = if w.mlp { i.clone() } else { t.iter().zip(&i).map(|(a, c)| 0.5 * (a + c)).collect() };
+                    assert_eq!(mi, expected, "{name} block {}: {}", b.index, w.image);
+                    assert_eq!(mt, expected, "{name} block {}: {}", b.index, w.text);
+                    continue;
+                };
+                // SD3's last modulation: text rows (scale, shift) against image rows (shift,
+                // scale); both become the mean of the twin rows, the image's other rows stay.
+                assert_eq!(r.axis, 0, "{name}: rows of a transposed Gemm weight");
+                let inner = (w.parameters / (r.text[1] - r.text[0])) as usize;
+                let rows = |x: &[f32], range: [u64; 2]| x[range[0] as usize * inner..range[1] as usize * inner].to_vec();
+                let mean: Vec<f32> = rows(&t, r.text).iter().zip(rows(&i, r.image)).map(|(a, c)| 0.5 * (a + c)).collect();
+                assert_eq!(rows(&mi, r.image), mean, "{name} block {}: {} rows {:?}", b.index, w.image, r.image);
+                assert_eq!(rows(&mt, r.text), mean, "{name} block {}: {} rows {:?}", b.index, w.text, r.text);
+                let twin: Vec<std::ops::Range<usize>> = b
+                    .weights
+                    .iter()
+                    .filter(|x| x.image == w.image)
+                    .filter_map(|x| x.rows.as_ref())
+                    .map(|x| x.image[0] as usize * inner..x.image[1] as usize * inner)
+                    .collect();
+                let untouched: Vec<usize> = (0..i.len()).filter(|k| !twin.iter().any(|r| r.contains(k))).collect();
+                assert!(!untouched.is_empty(), "{name}: the image modulation has rows without a text twin");
+                for k in untouched {
+                    assert_eq!(mi[k], i[k], "{name} block {}: {}[{k}] has no text twin", b.index, w.image);
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn the_single_stream_pass_is_judged_against_the_tied_original() {
     // Through the CLI: the verifier builds the reference from the pass's edit and judges it.
     let scratch = tempfile::tempdir().expect("temp dir");
@@ -224,8 +294,10 @@ fn the_single_stream_pass_is_judged_against_the_tied_original() {
         ("tiny_flux", "single-stream{last=3}"),
         ("tiny_sd3", "single-stream{blocks=1..3}"),
         ("tiny_qwenimage", "single-stream{last=2,tie=text}"),
+        ("tiny_sd3", "single-stream{last=2,tie=average}"),
     ] {
-        let (out, report) = (scratch.path().join(format!("{name}.onnx")), scratch.path().join(format!("{name}.json")));
+        let stem = format!("{name}_{}", passes.len());
+        let (out, report) = (scratch.path().join(format!("{stem}.onnx")), scratch.path().join(format!("{stem}.json")));
         let run = prunec()
             .arg(case(name).path)
             .arg("-o")
@@ -261,4 +333,19 @@ fn the_single_stream_rewrite_is_snapshotted() {
     let passes = prunec::passes::parse_pipeline("single-stream{last=1}").expect("registered");
     prunec::passes::run_pipeline(&mut model, &passes, &mut Default::default()).expect("runs");
     insta::assert_snapshot!("single_stream_tiny_sd3_last1_diff", common::dump_diff(&before, &prunec::ir::dump(&model)));
+}
+
+#[test]
+fn the_averaged_rewrite_differs_from_the_image_tied_one_in_the_aligned_weights_only() {
+    // tiny_flux's last block, which has an MLP on both streams: against `tie=image`, only the
+    // image weights that are not the MLP's change (the structure is the same).
+    let loaded = load("tiny_flux");
+    let run = |passes: &str| {
+        let mut model = loaded.model.clone();
+        let passes = prunec::passes::parse_pipeline(passes).expect("registered");
+        prunec::passes::run_pipeline(&mut model, &passes, &mut Default::default()).expect("runs");
+        prunec::ir::dump(&model)
+    };
+    let (image, average) = (run("single-stream{last=1}"), run("single-stream{last=1,tie=average}"));
+    insta::assert_snapshot!("single_stream_tiny_flux_last1_average_vs_image", common::dump_diff(&image, &average));
 }

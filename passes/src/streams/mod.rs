@@ -19,5 +19,6 @@ pub use convert::{ConvertedBlock, convert};
 pub use pass::{BlockParameters, SingleStream, SingleStreamOptions, SingleStreamReport, Tie};
 
 pub use twins::{
-    DeclinedBlock, DualBlock, Order, RowRanges, StreamReport, TwinOp, TwinWeight, find_streams, find_streams_in, tie_text_weights,
+    DeclinedBlock, DualBlock, Order, RowRanges, StreamReport, TwinOp, TwinWeight, average_image_weights, find_streams, find_streams_in,
+    tie_text_weights,
 };

@@ -1,8 +1,9 @@
 //! The `single-stream` pass: tie the text branch of a suffix or range of dual-stream blocks to
-//! the image branch (or the other way), then run those blocks as single-stream blocks.
+//! the image branch (or the other way, or both to their average where the twins are aligned),
+//! then run those blocks as single-stream blocks.
 
 use super::convert::convert;
-use super::twins::{DualBlock, RowRanges, StreamReport, TwinWeight, find_streams, tie_text_weights};
+use super::twins::{DualBlock, RowRanges, StreamReport, TwinWeight, average_image_weights, find_streams, tie_text_weights};
 use crate::options::{OptionSpec, PassOptions};
 use crate::reference::{Reference, ReferenceEdit};
 use crate::{Context, Pass, PassDetails, PassError, PassReport};
@@ -21,6 +22,20 @@ pub enum Tie {
     /// The text branch (the image weights are overwritten by their twins; image rows with no
     /// text twin, such as SD3's last gates, keep their values).
     Text,
+    /// The element-wise mean of both branches for the aligned twins (modulation rows, Q/K/V,
+    /// output projections, norms' affine weights); the MLP keeps the image branch's weights,
+    /// since hidden units are in an arbitrary order per stream and their mean means nothing.
+    Average,
+}
+
+impl Tie {
+    fn as_str(self) -> &'static str {
+        match self {
+            Tie::Image => "image",
+            Tie::Text => "text",
+            Tie::Average => "average",
+        }
+    }
 }
 
 /// The options of `single-stream`. `last` and `blocks` choose the blocks; setting one clears
@@ -52,9 +67,9 @@ impl PassOptions for SingleStreamOptions {
         },
         OptionSpec {
             key: "tie",
-            kind: "image|text",
+            kind: "image|text|average",
             default: "image",
-            doc: "which branch's weights the merged stream keeps (average is not offered: MLP hidden units are not aligned)",
+            doc: "which branch's weights the merged stream keeps; average: the mean of both for aligned weights, the image's for the MLP",
         },
     ];
 
@@ -89,10 +104,8 @@ impl PassOptions for SingleStreamOptions {
                 self.tie = match value {
                     "image" => Tie::Image,
                     "text" => Tie::Text,
-                    "average" => {
-                        return Err("average is not implemented: it would need MLP hidden units told apart from aligned weights".into());
-                    }
-                    _ => return Err("image or text".into()),
+                    "average" => Tie::Average,
+                    _ => return Err("image, text or average".into()),
                 }
             }
             _ => return Err(format!("no option `{key}`")),
@@ -104,10 +117,7 @@ impl PassOptions for SingleStreamOptions {
         match key {
             "last" => self.last.map_or("none".into(), |k| k.to_string()),
             "blocks" => self.blocks.map_or("none".into(), |(a, b)| format!("{a}..{b}")),
-            "tie" => match self.tie {
-                Tie::Image => "image".into(),
-                Tie::Text => "text".into(),
-            },
+            "tie" => self.tie.as_str().into(),
             _ => String::new(),
         }
     }
@@ -161,10 +171,14 @@ impl PassDetails for SingleStreamReport {
 
     fn summary(&self) -> Vec<String> {
         let mut lines = vec![format!(
-            "single-stream: {} of {} dual-stream blocks converted (weights of the {} branch), parameters {} -> {}",
+            "single-stream: {} of {} dual-stream blocks converted ({}), parameters {} -> {}",
             self.blocks.len(),
             self.dual_blocks,
-            if self.tie == Tie::Image { "image" } else { "text" },
+            match self.tie {
+                Tie::Image => "weights of the image branch",
+                Tie::Text => "weights of the text branch",
+                Tie::Average => "aligned weights averaged, the MLP's of the image branch",
+            },
             self.parameters_before,
             self.parameters_after
         )];
@@ -176,10 +190,21 @@ impl PassDetails for SingleStreamReport {
     }
 }
 
-/// The reference: the original with the tied branch's weights overwritten by their twins,
-/// which the conversion computes exactly.
+/// The reference: the original with the tied branch's weights overwritten by their twins
+/// (for `tie=average`, both twins set to the merged weights), which the conversion computes
+/// exactly.
 struct Tied {
     blocks: Vec<DualBlock>,
+    average: bool,
+}
+
+/// Makes both twins of `block` hold the weights the merged stream keeps: `block`'s image
+/// weights (already swapped for `tie=text`), averaged first for `tie=average`.
+fn merge(graph: &mut prunec_ir::Graph, block: &DualBlock, average: bool) -> Result<(), String> {
+    if average {
+        average_image_weights(graph, block)?;
+    }
+    tie_text_weights(graph, block).map(|_| ())
 }
 
 impl ReferenceEdit for Tied {
@@ -188,12 +213,16 @@ impl ReferenceEdit for Tied {
     }
 
     fn describe(&self) -> String {
-        "the original with the converted blocks' twin weights tied".into()
+        if self.average {
+            "the original with the converted blocks' twin weights tied to their average (MLP: the image's)".into()
+        } else {
+            "the original with the converted blocks' twin weights tied".into()
+        }
     }
 
     fn apply(&self, reference: &mut Model) -> Result<(), String> {
         for b in &self.blocks {
-            tie_text_weights(&mut reference.graph, b)?;
+            merge(&mut reference.graph, b, self.average)?;
         }
         Ok(())
     }
@@ -255,11 +284,12 @@ impl Pass for SingleStream {
             )));
         }
         let chosen: Vec<DualBlock> =
-            report.blocks[range.clone()].iter().map(|b| if self.options.tie == Tie::Image { b.clone() } else { swapped(b) }).collect();
+            report.blocks[range.clone()].iter().map(|b| if self.options.tie == Tie::Text { swapped(b) } else { b.clone() }).collect();
+        let average = self.options.tie == Tie::Average;
         let before = parameters(model);
         let mut tied = model.clone();
         for b in &chosen {
-            tie_text_weights(&mut tied.graph, b).map_err(PassError::BadOption)?;
+            merge(&mut tied.graph, b, average).map_err(PassError::BadOption)?;
         }
         convert(&mut tied, &report, range.clone()).map_err(|e| PassError::BadOption(format!("single-stream: {e}")))?;
         let ops_before = model.graph.op_count();
@@ -287,7 +317,7 @@ impl Pass for SingleStream {
         Ok(PassReport {
             ops_removed: ops_before.saturating_sub(model.graph.op_count()),
             values_removed: values_before.saturating_sub(model.graph.value_ids().count()),
-            reference: Reference::Edit(Arc::new(Tied { blocks: chosen })),
+            reference: Reference::Edit(Arc::new(Tied { blocks: chosen, average })),
             details: Some(Arc::new(details)),
             warnings: Vec::new(),
         })
