@@ -8,7 +8,9 @@ use common::{Case, feed, feed_json, prunec, shared_cases, validate_with_python};
 use prunec::backends::onnx::{WriteOptions, write_model};
 use prunec::frontend::{Loaded, ReadOptions, read_model};
 use prunec::ir::constant_tensor;
-use prunec::passes::streams::{DualBlock, Order, RowRanges, StreamReport, average_image_weights, convert, find_streams, tie_text_weights};
+use prunec::passes::streams::{
+    DualBlock, Order, RowRanges, StreamReport, average_image_weights, convert, find_streams, fit_text_map, tie_text_weights,
+};
 use prunec::runtime::tract::{Plan, compare};
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -348,4 +350,144 @@ fn the_averaged_rewrite_differs_from_the_image_tied_one_in_the_aligned_weights_o
     };
     let (image, average) = (run("single-stream{last=1}"), run("single-stream{last=1,tie=average}"));
     insta::assert_snapshot!("single_stream_tiny_flux_last1_average_vs_image", common::dump_diff(&image, &average));
+}
+
+/// A deterministic pseudo-random sequence in [-1, 1).
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        })
+        .collect()
+}
+
+#[test]
+fn the_text_map_fit_recovers_an_affine_stream() {
+    // More token rows than features: ordinary least squares, exact on an affine stream.
+    let (n, d) = (40, 6);
+    let x = noise(n * d, 1);
+    let (w, b) = (noise(d * d, 2), noise(d, 3));
+    let y: Vec<f32> = (0..n * d)
+        .map(|k| {
+            let (r, j) = (k / d, k % d);
+            b[j] + (0..d).map(|i| x[r * d + i] * w[i * d + j]).sum::<f32>()
+        })
+        .collect();
+    let map = fit_text_map(&x, &y, d).expect("fits");
+    assert_eq!(map.samples, n);
+    for (got, want) in map.weight.iter().zip(&w).chain(map.bias.iter().zip(&b)) {
+        assert!((got - want).abs() < 1e-4, "{got} against {want}");
+    }
+    assert!(map.residual.is_some_and(|r| r < 1e-4), "{:?}", map.residual);
+    // A stream that is not affine: the fit is still no worse than the identity, and not exact.
+    let bent: Vec<f32> = y.iter().zip(&x).map(|(y, x)| y + (3.0 * x).sin()).collect();
+    let map = fit_text_map(&x, &bent, d).expect("fits");
+    assert!(map.residual.is_some_and(|r| r > 1e-3 && r < 1.0), "{:?}", map.residual);
+}
+
+#[test]
+fn with_fewer_tokens_than_features_the_text_map_is_the_identity_off_their_span() {
+    let (n, d) = (3, 8);
+    let (x, y) = (noise(n * d, 4), noise(n * d, 5));
+    let map = fit_text_map(&x, &y, d).expect("fits");
+    assert!(map.residual.is_some_and(|r| r < 1e-3), "{:?}", map.residual);
+    // A direction orthogonal to every measured token: mapped to itself (plus the bias).
+    let mut basis: Vec<Vec<f64>> = Vec::new();
+    for r in 0..n {
+        let mut v: Vec<f64> = x[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect();
+        for q in &basis {
+            let dot: f64 = v.iter().zip(q).map(|(a, b)| a * b).sum();
+            v.iter_mut().zip(q).for_each(|(a, b)| *a -= dot * b);
+        }
+        let norm = v.iter().map(|a| a * a).sum::<f64>().sqrt();
+        basis.push(v.into_iter().map(|a| a / norm).collect());
+    }
+    let mut probe: Vec<f64> = noise(d, 6).into_iter().map(f64::from).collect();
+    for q in &basis {
+        let dot: f64 = probe.iter().zip(q).map(|(a, b)| a * b).sum();
+        probe.iter_mut().zip(q).for_each(|(a, b)| *a -= dot * b);
+    }
+    for j in 0..d {
+        let mapped: f64 = (0..d).map(|i| probe[i] * map.weight[i * d + j] as f64).sum();
+        assert!((mapped - probe[j]).abs() < 1e-3, "{mapped} against {}", probe[j]);
+    }
+}
+
+#[test]
+fn the_text_map_fit_refuses_bad_sizes_and_values() {
+    assert!(fit_text_map(&[1.0; 6], &[1.0; 4], 2).is_err());
+    assert!(fit_text_map(&[1.0; 5], &[1.0; 5], 2).is_err());
+    assert!(fit_text_map(&[f32::NAN, 1.0], &[1.0, 1.0], 2).is_err());
+}
+
+#[test]
+fn the_linear_text_variant_writes_valid_models_and_fits_below_the_identity() {
+    // Through the CLI on the saved inputs: one fitted map per converted block with a text
+    // output, reported but not judged; the checker and ONNX Runtime accept the output.
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let mut manifest = Vec::new();
+    for (name, passes, maps) in [
+        ("tiny_flux", "single-stream{last=3,text=linear}", 3),
+        ("tiny_sd3", "single-stream{last=2,text=linear}", 1),
+        ("tiny_qwenimage", "single-stream{blocks=1..4,text=linear,tie=average}", 2),
+    ] {
+        let c = case(name);
+        let inputs = c.path.with_file_name(format!("{name}.inputs.npz"));
+        let (out, report) = (scratch.path().join(format!("{name}.onnx")), scratch.path().join(format!("{name}.json")));
+        let run = prunec()
+            .arg(&c.path)
+            .arg("-o")
+            .arg(&out)
+            .args(["--passes", passes])
+            .arg("--inputs")
+            .arg(&inputs)
+            .arg("--report")
+            .arg(&report)
+            .output()
+            .expect("prunec");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{name}: {stderr}");
+        eprintln!("{name} {passes}:\n{stderr}");
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("JSON");
+        let details = common::pass_details(&report, "single-stream");
+        assert_eq!(details["text"], "linear", "{name}");
+        assert!(details["measured_on"].as_str().is_some_and(|s| s.contains("inputs.npz")), "{name}: {details}");
+        let blocks = details["blocks"].as_array().expect("blocks");
+        let fitted: Vec<&serde_json::Value> = blocks.iter().filter(|b| !b["text_map"].is_null()).collect();
+        assert_eq!(fitted.len(), maps, "{name}: {details}");
+        for b in fitted {
+            let map = &b["text_map"];
+            // Eight text tokens of 128 features: fewer rows than unknowns, so the training fit
+            // is exact, far below the identity's residual of 1.
+            assert_eq!(map["samples"], 8, "{name}: {map}");
+            assert!(map["residual"].as_f64().is_some_and(|r| r < 1e-3), "{name}: {map}");
+        }
+        // Parameters: the freed text weights, less the maps' D×D + D.
+        let (before, after) = (details["parameters_before"].as_u64().unwrap(), details["parameters_after"].as_u64().unwrap());
+        let freed: u64 = blocks.iter().map(|b| b["before"].as_u64().unwrap() - b["after"].as_u64().unwrap()).sum();
+        assert_eq!(before - after, freed, "{name}: {details}");
+        assert_eq!(report["verification"]["reference"], "tolerance", "{name}: not judged: {}", report["verification"]);
+        manifest.push(json!({
+            "original": c.path, "output": out, "feed": feed_json(&c), "compare": false,
+        }));
+    }
+    validate_with_python(&manifest, scratch.path());
+}
+
+#[test]
+fn the_linear_text_rewrite_is_snapshotted() {
+    // tiny_flux's last block on seeded noise: against the tied conversion, the text stream the
+    // single-stream stack reads is the fitted map of the block's text input.
+    let loaded = load("tiny_flux");
+    let run = |passes: &str| {
+        let mut model = loaded.model.clone();
+        let mut runtime = prunec::runtime::measure::TractRuntime { dir: loaded.dir.clone(), ..Default::default() };
+        let passes = prunec::passes::parse_pipeline(passes).expect("registered");
+        prunec::passes::run_pipeline(&mut model, &passes, &mut prunec::passes::Context::with_runtime(&mut runtime)).expect("runs");
+        prunec::ir::dump(&model)
+    };
+    let (tied, linear) = (run("single-stream{last=1}"), run("single-stream{last=1,text=linear}"));
+    insta::assert_snapshot!("single_stream_tiny_flux_last1_linear_vs_tied", common::dump_diff(&tied, &linear));
 }

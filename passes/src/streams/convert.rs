@@ -289,6 +289,14 @@ fn joint_table(graph: &mut Graph, t: ValueId, i: ValueId, order: Order) -> Resul
     dims[axis] = dt[axis] + di[axis];
     let inputs = if order == Order::TextFirst { [t, i] } else { [i, t] };
     let name = format!("{}/single_stream/joint", graph.value(i).name);
+    // Blocks converted one at a time (`text=linear`) share the table the first one made.
+    if let Some(existing) = graph.value_by_name(&format!("{name}_output_0"))
+        && let Some((op, _)) = graph.producer(existing)
+        && graph.op(op).op_type == "Concat"
+        && graph.op_inputs(op) == [Some(inputs[0]), Some(inputs[1])]
+    {
+        return Ok(existing);
+    }
     let dtype = Some(ti.dtype());
     new_op(graph, "Concat", &inputs, &name, dtype, Some(&dims), |o| o.set_attr_int("axis", axis as i64))
 }
@@ -313,7 +321,7 @@ fn slice(
 }
 
 /// Adds one op of one output.
-fn new_op(
+pub(super) fn new_op(
     graph: &mut Graph,
     op_type: &str,
     inputs: &[ValueId],

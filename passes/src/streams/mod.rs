@@ -12,11 +12,13 @@
 //!   and image weights: how much tying the text branch to the image branch changes.
 
 mod convert;
+mod linear;
 mod pass;
 mod twins;
 
 pub use convert::{ConvertedBlock, convert};
-pub use pass::{BlockParameters, SingleStream, SingleStreamOptions, SingleStreamReport, Tie};
+pub use linear::{TextMap, fit_text_map};
+pub use pass::{BlockParameters, SingleStream, SingleStreamOptions, SingleStreamReport, TextMapReport, TextStream, Tie};
 
 pub use twins::{
     DeclinedBlock, DualBlock, Order, RowRanges, StreamReport, TwinOp, TwinWeight, average_image_weights, find_streams, find_streams_in,
