@@ -176,20 +176,61 @@ fn parameters(model: &prunec::ir::Model) -> u64 {
     g.value_ids().filter_map(|v| g.value(v).initializer()).filter(|t| t.dtype().is_float()).map(|t| t.numel()).sum()
 }
 
-/// Converts the last K dual-stream blocks of every shared MMDiT, for every K, after `merge` made
+/// A model to convert: read and folded as `prunec streams` reads it, with the feed tract runs it
+/// on and the same feed for `validate.py`.
+struct Subject {
+    name: String,
+    loaded: Loaded,
+    inputs: prunec::runtime::tract::Feed,
+    feed: serde_json::Value,
+}
+
+/// The shared MMDiTs.
+fn shared_subjects() -> Vec<Subject> {
+    EXPECTED
+        .iter()
+        .map(|&(name, ..)| {
+            let loaded = load(name);
+            let inputs = feed(&case(name), &loaded.model);
+            Subject { name: name.to_string(), loaded, inputs, feed: feed_json(&case(name)) }
+        })
+        .collect()
+}
+
+/// A variant of tiny_flux made by `tests/validate/streams_variants.py KIND` in `dir`, on seeded
+/// random inputs.
+fn flux_variant(kind: &str, dir: &std::path::Path) -> Subject {
+    let path = dir.join(format!("tiny_flux_{kind}.onnx"));
+    let out = std::process::Command::new(common::python())
+        .arg(common::root().join("tests/validate/streams_variants.py"))
+        .arg(kind)
+        .arg(case("tiny_flux").path)
+        .arg(&path)
+        .output()
+        .expect("running python");
+    assert!(out.status.success(), "streams_variants.py {kind}: {}", String::from_utf8_lossy(&out.stderr));
+    let mut loaded = read_model(&path, &ReadOptions { infer_shapes: true }).expect("the variant reads");
+    let fold = prunec::passes::parse_pipeline("fold").expect("registered");
+    prunec::passes::run_pipeline(&mut loaded.model, &fold, &mut Default::default()).expect("folding succeeds");
+    let inputs = prunec::runtime::tract::random_feed(&loaded.model, Default::default(), &Default::default(), 7).expect("feed");
+    Subject { name: format!("tiny_flux_{kind}"), loaded, inputs, feed: json!({ "tensors": [] }) }
+}
+
+/// Converts the last K dual-stream blocks of every subject, for every K, after `merge` made
 /// each converted block's twins equal: the conversion frees exactly the text weights and
 /// equals the merged copy to 1e-5 in tract, the checker and ONNX Runtime.
-fn conversion_equals_the_merged_copy(what: &str, merge: impl Fn(&mut prunec::ir::Graph, &DualBlock)) {
+fn conversion_equals_the_merged_copy(what: &str, subjects: &[Subject], merge: impl Fn(&mut prunec::ir::Graph, &DualBlock)) {
     let scratch = tempfile::tempdir().expect("temp dir");
     let mut manifest = Vec::new();
-    for &(name, blocks, ..) in EXPECTED {
-        let loaded = load(name);
+    for Subject { name, loaded, inputs, feed } in subjects {
         let original = &loaded.model;
         let report = find_streams(&original.graph);
-        let inputs = feed(&case(name), original);
+        assert!(report.declined.is_empty(), "{name}: {:?}", report.declined);
+        let blocks = report.blocks.len();
+        assert!(blocks > 0, "{name}: no dual-stream blocks");
         let run = |model: &prunec::ir::Model| {
-            let plan = Plan::from_model(model, &loaded.dir, &inputs).expect("tract builds the plan");
-            plan.run(&inputs).expect("tract runs").values.swap_remove(0).1
+            let plan = Plan::from_model(model, &loaded.dir, inputs).expect("tract builds the plan");
+            plan.run(inputs).expect("tract runs").values.swap_remove(0).1
         };
         for k in 1..=blocks {
             let range = blocks - k..blocks;
@@ -212,7 +253,7 @@ fn conversion_equals_the_merged_copy(what: &str, merge: impl Fn(&mut prunec::ir:
             write_model(&converted, &out, &WriteOptions::default()).expect("writes");
             write_model(&tied, &reference, &WriteOptions::default()).expect("writes");
             manifest.push(json!({
-                "original": reference, "output": out, "feed": feed_json(&case(name)), "max_abs": 1e-5,
+                "original": reference, "output": out, "feed": feed, "max_abs": 1e-5,
                 "params": prunec::ir::model_stats(&converted).parameters,
             }));
         }
@@ -220,16 +261,53 @@ fn conversion_equals_the_merged_copy(what: &str, merge: impl Fn(&mut prunec::ir:
     validate_with_python(&manifest, scratch.path());
 }
 
+/// Ties the text weights to the image branch.
+fn tie(g: &mut prunec::ir::Graph, b: &DualBlock) {
+    tie_text_weights(g, b).expect("ties");
+}
+
 #[test]
 fn converting_the_last_k_blocks_equals_the_tied_copy_and_frees_the_text_weights() {
-    conversion_equals_the_merged_copy("tie=image", |g, b| {
-        tie_text_weights(g, b).expect("ties");
-    });
+    conversion_equals_the_merged_copy("tie=image", &shared_subjects(), tie);
+}
+
+#[test]
+fn streams_of_equal_length_convert_on_the_attention_axis() {
+    // As many text tokens as image tokens: the shapes of the streams no longer say which axis is
+    // the sequence; the joint attention's Concat does.
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let subject = flux_variant("equal", scratch.path());
+    let report = find_streams(&subject.loaded.model.graph);
+    assert_eq!(report.blocks.len(), 3, "{:?}", report.declined);
+    let x = subject.loaded.model.graph.value_by_name(&report.blocks[0].text_input).expect("text input");
+    assert_eq!(subject.loaded.model.graph.value(x).shape.as_ref().map(|s| s.to_string()), Some("[1,64,128]".into()));
+    conversion_equals_the_merged_copy("equal lengths", &[subject], tie);
+}
+
+#[test]
+fn a_split_re_split_and_a_joint_mask_convert() {
+    // Every dual-stream block cuts its attention output back into the streams with one Split,
+    // and every attention adds a joint mask (the text mask, an input, joined with zeros).
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let subject = flux_variant("masked_split", scratch.path());
+    let graph = &subject.loaded.model.graph;
+    let report = find_streams(graph);
+    assert_eq!(report.blocks.len(), 3, "{:?}", report.declined);
+    for b in &report.blocks {
+        // The Split belongs to the joint core, so it is no twin op, and the Slices it replaced
+        // are gone.
+        let split = format!("/m/transformer_blocks.{}/attn/Split_streams", b.index);
+        assert!(graph.op_ids().any(|op| graph.op(op).name == split), "{split}");
+        assert!(!b.ops.iter().any(|op| op.image == split || op.text == split || op.image.ends_with("attn/Slice_17")), "{:?}", b.ops);
+    }
+    let mask = graph.value_by_name("txt_mask").expect("the mask input");
+    assert!(!graph.consumers(mask).is_empty());
+    conversion_equals_the_merged_copy("Split and mask", &[subject], tie);
 }
 
 #[test]
 fn converting_the_last_k_blocks_equals_the_averaged_copy() {
-    conversion_equals_the_merged_copy("tie=average", |g, b| {
+    conversion_equals_the_merged_copy("tie=average", &shared_subjects(), |g, b| {
         average_image_weights(g, b).expect("averages");
         tie_text_weights(g, b).expect("ties");
     });

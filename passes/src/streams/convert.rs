@@ -42,16 +42,29 @@ pub fn convert(model: &mut Model, report: &StreamReport, range: std::ops::Range<
     let last = &blocks[blocks.len() - 1];
     let value = |g: &Graph, name: &str| g.value_by_name(name).ok_or_else(|| format!("no value `{name}`"));
     let (x_t, x_i) = (value(graph, &first.text_input)?, value(graph, &first.image_input)?);
-    // The streams' sequence axis: the one where their shapes differ.
+    // The stream lengths: the joint attention's Concat inputs on its axis, in the block's order.
+    let anchor =
+        graph.op_ids().find(|&op| graph.op(op).name == first.anchors[0]).ok_or_else(|| format!("no anchor `{}`", first.anchors[0]))?;
     let dims = |g: &Graph, v: ValueId| -> Option<Vec<u64>> { g.value(v).shape.as_ref()?.0.iter().map(|d| d.known()).collect() };
+    let length = |slot: usize| -> Result<u64, String> {
+        let v = graph.op_input(anchor, slot).ok_or("an anchor without two inputs")?;
+        dims(graph, v)
+            .and_then(|d| d.get(first.axis).copied())
+            .ok_or_else(|| "the joint attention's input shapes are not known".to_string())
+    };
+    let (la, lb) = (length(0)?, length(1)?);
+    let (lt, li) = if first.order == Order::TextFirst { (la, lb) } else { (lb, la) };
     let (dt, di) =
         (dims(graph, x_t).ok_or("the text stream's shape is not known")?, dims(graph, x_i).ok_or("the image stream's shape is not known")?);
-    let differ: Vec<usize> = (0..dt.len().min(di.len())).filter(|&a| dt[a] != di[a]).collect();
-    let ([axis], true) = (&differ[..], dt.len() == di.len()) else {
-        return Err("the streams' shapes do not differ in exactly one axis (equal lengths hide the sequence axis)".into());
+    // The streams' sequence axis: the one of those lengths, all others equal. Equal lengths
+    // leave it to the sizes, which must then name one axis only.
+    let candidates: Vec<usize> =
+        (0..dt.len().min(di.len())).filter(|&a| dt[a] == lt && di[a] == li && (0..dt.len()).all(|b| b == a || dt[b] == di[b])).collect();
+    let ([axis], true) = (&candidates[..], dt.len() == di.len()) else {
+        return Err(format!("the streams' shapes {dt:?} and {di:?} do not have the attention's lengths {lt} and {li} on exactly one axis"));
     };
     let axis = *axis;
-    let (lt, li) = (dt[axis] as i64, di[axis] as i64);
+    let (lt, li) = (lt as i64, li as i64);
     for out in [Some(&last.image_output), last.text_output.as_ref()].into_iter().flatten() {
         if graph.is_output(value(graph, out)?) {
             return Err(format!("`{out}` is a graph output"));
@@ -151,9 +164,10 @@ fn convert_block(
     let pairs: Vec<(OpId, OpId)> = b.ops.iter().map(|p| Ok((op(&p.text)?, op(&p.image)?))).collect::<Result<_, String>>()?;
     image_ops.extend(pairs.iter().map(|&(_, i)| i));
     // Each image output's shape on the joint sequence: where its text twin's differs from it
-    // by the stream lengths, the joint length.
+    // by the stream lengths, the joint length. Equal lengths do not say where: those shapes
+    // are forgotten with the others.
     let known = |g: &Graph, v: ValueId| -> Option<Vec<u64>> { g.value(v).shape.as_ref()?.0.iter().map(|d| d.known()).collect() };
-    for &(t, i) in &pairs {
+    for &(t, i) in pairs.iter().filter(|_| lt != li) {
         for (vt, vi) in graph.op_outputs(t).into_iter().zip(graph.op_outputs(i)) {
             let (Some(vt), Some(vi)) = (vt, vi) else { continue };
             let (Some(dt), Some(di)) = (known(graph, vt), known(graph, vi)) else { continue };
@@ -214,6 +228,20 @@ fn convert_block(
                             return Err(format!("`{}` reshapes to {si:?}, its twin to {st:?}: not the stream lengths", graph.op(i).name));
                         }
                         shape[k] = lt + li;
+                    }
+                }
+                if lt == li {
+                    // Equal targets: the entry that is the stream length, if one is.
+                    let at: Vec<usize> = (0..si.len()).filter(|&k| si[k] == li).collect();
+                    match at[..] {
+                        [] => {}
+                        [k] => shape[k] = lt + li,
+                        _ => {
+                            return Err(format!(
+                                "`{}` reshapes to {si:?}: with equal stream lengths, which {li} is the sequence is not known",
+                                graph.op(i).name
+                            ));
+                        }
                     }
                 }
                 if shape == si {
