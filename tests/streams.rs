@@ -569,3 +569,64 @@ fn the_linear_text_rewrite_is_snapshotted() {
     let (tied, linear) = (run("single-stream{last=1}"), run("single-stream{last=1,text=linear}"));
     insta::assert_snapshot!("single_stream_tiny_flux_last1_linear_vs_tied", common::dump_diff(&tied, &linear));
 }
+
+/// The MACs conversion must remove from `original`'s blocks `range`, from the weights' shapes
+/// alone: each text modulation Gemm (`batch × K × N`, the only text op not on the sequence:
+/// every other text MatMul's MACs move to its image twin, which now runs on the text tokens
+/// too), less, in a block whose text branch ends at the attention, the image-only MatMuls after
+/// it, which now also run on the `lt` text tokens.
+fn expected_macs_removed(original: &prunec::ir::Model, report: &StreamReport, range: std::ops::Range<usize>, lt: u64) -> i64 {
+    let g = &original.graph;
+    let op_named = |name: &str| g.op_ids().find(|&op| g.op(op).name == name).expect("an op");
+    let weight = |op| g.op_input(op, 1).and_then(|v| constant_tensor(g, v)).map(|t| t.numel());
+    let mut removed = 0i64;
+    for b in &report.blocks[range] {
+        for pair in b.ops.iter().filter(|p| p.op_type == "Gemm") {
+            let op = op_named(&pair.text);
+            let batch = g.value(g.op_input(op, 0).unwrap()).shape.as_ref().unwrap().0[0].known().unwrap();
+            removed += (batch * weight(op).expect("a constant Gemm weight")) as i64;
+        }
+        if b.text_output.is_none() {
+            let prefix = format!("{}/", b.anchors[0].split("/attn/").next().expect("a block prefix"));
+            let twins: BTreeSet<&str> = b.ops.iter().flat_map(|p| [p.text.as_str(), p.image.as_str()]).collect();
+            for op in g.op_ids().filter(|&op| g.op(op).op_type == "MatMul" && g.op(op).name.starts_with(&prefix)) {
+                if let (false, Some(w)) = (twins.contains(g.op(op).name.as_str()), weight(op)) {
+                    removed -= (lt * w) as i64;
+                }
+            }
+        }
+    }
+    removed
+}
+
+#[test]
+fn macs_after_conversion_are_the_macs_before_less_the_text_branch() {
+    // The shapes on the joint sequence are derived after conversion, so every MAC is counted,
+    // those of image-only ops after the attention of SD3's and Qwen-Image's last block too.
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let mut subjects = shared_subjects();
+    subjects.push(flux_variant("equal", scratch.path()));
+    for Subject { name, loaded, .. } in &subjects {
+        let original = &loaded.model;
+        let before = prunec::ir::model_stats(original);
+        assert!(before.macs_unknown.is_empty(), "{name}: {:?}", before.macs_unknown);
+        let report = find_streams(&original.graph);
+        let blocks = report.blocks.len();
+        let g = &original.graph;
+        let lt = g.value(g.value_by_name(&report.blocks[0].text_input).unwrap()).shape.as_ref().unwrap().0[1].known().unwrap();
+        for k in 1..=blocks {
+            let range = blocks - k..blocks;
+            let mut converted = original.clone();
+            for b in &report.blocks[range.clone()] {
+                tie(&mut converted.graph, b);
+            }
+            convert(&mut converted, &report, range.clone()).unwrap_or_else(|e| panic!("{name} last {k}: {e}"));
+            converted.graph.reconcile_records();
+            let after = prunec::ir::model_stats(&converted);
+            assert!(after.macs_unknown.is_empty(), "{name} last {k}: {:?}", after.macs_unknown);
+            let removed = expected_macs_removed(original, &report, range, lt);
+            eprintln!("{name} last {k}: MACs {} -> {} (removed {removed})", before.macs, after.macs);
+            assert_eq!(before.macs as i64 - after.macs as i64, removed, "{name} last {k}");
+        }
+    }
+}
