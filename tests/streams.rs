@@ -630,3 +630,21 @@ fn macs_after_conversion_are_the_macs_before_less_the_text_branch() {
         }
     }
 }
+
+#[test]
+fn symbolic_stream_lengths_are_declined_with_the_way_out() {
+    // The conversion writes the lengths into Slice bounds and Reshape targets: a symbolic text
+    // length is refused, before anything changes, naming `--input-shape`.
+    let loaded = load("tiny_flux");
+    let mut model = loaded.model.clone();
+    let report = find_streams(&model.graph);
+    let g = &mut model.graph;
+    let x = g.value_by_name(&report.blocks[2].text_input).expect("text input");
+    let mut shape = g.value(x).shape.clone().expect("a shape");
+    shape.0[1] = prunec::ir::Dim::Sym("text_len".into());
+    g.value_mut(x).shape = Some(shape);
+    let before = prunec::ir::dump(&model);
+    let err = convert(&mut model, &report, 2..3).expect_err("declined");
+    assert!(err.contains("text_len") && err.contains("--input-shape"), "{err}");
+    assert_eq!(prunec::ir::dump(&model), before, "nothing changed");
+}

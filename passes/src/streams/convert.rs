@@ -13,6 +13,16 @@ use super::twins::{DualBlock, Order, StreamReport};
 use prunec_ir::{DType, Graph, Model, Op, OpId, Shape, Tensor, Value, ValueId, ValueKind, constant_tensor};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// Why symbolic sizes are declined: the conversion writes the stream lengths into Slice bounds
+/// and Reshape targets, and derives the joint shapes from them.
+const SYMBOLIC: &str = ": the conversion writes the stream lengths into Slice bounds and Reshape targets, so it needs them \
+                        as numbers; fix the input sizes (`--input-shape`)";
+
+/// A value's recorded shape in words.
+fn shape_text(graph: &Graph, v: ValueId) -> String {
+    graph.value(v).shape.as_ref().map_or("not recorded".into(), |s| s.to_string())
+}
+
 /// What [`convert`] did to one block.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConvertedBlock {
@@ -50,12 +60,14 @@ pub fn convert(model: &mut Model, report: &StreamReport, range: std::ops::Range<
         let v = graph.op_input(anchor, slot).ok_or("an anchor without two inputs")?;
         dims(graph, v)
             .and_then(|d| d.get(first.axis).copied())
-            .ok_or_else(|| "the joint attention's input shapes are not known".to_string())
+            .ok_or_else(|| format!("the joint attention's inputs have no concrete sizes ({}){SYMBOLIC}", shape_text(graph, v)))
     };
     let (la, lb) = (length(0)?, length(1)?);
     let (lt, li) = if first.order == Order::TextFirst { (la, lb) } else { (lb, la) };
-    let (dt, di) =
-        (dims(graph, x_t).ok_or("the text stream's shape is not known")?, dims(graph, x_i).ok_or("the image stream's shape is not known")?);
+    let (dt, di) = (
+        dims(graph, x_t).ok_or_else(|| format!("the text stream has no concrete sizes ({}){SYMBOLIC}", shape_text(graph, x_t)))?,
+        dims(graph, x_i).ok_or_else(|| format!("the image stream has no concrete sizes ({}){SYMBOLIC}", shape_text(graph, x_i)))?,
+    );
     // The streams' sequence axis: the one of those lengths, all others equal. Equal lengths
     // leave it to the sizes, which must then name one axis only.
     let candidates: Vec<usize> =
