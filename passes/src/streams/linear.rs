@@ -29,7 +29,7 @@ pub struct TextMap {
 /// Fits the map from `x` and `y`, both `N×D` row-major (`N` token rows). Fails when the sizes
 /// disagree or the values are not finite.
 pub fn fit_text_map(x: &[f32], y: &[f32], d: usize) -> Result<TextMap, String> {
-    if d == 0 || x.len() != y.len() || x.len() % d != 0 || x.is_empty() {
+    if d == 0 || x.len() != y.len() || !x.len().is_multiple_of(d) || x.is_empty() {
         return Err(format!("text stream of {} and {} values is not a whole number of rows of {d}", x.len(), y.len()));
     }
     if x.iter().chain(y).any(|v| !v.is_finite()) {

@@ -252,21 +252,11 @@ pub fn tie_text_weights(graph: &mut Graph, block: &DualBlock) -> Result<u64, Str
                 edit.3 = image;
             }
             Some(r) => {
-                let (n_text, n_image) = (edit.2.get(r.axis).copied(), dims.get(r.axis).copied());
-                let same_rest = edit.2.len() == dims.len() && edit.2.iter().zip(&dims).enumerate().all(|(i, (a, b))| i == r.axis || a == b);
-                let fits = |range: [u64; 2], n: Option<u64>| range[0] <= range[1] && n.is_some_and(|n| range[1] <= n);
-                if !same_rest || !fits(r.text, n_text) || !fits(r.image, n_image) || r.text[1] - r.text[0] != r.image[1] - r.image[0] {
-                    return Err(format!("slices of `{}` and `{}` do not match", w.text, w.image));
-                }
-                let inner: usize = dims[r.axis + 1..].iter().product::<u64>() as usize;
-                let outer: usize = dims[..r.axis].iter().product::<u64>() as usize;
-                let len = (r.text[1] - r.text[0]) as usize * inner;
-                for o in 0..outer {
-                    let from = (o * n_image.unwrap_or(0) as usize + r.image[0] as usize) * inner;
-                    let to = (o * n_text.unwrap_or(0) as usize + r.text[0] as usize) * inner;
+                let (slabs, len) = row_slabs(&edit.2, &dims, r, w)?;
+                for &(to, from) in &slabs {
                     edit.3[to..to + len].copy_from_slice(&image[from..from + len]);
                 }
-                total += (len * outer) as u64;
+                total += (len * slabs.len()) as u64;
             }
         }
     }
@@ -274,6 +264,31 @@ pub fn tie_text_weights(graph: &mut Graph, block: &DualBlock) -> Result<u64, Str
         graph.set_initializer(text, Tensor::from_f32(&name, &dims, &data));
     }
     Ok(total)
+}
+
+/// The twin slices of `r` in a text weight of `text_dims` and an image weight of `image_dims`:
+/// for each index before the feature axis, the flat offsets of the text slab and the image
+/// slab, and the slabs' length. Fails when the shapes differ off that axis or a range does not
+/// fit.
+fn row_slabs(text_dims: &[u64], image_dims: &[u64], r: &RowRanges, w: &TwinWeight) -> Result<(Vec<(usize, usize)>, usize), String> {
+    let (n_text, n_image) = (text_dims.get(r.axis).copied(), image_dims.get(r.axis).copied());
+    let same_rest =
+        text_dims.len() == image_dims.len() && text_dims.iter().zip(image_dims).enumerate().all(|(i, (a, b))| i == r.axis || a == b);
+    let fits = |range: [u64; 2], n: Option<u64>| range[0] <= range[1] && n.is_some_and(|n| range[1] <= n);
+    if !same_rest || !fits(r.text, n_text) || !fits(r.image, n_image) || r.text[1] - r.text[0] != r.image[1] - r.image[0] {
+        return Err(format!("slices of `{}` and `{}` do not match", w.text, w.image));
+    }
+    let inner: usize = image_dims[r.axis + 1..].iter().product::<u64>() as usize;
+    let outer: usize = image_dims[..r.axis].iter().product::<u64>() as usize;
+    let len = (r.text[1] - r.text[0]) as usize * inner;
+    let slabs = (0..outer)
+        .map(|o| {
+            let text = (o * n_text.unwrap_or(0) as usize + r.text[0] as usize) * inner;
+            let image = (o * n_image.unwrap_or(0) as usize + r.image[0] as usize) * inner;
+            (text, image)
+        })
+        .collect();
+    Ok((slabs, len))
 }
 
 /// Overwrites every aligned image weight of `block` (every twin weight but the MLP's, whose
@@ -314,24 +329,13 @@ pub fn average_image_weights(graph: &mut Graph, block: &DualBlock) -> Result<u64
                 total += text.len() as u64;
             }
             Some(r) => {
-                let (n_text, n_image) = (text_dims.get(r.axis).copied(), dims.get(r.axis).copied());
-                let same_rest =
-                    text_dims.len() == dims.len() && text_dims.iter().zip(&dims).enumerate().all(|(i, (a, b))| i == r.axis || a == b);
-                let fits = |range: [u64; 2], n: Option<u64>| range[0] <= range[1] && n.is_some_and(|n| range[1] <= n);
-                if !same_rest || !fits(r.text, n_text) || !fits(r.image, n_image) || r.text[1] - r.text[0] != r.image[1] - r.image[0] {
-                    return Err(format!("slices of `{}` and `{}` do not match", w.text, w.image));
-                }
-                let inner: usize = dims[r.axis + 1..].iter().product::<u64>() as usize;
-                let outer: usize = dims[..r.axis].iter().product::<u64>() as usize;
-                let len = (r.text[1] - r.text[0]) as usize * inner;
-                for o in 0..outer {
-                    let to = (o * n_image.unwrap_or(0) as usize + r.image[0] as usize) * inner;
-                    let from = (o * n_text.unwrap_or(0) as usize + r.text[0] as usize) * inner;
+                let (slabs, len) = row_slabs(&text_dims, &dims, r, w)?;
+                for &(from, to) in &slabs {
                     for k in 0..len {
                         edit[to + k] = 0.5 * (edit[to + k] + text[from + k]);
                     }
                 }
-                total += (len * outer) as u64;
+                total += (len * slabs.len()) as u64;
             }
         }
     }
