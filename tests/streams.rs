@@ -606,6 +606,7 @@ fn macs_after_conversion_are_the_macs_before_less_the_text_branch() {
     let scratch = tempfile::tempdir().expect("temp dir");
     let mut subjects = shared_subjects();
     subjects.push(flux_variant("equal", scratch.path()));
+    subjects.push(flux_variant("masked_split", scratch.path()));
     for Subject { name, loaded, .. } in &subjects {
         let original = &loaded.model;
         let before = prunec::ir::model_stats(original);

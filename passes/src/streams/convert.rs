@@ -256,6 +256,8 @@ fn convert_block(
                 && graph.op(si).op_type == "Split"
             {
                 let joint = graph.op_input(si, 0).ok_or("a Split without input")?;
+                let rank = graph.value(joint).shape.as_ref().map(|s| s.0.len());
+                seeds.extend(rank.and_then(|r| normalize(graph.op(si).attr_int("axis").unwrap_or(0), r)).map(|a| (joint, a)));
                 graph.set_op_input(i, slot, joint);
                 continue;
             }
