@@ -10,6 +10,10 @@
 //!   an op that has no twin is declined with the reason.
 //! - The data-free divergence of a block is the relative Frobenius distance between its text
 //!   and image weights: how much tying the text branch to the image branch changes.
+//! - [`convert`] (`convert.rs`) runs a range of tied blocks as single-stream blocks, and
+//!   [`SingleStream`] (`pass.rs`) is the `single-stream` pass: tying to the image or text
+//!   branch or to the average of aligned twins ([`average_image_weights`]), and PPCL's
+//!   `text=linear`, whose text map [`fit_text_map`] (`linear.rs`) fits.
 
 mod convert;
 mod linear;
