@@ -60,7 +60,7 @@ pub fn text(report: &StreamReport) -> String {
         for [t, i] in &b.positional {
             let _ = writeln!(out, "  positional: {t} ~ {i}");
         }
-        let _ = writeln!(out, "  {:<10} {:<60} {}", "op", "text", "image");
+        let _ = writeln!(out, "  {:<10} {:<60} image", "op", "text");
         for op in &b.ops {
             let _ = writeln!(out, "  {:<10} {:<60} {}", op.op_type, op.text, op.image);
         }

@@ -13,6 +13,16 @@ use super::twins::{DualBlock, Order, StreamReport};
 use prunec_ir::{DType, Graph, Model, Op, OpId, Shape, Tensor, Value, ValueId, ValueKind, constant_tensor};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// Why symbolic sizes are declined: the conversion writes the stream lengths into Slice bounds
+/// and Reshape targets, and derives the joint shapes from them.
+const SYMBOLIC: &str = ": the conversion writes the stream lengths into Slice bounds and Reshape targets, so it needs them \
+                        as numbers; fix the input sizes (`--input-shape`)";
+
+/// A value's recorded shape in words.
+fn shape_text(graph: &Graph, v: ValueId) -> String {
+    graph.value(v).shape.as_ref().map_or("not recorded".into(), |s| s.to_string())
+}
+
 /// What [`convert`] did to one block.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConvertedBlock {
@@ -42,16 +52,31 @@ pub fn convert(model: &mut Model, report: &StreamReport, range: std::ops::Range<
     let last = &blocks[blocks.len() - 1];
     let value = |g: &Graph, name: &str| g.value_by_name(name).ok_or_else(|| format!("no value `{name}`"));
     let (x_t, x_i) = (value(graph, &first.text_input)?, value(graph, &first.image_input)?);
-    // The streams' sequence axis: the one where their shapes differ.
+    // The stream lengths: the joint attention's Concat inputs on its axis, in the block's order.
+    let anchor =
+        graph.op_ids().find(|&op| graph.op(op).name == first.anchors[0]).ok_or_else(|| format!("no anchor `{}`", first.anchors[0]))?;
     let dims = |g: &Graph, v: ValueId| -> Option<Vec<u64>> { g.value(v).shape.as_ref()?.0.iter().map(|d| d.known()).collect() };
-    let (dt, di) =
-        (dims(graph, x_t).ok_or("the text stream's shape is not known")?, dims(graph, x_i).ok_or("the image stream's shape is not known")?);
-    let differ: Vec<usize> = (0..dt.len().min(di.len())).filter(|&a| dt[a] != di[a]).collect();
-    let ([axis], true) = (&differ[..], dt.len() == di.len()) else {
-        return Err("the streams' shapes do not differ in exactly one axis (equal lengths hide the sequence axis)".into());
+    let length = |slot: usize| -> Result<u64, String> {
+        let v = graph.op_input(anchor, slot).ok_or("an anchor without two inputs")?;
+        dims(graph, v)
+            .and_then(|d| d.get(first.axis).copied())
+            .ok_or_else(|| format!("the joint attention's inputs have no concrete sizes ({}){SYMBOLIC}", shape_text(graph, v)))
+    };
+    let (la, lb) = (length(0)?, length(1)?);
+    let (lt, li) = if first.order == Order::TextFirst { (la, lb) } else { (lb, la) };
+    let (dt, di) = (
+        dims(graph, x_t).ok_or_else(|| format!("the text stream has no concrete sizes ({}){SYMBOLIC}", shape_text(graph, x_t)))?,
+        dims(graph, x_i).ok_or_else(|| format!("the image stream has no concrete sizes ({}){SYMBOLIC}", shape_text(graph, x_i)))?,
+    );
+    // The streams' sequence axis: the one of those lengths, all others equal. Equal lengths
+    // leave it to the sizes, which must then name one axis only.
+    let candidates: Vec<usize> =
+        (0..dt.len().min(di.len())).filter(|&a| dt[a] == lt && di[a] == li && (0..dt.len()).all(|b| b == a || dt[b] == di[b])).collect();
+    let ([axis], true) = (&candidates[..], dt.len() == di.len()) else {
+        return Err(format!("the streams' shapes {dt:?} and {di:?} do not have the attention's lengths {lt} and {li} on exactly one axis"));
     };
     let axis = *axis;
-    let (lt, li) = (dt[axis] as i64, di[axis] as i64);
+    let (lt, li) = (lt as i64, li as i64);
     for out in [Some(&last.image_output), last.text_output.as_ref()].into_iter().flatten() {
         if graph.is_output(value(graph, out)?) {
             return Err(format!("`{out}` is a graph output"));
@@ -82,8 +107,9 @@ pub fn convert(model: &mut Model, report: &StreamReport, range: std::ops::Range<
     let mut converted = Vec::new();
     let mut image_ops: BTreeSet<OpId> = BTreeSet::new();
     let mut fixed: BTreeSet<ValueId> = BTreeSet::new();
+    let mut seeds: Vec<(ValueId, usize)> = Vec::new();
     for b in blocks {
-        convert_block(graph, b, lt, li, &mut tables, &mut image_ops, &mut fixed)?;
+        convert_block(graph, b, lt, li, &mut tables, &mut image_ops, &mut fixed, &mut seeds)?;
         converted.push(ConvertedBlock { index: b.index, text_parameters: b.text_parameters });
     }
     // The exit: both streams sliced back out of X for what reads them after the range.
@@ -108,20 +134,18 @@ pub fn convert(model: &mut Model, report: &StreamReport, range: std::ops::Range<
         exits.insert(txt);
     }
     // Values computed on the joint sequence have another length than recorded. A twin's shape
-    // says where (`fixed`), the attention core's recorded shapes already have the joint length;
-    // the others (image ops without a twin, after the attention of a block whose text branch
-    // ends there) are forgotten from X to the exit slices.
+    // says where (`fixed`); for the others (image ops without a twin, after the attention of a
+    // block whose text branch ends there; every value when the lengths are equal) the sequence
+    // axis is followed op by op from X and from the attention outputs the image slices cut
+    // (`seeds`), and the recorded image length there becomes the joint length. The attention
+    // core's recorded shapes already have the joint length; what cannot be followed is
+    // forgotten, from X to the exit slices.
     let joint_len = (lt + li) as u64;
+    let mut region: BTreeSet<ValueId> = BTreeSet::new();
     let mut stack = vec![x];
-    let mut seen = BTreeSet::new();
     while let Some(v) = stack.pop() {
-        if !seen.insert(v) || exits.contains(&v) {
+        if exits.contains(&v) || !region.insert(v) {
             continue;
-        }
-        let in_core = graph.producer(v).is_some_and(|(op, _)| !image_ops.contains(&op))
-            && graph.value(v).shape.as_ref().is_some_and(|s| s.0.iter().any(|d| d.known() == Some(joint_len)));
-        if v != x && !fixed.contains(&v) && !in_core {
-            graph.value_mut(v).shape = None;
         }
         for (op, _) in graph.consumers(v) {
             if graph.op(op).op_type == "Shape" || graph.op_output(op, 0).is_some_and(|o| exits.contains(&o)) {
@@ -130,11 +154,53 @@ pub fn convert(model: &mut Model, report: &StreamReport, range: std::ops::Range<
             stack.extend(graph.op_outputs(op).into_iter().flatten());
         }
     }
+    let mut tags: BTreeMap<ValueId, usize> = seeds.into_iter().collect();
+    tags.insert(x, axis);
+    let order = graph.topo_order().map_err(|e| e.to_string())?;
+    for op in order {
+        let outs = graph.op_outputs(op);
+        if !outs.iter().flatten().any(|v| region.contains(v)) {
+            continue;
+        }
+        for (slot, out) in outs.into_iter().enumerate() {
+            if let Some(out) = out
+                && !tags.contains_key(&out)
+                && let Some(t) = sequence_axis(graph, op, slot, &tags, li as u64, joint_len)
+            {
+                tags.insert(out, t);
+            }
+        }
+    }
+    for &v in &region {
+        if v == x || fixed.contains(&v) {
+            continue;
+        }
+        let old: Option<Vec<u64>> = dims(graph, v);
+        let derived = match (tags.get(&v), &old) {
+            (Some(&t), Some(d)) if d.get(t) == Some(&(li as u64)) => {
+                let mut d = d.clone();
+                d[t] = joint_len;
+                Some(d)
+            }
+            (Some(&t), Some(d)) if d.get(t) == Some(&joint_len) => Some(d.clone()),
+            (Some(_), _) => None,
+            (None, Some(d)) => {
+                let in_core = graph.producer(v).is_some_and(|(op, _)| !image_ops.contains(&op)) && d.contains(&joint_len);
+                in_core.then(|| d.clone())
+            }
+            (None, None) => None,
+        };
+        if derived != old {
+            graph.value_mut(v).shape = derived.as_deref().map(Shape::known);
+        }
+    }
     crate::remove_dead_code(model);
     Ok(converted)
 }
 
-/// Rewires one block's image branch onto the joint sequence.
+/// Rewires one block's image branch onto the joint sequence. `seeds` gets each attention output
+/// that an image slice cut, with the axis it cut.
+#[allow(clippy::too_many_arguments)]
 fn convert_block(
     graph: &mut Graph,
     b: &DualBlock,
@@ -143,6 +209,7 @@ fn convert_block(
     tables: &mut BTreeMap<(ValueId, ValueId), ValueId>,
     image_ops: &mut BTreeSet<OpId>,
     fixed: &mut BTreeSet<ValueId>,
+    seeds: &mut Vec<(ValueId, usize)>,
 ) -> Result<(), String> {
     let op_by_name: BTreeMap<String, OpId> = graph.op_ids().map(|op| (graph.op(op).name.clone(), op)).collect();
     let op = |name: &str| op_by_name.get(name).copied().ok_or_else(|| format!("no op `{name}`"));
@@ -151,9 +218,10 @@ fn convert_block(
     let pairs: Vec<(OpId, OpId)> = b.ops.iter().map(|p| Ok((op(&p.text)?, op(&p.image)?))).collect::<Result<_, String>>()?;
     image_ops.extend(pairs.iter().map(|&(_, i)| i));
     // Each image output's shape on the joint sequence: where its text twin's differs from it
-    // by the stream lengths, the joint length.
+    // by the stream lengths, the joint length. Equal lengths do not say where: those shapes
+    // are forgotten with the others.
     let known = |g: &Graph, v: ValueId| -> Option<Vec<u64>> { g.value(v).shape.as_ref()?.0.iter().map(|d| d.known()).collect() };
-    for &(t, i) in &pairs {
+    for &(t, i) in pairs.iter().filter(|_| lt != li) {
         for (vt, vi) in graph.op_outputs(t).into_iter().zip(graph.op_outputs(i)) {
             let (Some(vt), Some(vi)) = (vt, vi) else { continue };
             let (Some(dt), Some(di)) = (known(graph, vt), known(graph, vi)) else { continue };
@@ -171,6 +239,7 @@ fn convert_block(
         // The image slice of the attention output: the whole joint output instead.
         if o == "Slice" && ins_t.first() == ins_i.first() {
             let (Some(Some(joint)), Some(out)) = (ins_i.first().copied(), graph.op_output(i, 0)) else { continue };
+            seeds.extend(slice_axis(graph, i).map(|a| (joint, a)));
             for (reader, _) in graph.consumers(out) {
                 graph.replace_input(reader, out, joint);
             }
@@ -187,6 +256,8 @@ fn convert_block(
                 && graph.op(si).op_type == "Split"
             {
                 let joint = graph.op_input(si, 0).ok_or("a Split without input")?;
+                let rank = graph.value(joint).shape.as_ref().map(|s| s.0.len());
+                seeds.extend(rank.and_then(|r| normalize(graph.op(si).attr_int("axis").unwrap_or(0), r)).map(|a| (joint, a)));
                 graph.set_op_input(i, slot, joint);
                 continue;
             }
@@ -216,6 +287,20 @@ fn convert_block(
                         shape[k] = lt + li;
                     }
                 }
+                if lt == li {
+                    // Equal targets: the entry that is the stream length, if one is.
+                    let at: Vec<usize> = (0..si.len()).filter(|&k| si[k] == li).collect();
+                    match at[..] {
+                        [] => {}
+                        [k] => shape[k] = lt + li,
+                        _ => {
+                            return Err(format!(
+                                "`{}` reshapes to {si:?}: with equal stream lengths, which {li} is the sequence is not known",
+                                graph.op(i).name
+                            ));
+                        }
+                    }
+                }
                 if shape == si {
                     // `-1` or `0` already: the target fits any length.
                     continue;
@@ -236,6 +321,7 @@ fn convert_block(
             let (Some(joint), Some(out)) = (graph.op_input(cut, 0), graph.op_output(cut, 0)) else {
                 return Err("a Slice without data".into());
             };
+            seeds.extend(slice_axis(graph, cut).map(|a| (joint, a)));
             for (reader, _) in graph.consumers(out) {
                 graph.replace_input(reader, out, joint);
             }
@@ -251,6 +337,137 @@ fn convert_block(
         }
     }
     Ok(())
+}
+
+/// The one axis a Slice cuts, made non-negative, when its axes are a constant.
+fn slice_axis(graph: &Graph, slice: OpId) -> Option<usize> {
+    let rank = graph.value(graph.op_input(slice, 0)?).shape.as_ref()?.0.len();
+    let axes = graph.op_input(slice, 3).and_then(|v| constant_tensor(graph, v)).and_then(|t| t.to_i64_vec())?;
+    let [a] = axes[..] else { return None };
+    normalize(a, rank)
+}
+
+fn normalize(axis: i64, rank: usize) -> Option<usize> {
+    let a = if axis < 0 { axis + rank as i64 } else { axis };
+    usize::try_from(a).ok().filter(|&a| a < rank)
+}
+
+/// Ops that keep every axis of their (broadcast) inputs: the sequence axis stays where it is,
+/// counted from the last axis.
+const PER_ELEMENT: &[&str] = &[
+    "Abs",
+    "Add",
+    "Cast",
+    "Clip",
+    "Div",
+    "Erf",
+    "Exp",
+    "Gelu",
+    "Identity",
+    "Log",
+    "Max",
+    "Min",
+    "Mul",
+    "Neg",
+    "Pow",
+    "Reciprocal",
+    "Relu",
+    "Sigmoid",
+    "Sin",
+    "Cos",
+    "Softplus",
+    "Sqrt",
+    "Sub",
+    "Tanh",
+    "Where",
+];
+
+/// Where output `slot` of `op` has the sequence axis, given the axes `tags` of its inputs:
+/// `None` when the op's rule is not known or the axis does not survive it (a MatMul that
+/// contracts it, a reduction over it). `li` and `joint` are the image and joint lengths, which
+/// a Reshape may keep on that axis.
+fn sequence_axis(graph: &Graph, op: OpId, slot: usize, tags: &BTreeMap<ValueId, usize>, li: u64, joint: u64) -> Option<usize> {
+    let o = graph.op(op);
+    if !(o.domain.is_empty() || o.domain == "ai.onnx") {
+        return None;
+    }
+    let ins = graph.op_inputs(op);
+    let rank = |v: ValueId| graph.value(v).shape.as_ref().map(|s| s.0.len());
+    let out_rank = graph.op_output(op, slot).and_then(|v| graph.value(v).shape.as_ref()).map(|s| s.0.len());
+    let tagged: Vec<(usize, ValueId, usize)> =
+        ins.iter().enumerate().filter_map(|(k, v)| v.and_then(|v| tags.get(&v).map(|&t| (k, v, t)))).collect();
+    let &(slot_in, input, tag) = tagged.first()?;
+    let int_input = |k: usize| ins.get(k).copied().flatten().and_then(|v| constant_tensor(graph, v)).and_then(|t| t.to_i64_vec());
+    let ri = rank(input)?;
+    match o.op_type.as_str() {
+        t if PER_ELEMENT.contains(&t) => {
+            let ro = out_rank?;
+            let mut found: Option<usize> = None;
+            for &(_, v, t) in &tagged {
+                let aligned = t + ro.checked_sub(rank(v)?)?;
+                if found.is_some_and(|f| f != aligned) {
+                    return None;
+                }
+                found = Some(aligned);
+            }
+            found
+        }
+        "Softmax" | "LayerNormalization" | "RMSNormalization" => {
+            let a = normalize(o.attr_int("axis").unwrap_or(-1), ri)?;
+            (slot_in == 0 && a > tag).then_some(tag)
+        }
+        "ReduceMean" | "ReduceSum" | "ReduceMax" => {
+            let axes = o.attr_ints("axes").map(<[i64]>::to_vec).or_else(|| int_input(1))?;
+            let keep = o.attr_int("keepdims").unwrap_or(1) == 1;
+            let axes: Vec<usize> = axes.iter().map(|&a| normalize(a, ri)).collect::<Option<_>>()?;
+            (slot_in == 0 && keep && !axes.contains(&tag)).then_some(tag)
+        }
+        // The rows of A, not the contracted axis; B's axes do not reach the rows.
+        "MatMul" => (slot_in == 0 && tagged.len() == 1 && tag + 1 < ri).then(|| tag + out_rank.unwrap_or(ri) - ri),
+        "Transpose" => {
+            let perm = o.attr_ints("perm")?;
+            perm.iter().position(|&p| p == tag as i64)
+        }
+        "Reshape" => {
+            // Only regrouping the axes after the sequence axis keeps it.
+            let (old_in, old_out) = (dims_of(graph, input)?, dims_of(graph, graph.op_output(op, 0)?)?);
+            let tail = |d: &[u64]| d.iter().product::<u64>();
+            let lengths = [li, joint];
+            (old_out.len() > tag
+                && old_in[..tag] == old_out[..tag]
+                && lengths.contains(&old_in[tag])
+                && lengths.contains(&old_out[tag])
+                && tail(&old_in[tag + 1..]) == tail(&old_out[tag + 1..]))
+            .then_some(tag)
+        }
+        "Slice" => {
+            let axes = int_input(3)?;
+            let axes: Vec<usize> = axes.iter().map(|&a| normalize(a, ri)).collect::<Option<_>>()?;
+            (slot_in == 0 && !axes.contains(&tag)).then_some(tag)
+        }
+        "Split" | "Concat" => {
+            let a = normalize(o.attr_int("axis").unwrap_or(0), ri)?;
+            (a != tag && tagged.iter().all(|&(_, _, t)| t == tag)).then_some(tag)
+        }
+        "Unsqueeze" | "Squeeze" => {
+            let ro = out_rank?;
+            let axes = int_input(1).or_else(|| o.attr_ints("axes").map(<[i64]>::to_vec))?;
+            if o.op_type == "Unsqueeze" {
+                let axes: Vec<usize> = axes.iter().map(|&a| normalize(a, ro)).collect::<Option<_>>()?;
+                // The input axes fill the output's non-inserted positions in order.
+                (0..ro).filter(|a| !axes.contains(a)).nth(tag)
+            } else {
+                let axes: Vec<usize> = axes.iter().map(|&a| normalize(a, ri)).collect::<Option<_>>()?;
+                (!axes.contains(&tag)).then(|| tag - axes.iter().filter(|&&a| a < tag).count())
+            }
+        }
+        _ => None,
+    }
+}
+
+/// A value's recorded sizes, when all are known.
+fn dims_of(graph: &Graph, v: ValueId) -> Option<Vec<u64>> {
+    graph.value(v).shape.as_ref()?.0.iter().map(|d| d.known()).collect()
 }
 
 /// The first Slice computed from the anchors whose input has the joint length `lt + li` on
@@ -289,6 +506,14 @@ fn joint_table(graph: &mut Graph, t: ValueId, i: ValueId, order: Order) -> Resul
     dims[axis] = dt[axis] + di[axis];
     let inputs = if order == Order::TextFirst { [t, i] } else { [i, t] };
     let name = format!("{}/single_stream/joint", graph.value(i).name);
+    // Blocks converted one at a time (`text=linear`) share the table the first one made.
+    if let Some(existing) = graph.value_by_name(&format!("{name}_output_0"))
+        && let Some((op, _)) = graph.producer(existing)
+        && graph.op(op).op_type == "Concat"
+        && graph.op_inputs(op) == [Some(inputs[0]), Some(inputs[1])]
+    {
+        return Ok(existing);
+    }
     let dtype = Some(ti.dtype());
     new_op(graph, "Concat", &inputs, &name, dtype, Some(&dims), |o| o.set_attr_int("axis", axis as i64))
 }
@@ -313,7 +538,7 @@ fn slice(
 }
 
 /// Adds one op of one output.
-fn new_op(
+pub(super) fn new_op(
     graph: &mut Graph,
     op_type: &str,
     inputs: &[ValueId],

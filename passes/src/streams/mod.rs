@@ -10,14 +10,21 @@
 //!   an op that has no twin is declined with the reason.
 //! - The data-free divergence of a block is the relative Frobenius distance between its text
 //!   and image weights: how much tying the text branch to the image branch changes.
+//! - [`convert`] (`convert.rs`) runs a range of tied blocks as single-stream blocks, and
+//!   [`SingleStream`] (`pass.rs`) is the `single-stream` pass: tying to the image or text
+//!   branch or to the average of aligned twins ([`average_image_weights`]), and PPCL's
+//!   `text=linear`, whose text map [`fit_text_map`] (`linear.rs`) fits.
 
 mod convert;
+mod linear;
 mod pass;
 mod twins;
 
 pub use convert::{ConvertedBlock, convert};
-pub use pass::{BlockParameters, SingleStream, SingleStreamOptions, SingleStreamReport, Tie};
+pub use linear::{TextMap, fit_text_map};
+pub use pass::{BlockParameters, SingleStream, SingleStreamOptions, SingleStreamReport, TextMapReport, TextStream, Tie};
 
 pub use twins::{
-    DeclinedBlock, DualBlock, Order, RowRanges, StreamReport, TwinOp, TwinWeight, find_streams, find_streams_in, tie_text_weights,
+    DeclinedBlock, DualBlock, Order, RowRanges, StreamReport, TwinOp, TwinWeight, average_image_weights, find_streams, find_streams_in,
+    tie_text_weights,
 };

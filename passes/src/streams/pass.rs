@@ -1,12 +1,15 @@
 //! The `single-stream` pass: tie the text branch of a suffix or range of dual-stream blocks to
-//! the image branch (or the other way), then run those blocks as single-stream blocks.
+//! the image branch (or the other way, or both to their average where the twins are aligned),
+//! then run those blocks as single-stream blocks.
 
 use super::convert::convert;
-use super::twins::{DualBlock, RowRanges, StreamReport, TwinWeight, find_streams, tie_text_weights};
+use super::linear::{TextMap, add_text_map, fit_text_map};
+use super::twins::{DualBlock, RowRanges, StreamReport, TwinWeight, average_image_weights, find_streams, tie_text_weights};
+use crate::measure::Inputs;
 use crate::options::{OptionSpec, PassOptions};
 use crate::reference::{Reference, ReferenceEdit};
 use crate::{Context, Pass, PassDetails, PassError, PassReport};
-use prunec_ir::Model;
+use prunec_ir::{Model, ValueId};
 use serde::Serialize;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -21,6 +24,34 @@ pub enum Tie {
     /// The text branch (the image weights are overwritten by their twins; image rows with no
     /// text twin, such as SD3's last gates, keep their values).
     Text,
+    /// The element-wise mean of both branches for the aligned twins (modulation rows, Q/K/V,
+    /// output projections, norms' affine weights); the MLP keeps the image branch's weights,
+    /// since hidden units are in an arbitrary order per stream and their mean means nothing.
+    Average,
+}
+
+impl Tie {
+    fn as_str(self) -> &'static str {
+        match self {
+            Tie::Image => "image",
+            Tie::Text => "text",
+            Tie::Average => "average",
+        }
+    }
+}
+
+/// What a converted block does with the text stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextStream {
+    /// The merged block's weights update the text tokens too: the block is single-stream.
+    #[default]
+    Tied,
+    /// PPCL: the text stream's update in the block is one fitted affine map of the text stream
+    /// entering it ([`super::fit_text_map`]); the image branch runs on the joint sequence as
+    /// for `tied` (its attention reads the text tokens entering the block, through the merged
+    /// weights), and the map's output is the text stream that later blocks read.
+    Linear,
 }
 
 /// The options of `single-stream`. `last` and `blocks` choose the blocks; setting one clears
@@ -33,11 +64,13 @@ pub struct SingleStreamOptions {
     pub blocks: Option<(usize, usize)>,
     /// Whose weights the merged stream keeps.
     pub tie: Tie,
+    /// What the converted blocks do with the text stream.
+    pub text: TextStream,
 }
 
 impl Default for SingleStreamOptions {
     fn default() -> Self {
-        SingleStreamOptions { last: Some(1), blocks: None, tie: Tie::Image }
+        SingleStreamOptions { last: Some(1), blocks: None, tie: Tie::Image, text: TextStream::Tied }
     }
 }
 
@@ -52,9 +85,15 @@ impl PassOptions for SingleStreamOptions {
         },
         OptionSpec {
             key: "tie",
-            kind: "image|text",
+            kind: "image|text|average",
             default: "image",
-            doc: "which branch's weights the merged stream keeps (average is not offered: MLP hidden units are not aligned)",
+            doc: "which branch's weights the merged stream keeps; average: the mean of both for aligned weights, the image's for the MLP",
+        },
+        OptionSpec {
+            key: "text",
+            kind: "tied|linear",
+            default: "tied",
+            doc: "linear (PPCL): each converted block's text update becomes an affine map fitted on the text stream measured on --inputs (else seeded noise)",
         },
     ];
 
@@ -89,10 +128,15 @@ impl PassOptions for SingleStreamOptions {
                 self.tie = match value {
                     "image" => Tie::Image,
                     "text" => Tie::Text,
-                    "average" => {
-                        return Err("average is not implemented: it would need MLP hidden units told apart from aligned weights".into());
-                    }
-                    _ => return Err("image or text".into()),
+                    "average" => Tie::Average,
+                    _ => return Err("image, text or average".into()),
+                }
+            }
+            "text" => {
+                self.text = match value {
+                    "tied" => TextStream::Tied,
+                    "linear" => TextStream::Linear,
+                    _ => return Err("tied or linear".into()),
                 }
             }
             _ => return Err(format!("no option `{key}`")),
@@ -104,9 +148,10 @@ impl PassOptions for SingleStreamOptions {
         match key {
             "last" => self.last.map_or("none".into(), |k| k.to_string()),
             "blocks" => self.blocks.map_or("none".into(), |(a, b)| format!("{a}..{b}")),
-            "tie" => match self.tie {
-                Tie::Image => "image".into(),
-                Tie::Text => "text".into(),
+            "tie" => self.tie.as_str().into(),
+            "text" => match self.text {
+                TextStream::Tied => "tied".into(),
+                TextStream::Linear => "linear".into(),
             },
             _ => String::new(),
         }
@@ -131,6 +176,10 @@ pub struct SingleStream {
 pub struct SingleStreamReport {
     /// Whose weights were kept.
     pub tie: Tie,
+    /// What the converted blocks do with the text stream.
+    pub text: TextStream,
+    /// For `text=linear`: where the text stream was measured (the inputs' file, or the noise).
+    pub measured_on: Option<String>,
     /// Dual-stream blocks found.
     pub dual_blocks: usize,
     /// The blocks converted.
@@ -152,6 +201,21 @@ pub struct BlockParameters {
     pub after: u64,
     /// The data-free divergence of its twins before tying.
     pub divergence: Option<f64>,
+    /// For `text=linear`, the fitted text map; `None` where the block has no text output.
+    pub text_map: Option<TextMapReport>,
+}
+
+/// A fitted text map, as reported.
+#[derive(Clone, Debug, Serialize)]
+pub struct TextMapReport {
+    /// The map's weight and bias value names.
+    pub weight: String,
+    /// Its bias.
+    pub bias: String,
+    /// Token rows it was fitted on.
+    pub samples: usize,
+    /// `‖y − (x·W + b)‖ / ‖y − x‖` on those rows (1 is the identity's).
+    pub residual: Option<f64>,
 }
 
 impl PassDetails for SingleStreamReport {
@@ -161,25 +225,52 @@ impl PassDetails for SingleStreamReport {
 
     fn summary(&self) -> Vec<String> {
         let mut lines = vec![format!(
-            "single-stream: {} of {} dual-stream blocks converted (weights of the {} branch), parameters {} -> {}",
+            "single-stream: {} of {} dual-stream blocks converted ({}), parameters {} -> {}",
             self.blocks.len(),
             self.dual_blocks,
-            if self.tie == Tie::Image { "image" } else { "text" },
+            match self.tie {
+                Tie::Image => "weights of the image branch",
+                Tie::Text => "weights of the text branch",
+                Tie::Average => "aligned weights averaged, the MLP's of the image branch",
+            },
             self.parameters_before,
             self.parameters_after
         )];
         for b in &self.blocks {
             let d = b.divergence.map_or("-".into(), |d| format!("{d:.4}"));
-            lines.push(format!("       block {}: twin weights {} -> {}, divergence {d}", b.index, b.before, b.after));
+            let map = match &b.text_map {
+                Some(m) => format!(
+                    ", text map fitted on {} tokens, residual {} of the identity's",
+                    m.samples,
+                    m.residual.map_or("-".into(), |r| format!("{r:.3e}"))
+                ),
+                None if self.text == TextStream::Linear => ", no text output to map".into(),
+                None => String::new(),
+            };
+            lines.push(format!("       block {}: twin weights {} -> {}, divergence {d}{map}", b.index, b.before, b.after));
+        }
+        if let Some(source) = &self.measured_on {
+            lines.push(format!("       text stream measured on {source}"));
         }
         lines
     }
 }
 
-/// The reference: the original with the tied branch's weights overwritten by their twins,
-/// which the conversion computes exactly.
+/// The reference: the original with the tied branch's weights overwritten by their twins
+/// (for `tie=average`, both twins set to the merged weights), which the conversion computes
+/// exactly.
 struct Tied {
     blocks: Vec<DualBlock>,
+    average: bool,
+}
+
+/// Makes both twins of `block` hold the weights the merged stream keeps: `block`'s image
+/// weights (already swapped for `tie=text`), averaged first for `tie=average`.
+fn merge(graph: &mut prunec_ir::Graph, block: &DualBlock, average: bool) -> Result<(), String> {
+    if average {
+        average_image_weights(graph, block)?;
+    }
+    tie_text_weights(graph, block).map(|_| ())
 }
 
 impl ReferenceEdit for Tied {
@@ -188,12 +279,16 @@ impl ReferenceEdit for Tied {
     }
 
     fn describe(&self) -> String {
-        "the original with the converted blocks' twin weights tied".into()
+        if self.average {
+            "the original with the converted blocks' twin weights tied to their average (MLP: the image's)".into()
+        } else {
+            "the original with the converted blocks' twin weights tied".into()
+        }
     }
 
     fn apply(&self, reference: &mut Model) -> Result<(), String> {
         for b in &self.blocks {
-            tie_text_weights(&mut reference.graph, b)?;
+            merge(&mut reference.graph, b, self.average)?;
         }
         Ok(())
     }
@@ -255,22 +350,74 @@ impl Pass for SingleStream {
             )));
         }
         let chosen: Vec<DualBlock> =
-            report.blocks[range.clone()].iter().map(|b| if self.options.tie == Tie::Image { b.clone() } else { swapped(b) }).collect();
+            report.blocks[range.clone()].iter().map(|b| if self.options.tie == Tie::Text { swapped(b) } else { b.clone() }).collect();
+        let average = self.options.tie == Tie::Average;
+        let linear = self.options.text == TextStream::Linear;
+        // PPCL: the text stream entering and leaving each chosen block of the original model.
+        let (maps, measured_on) = if linear { fit_maps(model, &report.blocks[range.clone()], cx)? } else { (Vec::new(), None) };
         let before = parameters(model);
         let mut tied = model.clone();
         for b in &chosen {
-            tie_text_weights(&mut tied.graph, b).map_err(PassError::BadOption)?;
+            merge(&mut tied.graph, b, average).map_err(PassError::BadOption)?;
         }
-        convert(&mut tied, &report, range.clone()).map_err(|e| PassError::BadOption(format!("single-stream: {e}")))?;
+        let mut map_reports: Vec<Option<TextMapReport>> = vec![None; chosen.len()];
+        if linear {
+            // One block at a time, so that each block's text output can become its own map: a
+            // converted block leaves the dual-stream blocks, so the next chosen one is found
+            // again at the same position.
+            for (k, map) in maps.iter().enumerate() {
+                let again = find_streams(&tied.graph);
+                let block = again.blocks.get(range.start).filter(|b| b.anchors == chosen[k].anchors).ok_or_else(|| {
+                    PassError::BadOption(format!(
+                        "single-stream: block {} is not found again after converting the ones before",
+                        range.start + k
+                    ))
+                })?;
+                if let (Some(map), Some(out)) = (map, &block.text_output) {
+                    let g = &mut tied.graph;
+                    let missing = |name: &str| PassError::BadOption(format!("single-stream: no value `{name}`"));
+                    let (x, y) = (
+                        g.value_by_name(&block.text_input).ok_or_else(|| missing(&block.text_input))?,
+                        g.value_by_name(out).ok_or_else(|| missing(out))?,
+                    );
+                    let prefix = format!("{}/single_stream/text_map", block.text_input);
+                    let mapped = add_text_map(g, x, map, &prefix).map_err(|e| PassError::BadOption(format!("single-stream: {e}")))?;
+                    for (reader, _) in g.consumers(y) {
+                        g.replace_input(reader, y, mapped);
+                    }
+                    map_reports[k] = Some(TextMapReport {
+                        weight: format!("{prefix}.weight"),
+                        bias: format!("{prefix}.bias"),
+                        samples: map.samples,
+                        residual: map.residual,
+                    });
+                }
+                convert(&mut tied, &again, range.start..range.start + 1)
+                    .map_err(|e| PassError::BadOption(format!("single-stream: {e}")))?;
+            }
+        } else {
+            convert(&mut tied, &report, range.clone()).map_err(|e| PassError::BadOption(format!("single-stream: {e}")))?;
+        }
         let ops_before = model.graph.op_count();
         let values_before = model.graph.value_ids().count();
         *model = tied;
+        let map_parameters = |m: &Option<TextMapReport>| -> u64 {
+            m.iter()
+                .flat_map(|m| [&m.weight, &m.bias])
+                .filter_map(|w| model.graph.value_by_name(w))
+                .filter_map(|v| model.graph.value(v).initializer())
+                .map(|t| t.numel())
+                .sum()
+        };
         let details = SingleStreamReport {
             tie: self.options.tie,
+            text: self.options.text,
+            measured_on,
             dual_blocks: n,
             blocks: report.blocks[range]
                 .iter()
-                .map(|b| {
+                .zip(map_reports)
+                .map(|(b, text_map)| {
                     let image: BTreeSet<&str> = b.weights.iter().map(|w| w.image.as_str()).collect();
                     let kept: u64 = image
                         .iter()
@@ -278,18 +425,71 @@ impl Pass for SingleStream {
                         .filter_map(|v| model.graph.value(v).initializer())
                         .map(|t| t.numel())
                         .sum();
-                    BlockParameters { index: b.index, before: b.text_parameters + kept, after: kept, divergence: b.divergence }
+                    let after = kept + map_parameters(&text_map);
+                    BlockParameters { index: b.index, before: b.text_parameters + kept, after, divergence: b.divergence, text_map }
                 })
                 .collect(),
             parameters_before: before,
             parameters_after: parameters(model),
         };
+        let reference = if linear {
+            Reference::Unjudged {
+                why: vec![
+                    "single-stream text=linear: the text stream of each converted block is a least-squares fit of the measured one, which no edit of the original computes".into(),
+                ],
+            }
+        } else {
+            Reference::Edit(Arc::new(Tied { blocks: chosen, average }))
+        };
         Ok(PassReport {
             ops_removed: ops_before.saturating_sub(model.graph.op_count()),
             values_removed: values_before.saturating_sub(model.graph.value_ids().count()),
-            reference: Reference::Edit(Arc::new(Tied { blocks: chosen })),
+            reference,
             details: Some(Arc::new(details)),
             warnings: Vec::new(),
         })
     }
+}
+
+/// Measures the text stream entering and leaving each of `blocks` in `model` (on the user's
+/// inputs, else on seeded noise) and fits each block's map; `None` for a block whose text
+/// branch ends at the attention (nothing reads a text output to replace). Also says where it
+/// measured.
+fn fit_maps(model: &Model, blocks: &[DualBlock], cx: &mut Context) -> Result<(Vec<Option<TextMap>>, Option<String>), PassError> {
+    let g = &model.graph;
+    let value = |name: &str| g.value_by_name(name).ok_or_else(|| PassError::BadOption(format!("single-stream: no value `{name}`")));
+    let mut pairs: Vec<Option<(ValueId, ValueId)>> = Vec::new();
+    for b in blocks {
+        pairs.push(match &b.text_output {
+            Some(out) => Some((value(&b.text_input)?, value(out)?)),
+            None => None,
+        });
+    }
+    let probes: Vec<ValueId> = pairs.iter().flatten().flat_map(|&(x, y)| [x, y]).collect();
+    if probes.is_empty() {
+        return Ok((pairs.iter().map(|_| None).collect(), None));
+    }
+    // Eight samples where the batch is open, as for the other passes' data-free statistics.
+    let inputs = if cx.has_inputs() { Inputs::Given } else { Inputs::Noise { samples: 8, seed: 0 } };
+    let mut measure = cx.measure(model, inputs).map_err(|e| PassError::Measure(format!("single-stream text=linear: {e}")))?;
+    let source = measure.source().to_string();
+    let captured = measure.capture(model, &probes).map_err(|e| PassError::Measure(format!("single-stream text=linear: {e}")))?;
+    let mut maps = Vec::new();
+    for (b, pair) in blocks.iter().zip(&pairs) {
+        let Some((x, y)) = pair else {
+            maps.push(None);
+            continue;
+        };
+        let (Some(ax), Some(ay)) = (captured.get(x), captured.get(y)) else {
+            return Err(PassError::Measure(format!("single-stream text=linear: block {}'s text stream was not computed", b.index)));
+        };
+        let d = ax.shape.last().copied().unwrap_or(0);
+        if ax.shape != ay.shape {
+            return Err(PassError::Measure(format!("single-stream text=linear: block {}'s text stream changes shape", b.index)));
+        }
+        let map = fit_text_map(&ax.values, &ay.values, d)
+            .map_err(|e| PassError::Measure(format!("single-stream text=linear: block {}: {e}", b.index)))?;
+        maps.push(Some(map));
+    }
+    Ok((maps, Some(source)))
 }

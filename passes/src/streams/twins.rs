@@ -43,7 +43,8 @@ use std::collections::{BTreeMap, BTreeSet};
 ///                 "text_input", "image_input", "text_output" (or null), "image_output",
 ///                 "ops": [ { "op_type", "text", "image" } ],
 ///                 "weights": [ { "text", "image", "shape", "parameters", "divergence" (or null),
-///                               "rows": { "axis", "text": [start, end], "image": [start, end] } (or null) } ],
+///                               "rows": { "axis", "text": [start, end], "image": [start, end] } (or null),
+///                               "mlp" } ],
 ///                 "positional": [ [text, image] ], "shared": [value],
 ///                 "text_parameters", "divergence" (or null) } ],
 ///   "declined": [ { "layer", "reason" } ] }
@@ -130,6 +131,9 @@ pub struct TwinWeight {
     /// the image modulation's six chunks, in another order): which slices of the feature axis
     /// are twins. `None`: the whole weights are.
     pub rows: Option<RowRanges>,
+    /// Read by the block's MLP sub-block: its hidden units are an arbitrary order per stream,
+    /// so the twins are not aligned and are never averaged (`tie=average` keeps the image's).
+    pub mlp: bool,
 }
 
 /// Twin slices of two weights along their output-feature axis.
@@ -248,26 +252,95 @@ pub fn tie_text_weights(graph: &mut Graph, block: &DualBlock) -> Result<u64, Str
                 edit.3 = image;
             }
             Some(r) => {
-                let (n_text, n_image) = (edit.2.get(r.axis).copied(), dims.get(r.axis).copied());
-                let same_rest = edit.2.len() == dims.len() && edit.2.iter().zip(&dims).enumerate().all(|(i, (a, b))| i == r.axis || a == b);
-                let fits = |range: [u64; 2], n: Option<u64>| range[0] <= range[1] && n.is_some_and(|n| range[1] <= n);
-                if !same_rest || !fits(r.text, n_text) || !fits(r.image, n_image) || r.text[1] - r.text[0] != r.image[1] - r.image[0] {
-                    return Err(format!("slices of `{}` and `{}` do not match", w.text, w.image));
-                }
-                let inner: usize = dims[r.axis + 1..].iter().product::<u64>() as usize;
-                let outer: usize = dims[..r.axis].iter().product::<u64>() as usize;
-                let len = (r.text[1] - r.text[0]) as usize * inner;
-                for o in 0..outer {
-                    let from = (o * n_image.unwrap_or(0) as usize + r.image[0] as usize) * inner;
-                    let to = (o * n_text.unwrap_or(0) as usize + r.text[0] as usize) * inner;
+                let (slabs, len) = row_slabs(&edit.2, &dims, r, w)?;
+                for &(to, from) in &slabs {
                     edit.3[to..to + len].copy_from_slice(&image[from..from + len]);
                 }
-                total += (len * outer) as u64;
+                total += (len * slabs.len()) as u64;
             }
         }
     }
     for (text, name, dims, data) in edits {
         graph.set_initializer(text, Tensor::from_f32(&name, &dims, &data));
+    }
+    Ok(total)
+}
+
+/// The twin slices of `r` in a text weight of `text_dims` and an image weight of `image_dims`:
+/// for each index before the feature axis, the flat offsets of the text slab and the image
+/// slab, and the slabs' length. Fails when the shapes differ off that axis or a range does not
+/// fit.
+fn row_slabs(text_dims: &[u64], image_dims: &[u64], r: &RowRanges, w: &TwinWeight) -> Result<(Vec<(usize, usize)>, usize), String> {
+    let (n_text, n_image) = (text_dims.get(r.axis).copied(), image_dims.get(r.axis).copied());
+    let same_rest =
+        text_dims.len() == image_dims.len() && text_dims.iter().zip(image_dims).enumerate().all(|(i, (a, b))| i == r.axis || a == b);
+    let fits = |range: [u64; 2], n: Option<u64>| range[0] <= range[1] && n.is_some_and(|n| range[1] <= n);
+    if !same_rest || !fits(r.text, n_text) || !fits(r.image, n_image) || r.text[1] - r.text[0] != r.image[1] - r.image[0] {
+        return Err(format!("slices of `{}` and `{}` do not match", w.text, w.image));
+    }
+    let inner: usize = image_dims[r.axis + 1..].iter().product::<u64>() as usize;
+    let outer: usize = image_dims[..r.axis].iter().product::<u64>() as usize;
+    let len = (r.text[1] - r.text[0]) as usize * inner;
+    let slabs = (0..outer)
+        .map(|o| {
+            let text = (o * n_text.unwrap_or(0) as usize + r.text[0] as usize) * inner;
+            let image = (o * n_image.unwrap_or(0) as usize + r.image[0] as usize) * inner;
+            (text, image)
+        })
+        .collect();
+    Ok((slabs, len))
+}
+
+/// Overwrites every aligned image weight of `block` (every twin weight but the MLP's, whose
+/// hidden units are in an arbitrary order per stream) with the element-wise mean of it and its
+/// text twin, slice twins slice by slice; image rows without a text twin (SD3's last gates)
+/// keep their values. Followed by [`tie_text_weights`], both twins hold the merged weights:
+/// `tie=average`. Returns the elements averaged. Fails, before changing anything, when a
+/// weight is not an f32 initializer of `graph` or the twins' slices do not match.
+pub fn average_image_weights(graph: &mut Graph, block: &DualBlock) -> Result<u64, String> {
+    let read = |name: &str| -> Result<(ValueId, Vec<u64>, Vec<f32>), String> {
+        let v = graph.value_by_name(name).ok_or_else(|| format!("no value `{name}`"))?;
+        let t = graph.value(v).initializer().ok_or_else(|| format!("weight `{name}` is not an initializer"))?;
+        let data = t.to_f32_vec().filter(|_| t.dtype() == prunec_ir::DType::F32).ok_or_else(|| format!("weight `{name}` is not f32"))?;
+        Ok((v, t.dims(), data))
+    };
+    // The new data of each image weight, in first-met order; text weights are only read.
+    let mut edits: Vec<(ValueId, String, Vec<u64>, Vec<f32>)> = Vec::new();
+    let mut total = 0;
+    for w in block.weights.iter().filter(|w| !w.mlp) {
+        let (_, text_dims, text) = read(&w.text)?;
+        let (image, dims, data) = read(&w.image)?;
+        let at = match edits.iter().position(|e| e.0 == image) {
+            Some(at) => at,
+            None => {
+                edits.push((image, w.image.clone(), dims.clone(), data));
+                edits.len() - 1
+            }
+        };
+        let edit = &mut edits[at].3;
+        match &w.rows {
+            None => {
+                if text_dims != dims {
+                    return Err(format!("weights `{}` and `{}` differ in shape", w.text, w.image));
+                }
+                for (x, t) in edit.iter_mut().zip(&text) {
+                    *x = 0.5 * (*x + t);
+                }
+                total += text.len() as u64;
+            }
+            Some(r) => {
+                let (slabs, len) = row_slabs(&text_dims, &dims, r, w)?;
+                for &(from, to) in &slabs {
+                    for k in 0..len {
+                        edit[to + k] = 0.5 * (edit[to + k] + text[from + k]);
+                    }
+                }
+                total += (len * slabs.len()) as u64;
+            }
+        }
+    }
+    for (image, name, dims, data) in edits {
+        graph.set_initializer(image, Tensor::from_f32(&name, &dims, &data));
     }
     Ok(total)
 }
@@ -299,6 +372,8 @@ struct Matched {
     weights: Vec<WeightPair>,
     positional: BTreeSet<(ValueId, ValueId)>,
     shared: BTreeSet<ValueId>,
+    /// Ops of the layer's MLP sub-blocks.
+    mlp_ops: BTreeSet<OpId>,
 }
 
 /// Two twin weights, side a then side b, whole or by slices of their feature axis.
@@ -374,6 +449,7 @@ impl Matched {
                 parameters,
                 divergence: d.and_then(|(n, dd)| (dd > 0.0).then(|| (n / dd).sqrt())),
                 rows,
+                mlp: graph.consumers(i).iter().any(|(op, _)| self.mlp_ops.contains(op)),
             });
         }
         let (text_root, image_root) = swap(self.roots);
@@ -517,6 +593,8 @@ fn match_layer(graph: &Graph, layer: &Layer, position: &BTreeMap<OpId, usize>) -
         return Err(format!("ops without a twin: {}{more}", shown.join(", ")));
     }
     let weights = collapse_rows(graph, walk.weights);
+    let mlp_ops: BTreeSet<OpId> =
+        layer.sub_blocks.iter().filter(|s| s.kind == BlockKind::Mlp).flat_map(|s| &s.regions).flat_map(|r| r.ops.iter().copied()).collect();
     Ok(Some(Matched {
         layer: layer.index,
         axis,
@@ -527,6 +605,7 @@ fn match_layer(graph: &Graph, layer: &Layer, position: &BTreeMap<OpId, usize>) -
         weights,
         positional: walk.positional,
         shared: walk.shared,
+        mlp_ops,
     }))
 }
 
