@@ -118,9 +118,16 @@ fn a_qdq_resnet18_from_onnx_runtime_prunes_with_its_per_channel_scales() {
     // A producer is the int8 weight read by its DequantizeLinear; its scale and zero point are
     // sliced with it, like a bias.
     assert!(listing.contains("_quantized axis 0") && listing.contains("_scale axis 0"), "{listing}");
+    // Its int8 weights and int32 biases are parameters: as many as the f32 model's, plus the
+    // f32 scales (one per output channel of each layer and one per activation).
+    let parameters = |m: &Path| common::inspect_json(m)["parameters"].as_u64().expect("a count");
+    let (quantized, float) = (parameters(model), parameters(&shared().join("models/zoo/resnet18.onnx")));
+    assert!(quantized > float && quantized < float + float / 100, "{quantized} parameters against the f32 model's {float}");
     let out = model.with_extension("pruned.onnx");
-    prune_verified(model, &out, &[]);
+    let report = prune_verified(model, &out, &[]);
     assert!(std::fs::metadata(&out).expect("output").len() < std::fs::metadata(model).expect("input").len());
+    let after = parameters(&out);
+    assert!(after < quantized * 3 / 4, "{quantized} -> {after} parameters:\n{report}");
     check_pruned(model, &out, feed);
 }
 

@@ -37,12 +37,7 @@ const LOWERINGS: &[Lowering] = &[
         why: "tract 0.23.9 multiplies a float16 Gemm's C by an f32 beta, so the sum comes out f32",
         lower: float16_gemm_bias_as_add,
     },
-    Lowering {
-        domain: "com.microsoft",
-        op_type: "QGemm",
-        why: "a contrib op tract does not know",
-        lower: qgemm_as_float_gemm,
-    },
+    Lowering { domain: "com.microsoft", op_type: "QGemm", why: "a contrib op tract does not know", lower: qgemm_as_float_gemm },
     Lowering {
         domain: "com.microsoft",
         op_type: "QLinearAdd",
@@ -120,8 +115,7 @@ fn bind_input_sizes(graph: &mut Graph, feed: &Feed) {
 /// `Gemm(A, B, C)` in float16 as `Add(Gemm(A, B), beta·C)`.
 fn float16_gemm_bias_as_add(graph: &mut Graph, op: OpId) -> Option<()> {
     let ins = graph.op_inputs(op);
-    let (Some(a), Some(b), Some(c)) = (ins.first().copied().flatten(), ins.get(1).copied().flatten(), ins.get(2).copied().flatten())
-    else {
+    let (Some(a), Some(b), Some(c)) = (ins.first().copied().flatten(), ins.get(1).copied().flatten(), ins.get(2).copied().flatten()) else {
         return None;
     };
     (graph.value(a).dtype == Some(F16)).then_some(())?;
@@ -250,7 +244,14 @@ fn set_int(graph: &mut Graph, value: ValueId, key: &str, v: i64) {
 
 /// A default-domain op with no attributes, placed after all others.
 fn plain_op(op_type: &str, name: &str) -> Op {
-    Op { name: name.to_string(), op_type: op_type.into(), domain: String::new(), attributes: Vec::new(), meta: Default::default(), seq: u64::MAX }
+    Op {
+        name: name.to_string(),
+        op_type: op_type.into(),
+        domain: String::new(),
+        attributes: Vec::new(),
+        meta: Default::default(),
+        seq: u64::MAX,
+    }
 }
 
 /// A new produced value named after `name` and `what`, with a suffix if that name is taken.

@@ -70,8 +70,8 @@ pub(crate) fn emit(text: &str) -> Result<()> {
 
 /// Reads a model, with shape inference at the given input shapes.
 pub(crate) fn load(path: &Path, input_shapes: &[String]) -> Result<Loaded> {
-    let mut loaded = read_model(path, &ReadOptions { infer_shapes: input_shapes.is_empty() })
-        .map_err(|source| prunec::Error::reading(path, source))?;
+    let mut loaded =
+        read_model(path, &ReadOptions { infer_shapes: input_shapes.is_empty() }).map_err(|source| prunec::Error::reading(path, source))?;
     if !input_shapes.is_empty() {
         let shapes = args::input_shapes(input_shapes, &prunec::runtime::inputs::runtime_inputs(&loaded.model.graph))?;
         loaded.infer_shapes(&shapes).with_context(|| format!("reading `{}`", path.display()))?;
