@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+import metrics  # noqa: E402  (the task metrics of `cargo xtask metrics`)
+
 PRUNEC, ZOO = Path(sys.argv[1]), Path(sys.argv[2])
 OCR, OCR_DEV = (Path(sys.argv[3]), Path(sys.argv[4])) if len(sys.argv) > 4 else (None, None)
 SCORED_LINES = 16
@@ -109,39 +112,11 @@ def main():
             print(f"| {model} | {n} | {timing if k == 1 else ''} | {k} | " + " | ".join(cells) + " |", flush=True)
 
 
-def edit_distance(a, b):
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[len(b)]
-
-
 def cer(model, x, labels):
-    """Character error rate of `model` on the lines `x`: greedy CTC decoding (argmax per step,
-    repeats collapsed, blank 0 dropped; index i >= 1 is line i-1 of the `character` metadata,
-    the last index a space), spaces stripped from both sides."""
-    import onnx
-    import onnxruntime as ort
-
-    meta = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
-    chars = meta["character"].splitlines()
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    # The scored model is specialised to the scoring batch (--input-shape), so run in batches of it.
-    probs = np.concatenate([sess.run(None, {name: x[i:i + SCORED_LINES]})[0] for i in range(0, len(x), SCORED_LINES)])
-    errors = total = 0
-    for steps, label in zip(probs.argmax(-1), labels):
-        text, last = [], 0
-        for k in steps:
-            if k != last and k != 0:
-                text.append(" " if k == probs.shape[-1] - 1 or k - 1 >= len(chars) else chars[k - 1])
-            last = k
-        want = str(label).replace(" ", "")
-        errors += edit_distance("".join(text).replace(" ", ""), want)
-        total += len(want)
-    return errors / max(total, 1)
+    """Character error rate of `model` on the lines `x`, as `cargo xtask metrics` measures it
+    (greedy CTC decoding with the original's character list, spaces stripped); a model
+    specialised to the scoring batch runs in batches of it."""
+    return metrics.rec_cer(str(OCR), metrics.run(str(model), {"x": x}), [str(l) for l in labels])
 
 
 def ocr():
