@@ -69,6 +69,8 @@ fn the_command_removes_layers_and_verifies_them_against_the_zeroed_reference() {
         // (Not tiny_vit: torchvision's all-zero head makes its comparison vacuous, which
         // verification refuses; a diffusion transformer instead.)
         ("tiny_flux", "dce,fold,remove-layers{n=1},identity", 1),
+        // The gates over a grid of timesteps: the report's `gate` against the schema.
+        ("tiny_flux", "dce,fold,remove-layers{n=1,score=gate},identity", 1),
         ("tiny_bert", "dce,fold,remove-layers{layers=1,2},identity", 2),
         ("tiny_bert", "dce,fold,remove-layers{n=1,sub-block=mlp,score=influence},identity", 1),
         ("tiny_bert", "dce,fold,remove-layers{n=1,merge=average},identity", 1),
