@@ -236,10 +236,10 @@ mod tests {
 
     #[test]
     fn the_grid_spans_the_range_the_feed_implies() {
-        let (unit, _) = grid_for(Some(&[0.5]), false);
+        let (unit, _) = grid_for(Some(&[0.5][..]), false);
         assert_eq!(unit.len(), GRID);
         assert_eq!((unit[0], unit[GRID - 1]), (0.0, 1.0));
-        let (wide, note) = grid_for(Some(&[500.0]), true);
+        let (wide, note) = grid_for(Some(&[500.0][..]), true);
         assert_eq!(wide[GRID - 1], 1000.0, "the given value decides: {note}");
         assert!(wide.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(grid_for(None, true).0[GRID - 1], 1.0);

@@ -45,7 +45,8 @@ pub enum LayerScore {
     Position,
     /// The data-free weight proxy.
     Weights,
-    /// The gate RMS of gated branches.
+    /// The gate RMS of gated branches over a grid of timesteps (the modulation rows' RMS
+    /// without a timestep input).
     Gate,
     /// Block influence on the inputs.
     Influence,
@@ -492,8 +493,13 @@ impl Pass for RemoveLayers {
         let original = model.clone();
         let mut warnings = Vec::new();
         if o.greedy && !kind.needs_inputs() {
-            // Weights do not change when a layer goes, so re-scoring would rank the same.
-            warnings.push(format!("remove-layers: greedy re-scoring changes nothing for the data-free {} score", report.score));
+            // Weights do not change when a layer goes, and neither do the gates (the modulation
+            // reads the timestep and text embeddings, not the residual stream), so re-scoring
+            // would rank the same.
+            warnings.push(format!(
+                "remove-layers: greedy re-scoring changes nothing for the {} score, which removals do not change",
+                report.score
+            ));
         }
         let mut scorer = Scorer::new(&original, &blocks, &units, kind, o.aggregate, cx)?;
         let first = scorer.score(&[], &candidates.iter().map(|&u| vec![u]).collect::<Vec<_>>())?;
