@@ -309,8 +309,8 @@ fn evaluate(graph: &Graph, op_id: OpId, values: &mut HashMap<ValueId, Partial>, 
             };
             one(Partial { dims: x.dims, data: x.data.into_iter().map(|v| v.and_then(f)).collect() })
         }
-        "Add" | "Sub" | "Mul" | "Div" | "Mod" | "Equal" | "Less" | "LessOrEqual" | "Greater" | "GreaterOrEqual" | "And" | "Or" | "Xor"
-        | "Min" | "Max" | "Where" => {
+        "Add" | "Sub" | "Mul" | "Div" | "Mod" | "Equal" | "Less" | "LessOrEqual" | "Greater" | "GreaterOrEqual" | "And" | "Or"
+        | "Xor" | "Min" | "Max" | "Where" => {
             let operands: Vec<Partial> = (0..graph.op_inputs(op_id).len()).map(&mut input).collect::<Option<_>>()?;
             let dims = operands.iter().try_fold(Vec::new(), |d, p| broadcast(&d, &p.dims))?;
             let n = numel(&dims, limit)?;
