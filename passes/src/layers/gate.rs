@@ -167,7 +167,9 @@ fn scaled_inside(model: &Model, input: ValueId) -> bool {
 }
 
 /// A copy of `model` whose ops read the constant timestep `t` (of `shape`) instead of the input
-/// `input`. The input stays in the graph, unread, so the copy takes the same feed.
+/// `input`. The input stays in the graph, unread, so the copy takes the same feed. (A read
+/// inside a subgraph, a capture, would still see the feed's timestep; none of the shared
+/// diffusion transformers has one.)
 pub fn at_timestep(model: &Model, input: ValueId, shape: &[usize], t: f32) -> Model {
     let mut copy = model.clone();
     let graph = &mut copy.graph;

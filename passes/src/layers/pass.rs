@@ -743,7 +743,8 @@ impl<'m, 'c> Scorer<'m, 'c> {
         };
         match result {
             Ok((grid, source)) => {
-                *runs += grid.timesteps.len() + 1;
+                // One run per grid point (the feed's timestep is read off the feed, not run).
+                *runs += grid.timesteps.len();
                 let note = format!(
                     "the gates' RMS at {} timesteps of `{}` over {}, the other inputs from {source}",
                     grid.timesteps.len(),
