@@ -69,6 +69,8 @@ fn the_command_removes_layers_and_verifies_them_against_the_zeroed_reference() {
         // (Not tiny_vit: torchvision's all-zero head makes its comparison vacuous, which
         // verification refuses; a diffusion transformer instead.)
         ("tiny_flux", "dce,fold,remove-layers{n=1},identity", 1),
+        // The gates over a grid of timesteps: the report's `gate` against the schema.
+        ("tiny_flux", "dce,fold,remove-layers{n=1,score=gate},identity", 1),
         ("tiny_bert", "dce,fold,remove-layers{layers=1,2},identity", 2),
         ("tiny_bert", "dce,fold,remove-layers{n=1,sub-block=mlp,score=influence},identity", 1),
         ("tiny_bert", "dce,fold,remove-layers{n=1,merge=average},identity", 1),
@@ -272,4 +274,131 @@ fn each_sample_of_a_feed_is_an_input_set_scored_as_if_alone() {
         assert_eq!(c.score, a.max(b), "aggregate=max");
     }
     assert_eq!(both.output_change.as_ref().map(Vec::len), Some(2));
+}
+
+/// The original model of `case`, folded as the pass sees it, with its layers.
+fn folded(case: &Case) -> (Model, layers::BlockReport, std::path::PathBuf) {
+    let loaded = read_model(&case.path, &ReadOptions::default()).expect("reads");
+    let mut model = loaded.model;
+    run_pipeline(&mut model, &parse_pipeline("fold").expect("registered"), &mut Context::default()).expect("folds");
+    let report = find_blocks(&model.graph);
+    (model, report, loaded.dir)
+}
+
+#[test]
+fn the_gate_score_follows_the_gates_over_timesteps_and_a_zeroed_gate_scores_zero() {
+    for name in ["tiny_flux", "tiny_sd3", "tiny_qwenimage"] {
+        let case = case(name);
+        let (model, report, dir) = folded(&case);
+        let pass = "remove-layers{n=1,score=gate,keep-first=0,keep-last=0}";
+        let d = run_pass(&case, &model, &dir, pass);
+        let gate = d.gate.as_ref().expect("the gate score says what it used");
+        assert_eq!(gate.basis, "timesteps", "{name}: {}", gate.note);
+        let grid = gate.grid.as_ref().expect("a grid");
+        assert_eq!((grid.input.as_str(), grid.timesteps.len()), ("timestep", layers::gate::GRID), "{name}");
+        let varies = grid.layers.iter().any(|l| {
+            let (lo, hi) = (l.per_timestep.iter().copied().fold(f64::INFINITY, f64::min), l.max.unwrap_or(0.0));
+            hi > 0.0 && (hi - lo) / hi > 1e-4
+        });
+        assert!(varies, "{name}: the gates change with the timestep: {:?}", grid.layers);
+        for c in &d.candidates {
+            let l = &grid.layers[c.layer];
+            assert_eq!(c.per_set, l.per_timestep, "{name} layer {}: one score per timestep", c.layer);
+            assert!((c.score - l.mean.expect("gated")).abs() < 1e-12, "{name}: aggregate=mean is the grid's mean");
+        }
+        let max = run_pass(&case, &model, &dir, "remove-layers{n=1,score=gate,aggregate=max,keep-first=0,keep-last=0}");
+        for c in &max.candidates {
+            assert_eq!(Some(c.score), grid.layers[c.layer].max, "{name}: aggregate=max is the grid's max");
+        }
+
+        // A layer whose modulation is zeroed has zero gates at every timestep: removed first.
+        let zeroed = 1;
+        let mut edited = model.clone();
+        common::zero_gate_projections(&mut edited, &report.layers[zeroed]);
+        let d = run_pass(&case, &edited, &dir, pass);
+        let scores: Vec<(usize, f64)> = d.candidates.iter().map(|c| (c.layer, c.score)).collect();
+        assert!(scores.iter().all(|&(l, s)| if l == zeroed { s == 0.0 } else { s > 1e-3 }), "{name}: {scores:?}");
+        assert_eq!(d.removed[0].unit.layer, zeroed, "{name}: {scores:?}");
+    }
+}
+
+#[test]
+fn without_a_runtime_the_gate_score_falls_back_to_the_modulation_weights_and_says_so() {
+    let case = case("tiny_flux");
+    let (mut model, ..) = folded(&case);
+    let pipeline = parse_pipeline("dce,fold,remove-layers{n=1,score=gate}").expect("parses");
+    let runs = run_pipeline(&mut model, &pipeline, &mut Context::default()).expect("runs without a runtime");
+    let d = runs[2].report.details::<RemoveLayersReport>().expect("details");
+    let gate = d.gate.as_ref().expect("the basis is reported");
+    assert_eq!(gate.basis, "weights", "{}", gate.note);
+    assert!(gate.note.contains("failed"), "{}", gate.note);
+    assert!(gate.grid.is_none());
+    assert_eq!(d.candidates.iter().map(|c| c.per_set.len()).collect::<Vec<_>>(), [1, 1, 1], "one weight score per layer");
+    // A model without gates has no basis at all for the score.
+    let (mut model, ..) = folded(&self::case("tiny_bert"));
+    let err = run_pipeline(&mut model, &pipeline, &mut Context::default()).expect_err("tiny_bert has no gates");
+    assert!(err.to_string().contains("no layer of this model has a gated residual"), "{err}");
+}
+
+/// `count` PP-OCRv4 rec dev lines from `first` on, written by numpy to `dir` (x only).
+fn ocr_lines(dir: &Path, first: usize, count: usize) -> std::path::PathBuf {
+    let out = dir.join(format!("lines_{first}_{count}.npz"));
+    let dev = common::shared().join("data/rapidocr_rec.dev.npz");
+    let script = format!(
+        "import numpy as np; d = np.load({dev:?}); np.savez({out:?}, x=d['x'][{first}:{}])",
+        first + count,
+        dev = dev.display().to_string(),
+        out = out.display().to_string()
+    );
+    let r = run_captured(
+        {
+            let mut c = std::process::Command::new(common::python());
+            c.args(["-c", &script]);
+            c
+        },
+        Duration::from_secs(60),
+    )
+    .expect("python runs");
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    out
+}
+
+#[test]
+fn a_real_feed_of_several_text_lines_is_scored_per_line_and_aggregated() {
+    // PP-OCRv4 rec takes a batch of lines (the zoo's transformers are exported at batch 1).
+    let case = case("ppocr_rec");
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let lines = 3;
+    let scored = |npz: &Path, batch: u64, aggregate: &str| -> RemoveLayersReport {
+        let mut loaded = read_model(&case.path, &ReadOptions { infer_shapes: false }).expect("reads");
+        // At open width shape inference cannot prove the neck's sums keep their shape.
+        loaded.infer_shapes(&std::collections::BTreeMap::from([("x".to_string(), vec![batch, 3, 48, 320])])).expect("shapes infer");
+        let feed = prunec::runtime::tract::load_npz(npz, &loaded.model).expect("the lines load");
+        let given = GivenInputs { feed, source: npz.display().to_string() };
+        let mut runtime = TractRuntime { dir: loaded.dir.clone(), given: Some(given), input_shapes: Default::default() };
+        let pass = format!("dce,fold,remove-layers{{n=1,score=ablation,aggregate={aggregate},keep-first=0,keep-last=0}}");
+        let runs = run_pipeline(&mut loaded.model, &parse_pipeline(&pass).expect("parses"), &mut Context::with_runtime(&mut runtime))
+            .expect("the pipeline runs");
+        runs[2].report.details::<RemoveLayersReport>().expect("details").clone()
+    };
+    let alone: Vec<RemoveLayersReport> = (0..lines).map(|i| scored(&ocr_lines(scratch.path(), i, 1), 1, "mean")).collect();
+    let batch = ocr_lines(scratch.path(), 0, lines);
+    let mean = scored(&batch, lines as u64, "mean");
+    let max = scored(&batch, lines as u64, "max");
+    assert_eq!(alone[0].input_sets, 1);
+    assert_eq!((mean.input_sets, max.input_sets), (lines, lines), "{}", mean.input_sets_note);
+    assert_eq!(mean.candidates.len(), 2, "the neck's two blocks");
+    for (l, (m, x)) in mean.candidates.iter().zip(&max.candidates).enumerate() {
+        let each: Vec<f64> = alone.iter().map(|a| a.candidates[l].score).collect();
+        for (got, want) in m.per_set.iter().zip(&each) {
+            assert!((got - want).abs() <= 1e-4 * want.abs().max(1e-6), "layer {l}: line scored in the batch {got}, alone {want}");
+        }
+        assert_eq!(m.per_set, x.per_set);
+        let spread = each.iter().copied().fold(f64::NEG_INFINITY, f64::max) - each.iter().copied().fold(f64::INFINITY, f64::min);
+        assert!(spread > 1e-3, "layer {l}: the lines differ, so max and mean do: {each:?}");
+        assert!((m.score - m.per_set.iter().sum::<f64>() / lines as f64).abs() < 1e-12, "mean");
+        assert_eq!(x.score, x.per_set.iter().copied().fold(f64::NEG_INFINITY, f64::max), "max");
+        assert!(x.score > m.score);
+    }
+    assert_eq!(mean.output_change.as_ref().map(Vec::len), Some(lines));
 }

@@ -50,6 +50,15 @@ def ctc_greedy(probs, charset):
     return texts
 
 
+def rec_cer(original, probs, labels):
+    """Character error rate of the recognition outputs `probs` against `labels`, decoded with
+    the character list of the model `original` (its `character` metadata), spaces stripped."""
+    meta = {p.key: p.value for p in onnx.load(original, load_external_data=False).metadata_props}
+    texts = ctc_greedy(probs, meta["character"].split("\n"))
+    errors = sum(edit_distance(t.replace(" ", ""), l.replace(" ", "")) for t, l in zip(texts, labels))
+    return errors / sum(len(l.replace(" ", "")) for l in labels)
+
+
 def main():
     mode = sys.argv[1]
     if mode == "split":
@@ -62,11 +71,7 @@ def main():
     d = dict(np.load(data))
     got = run(pruned, d)
     if kind == "rec":
-        meta = {p.key: p.value for p in onnx.load(original, load_external_data=False).metadata_props}
-        charset = meta["character"].split("\n")
-        texts = ctc_greedy(got, charset)
-        errors = sum(edit_distance(t.replace(" ", ""), l.replace(" ", "")) for t, l in zip(texts, d["labels"]))
-        value = errors / sum(len(l.replace(" ", "")) for l in d["labels"])
+        value = rec_cer(original, got, d["labels"])
         metric = "CER"
     elif kind == "cls":
         value = float(np.mean(got.argmax(-1) == d["labels"]))

@@ -338,30 +338,44 @@ pub fn weigh_vit_head(model: &mut Model) {
     }
 }
 
-/// Zeroes the output projection of every branch of a layer (the weight and bias of the last
-/// dense op, and any bias added after it), which makes the layer an exact identity.
+/// Zeroes the output projections of `layer`'s residual branches (their weights and biases):
+/// the layer becomes an exact identity.
 pub fn zero_output_projections(model: &mut Model, layer: &prunec::passes::layers::Layer) {
-    let graph = &mut model.graph;
     for region in layer.sub_blocks.iter().flat_map(|s| &s.regions) {
-        let mut value = graph.value_by_name(&region.branch).expect("the branch is a value");
-        loop {
-            let (op, _) = graph.producer(value).expect("the branch ends in a dense op");
-            let op_type = graph.op(op).op_type.clone();
-            let mut next = None;
-            for input in graph.op_inputs(op).into_iter().flatten() {
-                match prunec::ir::constant_tensor(graph, input).filter(|t| t.dtype().is_float()).map(|t| (t.name().to_string(), t.dims())) {
-                    Some((name, dims)) if ["Add", "Gemm", "MatMul"].contains(&op_type.as_str()) => {
-                        let n = dims.iter().product::<u64>() as usize;
-                        graph.set_initializer(input, prunec::ir::Tensor::from_f32(&name, &dims, &vec![0.0; n]));
-                    }
-                    Some(_) => {}
-                    None => next = next.or(Some(input)),
+        zero_dense_before(model, &region.branch);
+    }
+}
+
+/// Zeroes the modulation projections `layer`'s adaLN gates are cut from (weights and biases):
+/// its gates are 0 at every timestep.
+pub fn zero_gate_projections(model: &mut Model, layer: &prunec::passes::layers::Layer) {
+    for region in layer.sub_blocks.iter().flat_map(|s| &s.regions) {
+        zero_dense_before(model, region.gate.as_deref().expect("a gated residual"));
+    }
+}
+
+/// Walks back from the value `name` through its computed inputs to the first dense op (Gemm or
+/// MatMul), zeroing the float constants of it and of the Adds on the way (biases).
+fn zero_dense_before(model: &mut Model, name: &str) {
+    let graph = &mut model.graph;
+    let mut value = graph.value_by_name(name).expect("the start is a value");
+    loop {
+        let (op, _) = graph.producer(value).expect("the chain ends in a dense op");
+        let op_type = graph.op(op).op_type.clone();
+        let mut next = None;
+        for input in graph.op_inputs(op).into_iter().flatten() {
+            match prunec::ir::constant_tensor(graph, input).filter(|t| t.dtype().is_float()).map(|t| (t.name().to_string(), t.dims())) {
+                Some((name, dims)) if ["Add", "Gemm", "MatMul"].contains(&op_type.as_str()) => {
+                    let n = dims.iter().product::<u64>() as usize;
+                    graph.set_initializer(input, prunec::ir::Tensor::from_f32(&name, &dims, &vec![0.0; n]));
                 }
+                Some(_) => {}
+                None => next = next.or(Some(input)),
             }
-            if op_type == "Gemm" || op_type == "MatMul" {
-                break;
-            }
-            value = next.expect("a computed input");
         }
+        if op_type == "Gemm" || op_type == "MatMul" {
+            break;
+        }
+        value = next.expect("a computed input");
     }
 }

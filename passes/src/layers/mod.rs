@@ -13,9 +13,11 @@
 //!   or measured on the inputs: block influence, ablation, greedy re-scoring), the choice (a
 //!   count, explicit layers, a parameter or MAC target, one contiguous run), the removal and
 //!   its zeroed-branch reference.
+//! - [`gate`] evaluates adaLN gates over a grid of timesteps, for the `gate` score.
 //! - [`score`] has the data-free scores and the data-driven ones as functions of activations.
 
 mod detect;
+pub mod gate;
 mod pass;
 mod reference;
 mod remove;
@@ -25,8 +27,8 @@ mod tests;
 
 pub use detect::{BlockKind, BlockReport, DeclineReason, Declined, Layer, Region, Stack, SubBlock, find_blocks};
 pub use pass::{
-    Aggregate, LayerScore, MeasuredScore, MeasuredScores, RemoveLayers, RemoveLayersOptions, RemoveLayersReport, RemovedUnit, ScoredUnit,
-    SubBlockChoice, measured_scores,
+    Aggregate, GateScoring, LayerScore, MeasuredScore, MeasuredScores, RemoveLayers, RemoveLayersOptions, RemoveLayersReport, RemovedUnit,
+    ScoredUnit, SubBlockChoice, measured_scores,
 };
 pub use reference::{ZeroedBranch, zero_branches, zero_residuals, zeroed_branches};
 pub use remove::{Merge, Removal, Selection, remove, remove_with};

@@ -6,7 +6,11 @@
 //!   the most redundant); the position prior `keep-first`/`keep-last` applies to every score;
 //! - `weights`: the data-free weight proxy ([`DataFreeScore::weight_proxy`]: output projection
 //!   RMS, times the gate RMS for gated branches);
-//! - `gate`: the mean gate RMS of the layer's gated branches (DiT, MMDiT);
+//! - `gate`: for adaLN-gated blocks (DiT, MMDiT), the RMS of the layer's gates over a grid of
+//!   timesteps ([`gate_grid`]: the modulation subgraph run on the given inputs, or on noise,
+//!   with the timestep input held at each grid point), aggregated over the grid by `aggregate`;
+//!   without a timestep input (or without a runtime) the weight proxy of the gates, the RMS of
+//!   their modulation rows, and the report says which was used;
 //! - `influence`: ShortGPT's block influence, `1 − cos(x_in, x_out)` per token, per stream
 //!   (each chain of residual sums of one stream through the layer), averaged over streams;
 //! - `ablation`: the relative L2 change of the graph outputs when the unit alone is removed
@@ -19,6 +23,7 @@
 //! aggregated by `aggregate`; otherwise the whole feed is one set, and the report says so.
 
 use super::detect::{BlockKind, BlockReport, Layer, Region, find_blocks};
+use super::gate::{GateGrid, gate_grid};
 use super::reference::{ZeroedBranch, zero_branches, zeroed_branches};
 use super::remove::{Merge, Selection, remove_with, write_weight};
 use super::score::{self, DataFreeScore};
@@ -40,7 +45,8 @@ pub enum LayerScore {
     Position,
     /// The data-free weight proxy.
     Weights,
-    /// The gate RMS of gated branches.
+    /// The gate RMS of gated branches over a grid of timesteps (the modulation rows' RMS
+    /// without a timestep input).
     Gate,
     /// Block influence on the inputs.
     Influence,
@@ -170,9 +176,14 @@ impl PassOptions for RemoveLayersOptions {
             key: "score",
             kind: "auto|position|weights|gate|influence|ablation",
             default: "auto",
-            doc: "layer score (influence and ablation need --inputs; auto: ablation with inputs, else weights)",
+            doc: "layer score (influence and ablation need --inputs; gate: the adaLN gates' RMS over 8 timesteps, on the inputs or noise, or their modulation rows' RMS without a timestep input; auto: ablation with inputs, else weights)",
         },
-        OptionSpec { key: "aggregate", kind: "mean|max", default: "mean", doc: "how the scores of several input sets combine" },
+        OptionSpec {
+            key: "aggregate",
+            kind: "mean|max",
+            default: "mean",
+            doc: "how the scores of several input sets (for score=gate: of the timesteps) combine",
+        },
         OptionSpec { key: "greedy", kind: "bool", default: "false", doc: "re-score the rest after each removal (SLEB)" },
         OptionSpec {
             key: "merge",
@@ -265,7 +276,8 @@ pub struct ScoredUnit {
     pub sub_blocks: Vec<String>,
     /// The aggregated score (lower: removed first).
     pub score: f64,
-    /// The score on each input set (one entry for a data-free score).
+    /// The score on each input set (one entry for a data-free score; for the gate score over
+    /// timesteps, one per timestep of the grid).
     pub per_set: Vec<f64>,
 }
 
@@ -310,6 +322,20 @@ pub struct RemoveLayersReport {
     pub zeroed: Vec<ZeroedBranch>,
     /// Model runs the scoring took.
     pub runs: usize,
+    /// For the gate score: what it was computed from.
+    pub gate: Option<GateScoring>,
+}
+
+/// What the gate score was computed from.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GateScoring {
+    /// `timesteps` (the gates evaluated over a grid of timesteps) or `weights` (the RMS of the
+    /// gates' modulation rows).
+    pub basis: String,
+    /// Why the weight proxy was used, or what the grid was run on.
+    pub note: String,
+    /// The grid and each layer's gates on it, for `timesteps`.
+    pub grid: Option<GateGrid>,
 }
 
 impl PassDetails for RemoveLayersReport {
@@ -347,6 +373,23 @@ impl PassDetails for RemoveLayersReport {
         ];
         if let Some(inputs) = &self.inputs {
             lines.push(format!("               scored on {inputs}: {} input set(s), {}", self.input_sets, self.input_sets_note));
+        }
+        if let Some(gate) = &self.gate {
+            lines.push(format!("               gate score from {}: {}", gate.basis, gate.note));
+            if let Some(grid) = &gate.grid {
+                let t: Vec<String> = grid.timesteps.iter().map(|t| format!("{t:.4}")).collect();
+                lines.push(format!("               timesteps `{}` = {}", grid.input, t.join(", ")));
+                for l in grid.layers.iter().filter(|l| !l.per_timestep.is_empty()) {
+                    let g: Vec<String> = l.per_timestep.iter().map(|g| format!("{g:.3e}")).collect();
+                    lines.push(format!(
+                        "               layer {} gate RMS mean {:.3e} max {:.3e}: {}",
+                        l.layer,
+                        l.mean.unwrap_or(0.0),
+                        l.max.unwrap_or(0.0),
+                        g.join(" ")
+                    ));
+                }
+            }
         }
         if let Some(change) = &self.output_change {
             let shown: Vec<String> = change.iter().map(|c| format!("{c:.3e}")).collect();
@@ -450,8 +493,13 @@ impl Pass for RemoveLayers {
         let original = model.clone();
         let mut warnings = Vec::new();
         if o.greedy && !kind.needs_inputs() {
-            // Weights do not change when a layer goes, so re-scoring would rank the same.
-            warnings.push(format!("remove-layers: greedy re-scoring changes nothing for the data-free {} score", report.score));
+            // Weights do not change when a layer goes, and neither do the gates (the modulation
+            // reads the timestep and text embeddings, not the residual stream), so re-scoring
+            // would rank the same.
+            warnings.push(format!(
+                "remove-layers: greedy re-scoring changes nothing for the {} score, which removals do not change",
+                report.score
+            ));
         }
         let mut scorer = Scorer::new(&original, &blocks, &units, kind, o.aggregate, cx)?;
         let first = scorer.score(&[], &candidates.iter().map(|&u| vec![u]).collect::<Vec<_>>())?;
@@ -543,6 +591,7 @@ impl Pass for RemoveLayers {
         report.input_sets = scorer.sets;
         report.input_sets_note = scorer.note.clone();
         report.runs = scorer.runs;
+        report.gate = scorer.gate.clone();
         Ok(PassReport {
             ops_removed: removal.ops_removed,
             values_removed: removal.values_removed,
@@ -600,6 +649,8 @@ struct Scorer<'m, 'c> {
     note: String,
     source: Option<String>,
     runs: usize,
+    /// For the gate score: the grid when it could be measured, and what was used.
+    gate: Option<GateScoring>,
 }
 
 impl<'m, 'c> Scorer<'m, 'c> {
@@ -626,7 +677,11 @@ impl<'m, 'c> Scorer<'m, 'c> {
             note: "data-free: the weights only".into(),
             source: None,
             runs: 0,
+            gate: None,
         };
+        if kind == LayerScore::Gate {
+            scorer.gate = Some(Self::gates_over_timesteps(model, blocks, cx, &mut scorer.runs));
+        }
         // Data-driven scores need the inputs; a data-free score still reports the output change
         // when there are inputs.
         if kind.needs_inputs() || cx.has_inputs() {
@@ -667,6 +722,42 @@ impl<'m, 'c> Scorer<'m, 'c> {
             scorer.measure = Some(measure);
         }
         Ok(scorer)
+    }
+
+    /// The gate score's basis: the gates over a grid of timesteps, measured on the given inputs
+    /// (or noise without them), or the weight proxy when the model has no timestep input or
+    /// cannot be run (which is said, and warned of when a timestep input exists).
+    fn gates_over_timesteps(model: &Model, blocks: &BlockReport, cx: &mut Context, runs: &mut usize) -> GateScoring {
+        let weights = |note: String| GateScoring { basis: "weights".into(), note, grid: None };
+        if let Err(e) = super::gate::timestep_input(model, &blocks.layers) {
+            return weights(format!("the RMS of the gates' modulation rows ({e})"));
+        }
+        let noise = !cx.has_inputs();
+        let inputs = if noise { Inputs::Noise { samples: 1, seed: 0 } } else { Inputs::Given };
+        let result = match cx.measure(model, inputs) {
+            Ok(mut measure) => {
+                let source = measure.source().to_string();
+                gate_grid(model, &blocks.layers, measure.as_mut(), noise).map(|grid| (grid, source)).map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok((grid, source)) => {
+                // One run per grid point (the feed's timestep is read off the feed, not run).
+                *runs += grid.timesteps.len();
+                let note = format!(
+                    "the gates' RMS at {} timesteps of `{}` over {}, the other inputs from {source}",
+                    grid.timesteps.len(),
+                    grid.input,
+                    grid.range_note
+                );
+                GateScoring { basis: "timesteps".into(), note, grid: Some(grid) }
+            }
+            Err(e) => {
+                cx.warn(format!("remove-layers score=gate: the gates could not be evaluated over timesteps ({e}); scored by their modulation rows' RMS instead"));
+                weights(format!("the RMS of the gates' modulation rows (evaluating them over timesteps failed: {e})"))
+            }
+        }
     }
 
     /// The activation cut into input sets (whole, when its first axis is not the samples).
@@ -743,6 +834,24 @@ impl<'m, 'c> Scorer<'m, 'c> {
             LayerScore::Weights => {
                 for g in groups {
                     out.push(one(g.iter().map(|&u| self.data_free[self.units[u].layer].weight_proxy.unwrap_or(f64::INFINITY)).sum()));
+                }
+            }
+            LayerScore::Gate if self.gate.as_ref().is_some_and(|g| g.grid.is_some()) => {
+                let grid = self.gate.as_ref().and_then(|g| g.grid.as_ref()).expect("checked");
+                for g in groups {
+                    // Per timestep, summed over the group's layers; an ungated layer is never
+                    // chosen by the gate score.
+                    let mut per = vec![0.0; grid.timesteps.len()];
+                    for &u in g {
+                        let gates = &grid.layers[self.units[u].layer].per_timestep;
+                        if gates.is_empty() {
+                            per.iter_mut().for_each(|p| *p = f64::INFINITY);
+                        }
+                        for (p, v) in per.iter_mut().zip(gates) {
+                            *p += v;
+                        }
+                    }
+                    out.push((self.aggregate.of(&per), per));
                 }
             }
             LayerScore::Gate => {

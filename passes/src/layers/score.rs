@@ -6,11 +6,11 @@
 //! - a weight proxy: the RMS of each branch's output projection (the last weighted op before the
 //!   residual sum), summed over the layer's branches; a branch that writes little into the
 //!   residual stream matters little;
-//! - for adaLN-gated blocks (DiT, MMDiT) the gate magnitude. Evaluating the modulation over a
-//!   grid of timesteps would mean running the timestep-embedding subgraph, which passes cannot
-//!   (they do not run models), so the proxy is the RMS of the gate's rows of the modulation
-//!   projection (the chunk of its output the gate is split from), which scales the gate for
-//!   every timestep. A branch's term is its output RMS times its gate RMS.
+//! - for adaLN-gated blocks (DiT, MMDiT) a gate proxy: the RMS of the gate's rows of the
+//!   modulation projection (the chunk of its output the gate is split from), which scales the
+//!   gate for every timestep. A branch's term is its output RMS times its gate RMS. The gate
+//!   score itself evaluates the gates over a grid of timesteps ([`super::gate`]) and falls back
+//!   to this proxy when the model has no timestep input or cannot be run.
 //!
 //! Data-driven scores are pure functions over activations the caller measured
 //! ([`block_influence`], [`ablation_change`]), so a runtime can feed them without this crate
