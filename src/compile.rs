@@ -147,8 +147,51 @@ pub fn compile(
             Err(e) => return Err(unverified(path, "verification failed on", &e)),
         }
     };
+    let keep_open = settings.open_interface && !shapes.is_empty() && !pipeline.is_empty();
+    if keep_open && verification.is_some() {
+        let references: Vec<_> = runs.iter().map(|r| r.report.reference.clone()).collect();
+        let (mut verified_at, mut fixed) = (Vec::new(), Vec::new());
+        // One open axis at a time, doubled: an axis the original itself cannot take another size
+        // of (PP-OCR's height of 48) is the model's, and stays as it declares it.
+        for (name, axis) in crate::runtime::inputs::open_axes(&loaded.model, &shapes) {
+            let mut other = shapes.clone();
+            let size = other.get_mut(&name).and_then(|d| d.get_mut(axis)).expect("an axis of a given shape");
+            *size = (*size * 2).max(2);
+            let label = format!("`{name}` axis {axis} at {size}");
+            let (other_run, _) = crate::runtime::inputs::open_axis_sizes(&original, &other);
+            let feed = random_feed(&original, Feed::default(), &other_run, settings.seed)?;
+            phase(&mut progress, Some("verifying at other input sizes"));
+            let result = verify(&original, &loaded.model, &references, &loaded.dir, &feed, settings.tolerance);
+            phase(&mut progress, None);
+            match result {
+                Ok(_) => verified_at.push(label),
+                Err(VerifyError::OriginalNotRunnable(_)) => fixed.push(label),
+                Err(e) => {
+                    return Err(Error::Unverified(format!(
+                        "the result for `{}` does not keep its interface open: verified at the --input-shape sizes, it fails with {label}: \
+                         {e}; nothing was written (without --open-interface its inputs declare the --input-shape sizes)",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        if verified_at.is_empty() && fixed.is_empty() {
+            notes.push("--open-interface: no input declares an open size, so there is nothing to keep open".into());
+        } else {
+            let mut note = String::from("--open-interface: the inputs keep their open sizes");
+            if !verified_at.is_empty() {
+                note += &format!("; verified again with {}", verified_at.join(", "));
+            }
+            if !fixed.is_empty() {
+                note += &format!("; the original itself does not run with {}", fixed.join(", "));
+            }
+            notes.push(note);
+        }
+    } else if keep_open {
+        notes.push("--open-interface without verification: the inputs keep their open sizes, unchecked".into());
+    }
     drop(original);
-    if !pipeline.is_empty() {
+    if !pipeline.is_empty() && !keep_open {
         for (name, dims) in pin_input_shapes(&mut loaded.model, &shapes) {
             notes.push(format!("input `{name}` now declares {dims:?}: the model was specialised to --input-shape"));
         }

@@ -97,6 +97,11 @@ pub struct VerifySettings {
     /// Concrete input shapes (`--input-shape NAME=DIMS`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub input_shapes: Vec<String>,
+    /// Keep the inputs' open sizes open in the result although `input_shapes` specialised the
+    /// passes, once a second verification at other sizes shows the result works there
+    /// (`--open-interface`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub open_interface: bool,
     /// Seed of random inputs.
     pub seed: u64,
 }
@@ -109,6 +114,7 @@ impl Default for VerifySettings {
             tolerance: crate::runtime::verify::MASKING_TOLERANCE,
             inputs: None,
             input_shapes: Vec::new(),
+            open_interface: false,
             seed: 0,
         }
     }

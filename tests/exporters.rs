@@ -93,3 +93,40 @@ fn tiny_llama_a_dynamo_export_prunes_verified_to_a_model_every_tool_accepts() {
     assert!(stderr.contains("compensated") && stderr.contains("tiny_llama.inputs.npz"), "no calibration:\n{stderr}");
     check_pruned(&model, &out, &inputs);
 }
+
+/// The declared input sizes of a model file, as text per axis (`batch` or `1`).
+fn declared_inputs(path: &Path) -> Vec<Vec<String>> {
+    let model = read_model(path, &ReadOptions { infer_shapes: false }).expect("reads").model;
+    let graph = &model.graph;
+    graph.inputs.iter().filter_map(|&v| graph.value(v).shape.as_ref()).map(|s| s.0.iter().map(|d| d.to_string()).collect()).collect()
+}
+
+/// `--input-shape` specialises the passes; `--open-interface` keeps the open sizes open where a
+/// second verification, each open axis doubled, shows the result works there: resnet18 with a
+/// named batch does (nothing in it reads the batch), PP-OCR's recognizer does not (the fold
+/// wrote the batch of 1 into its Reshape targets), and is refused with nothing written.
+#[test]
+fn open_interface_keeps_a_named_batch_open_only_where_the_result_runs_at_another_batch() {
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let symbolic = variants("resnet18", scratch.path()).into_iter().find(|p| p.ends_with("symbolic.onnx")).expect("the symbolic variant");
+    let out = scratch.path().join("open.onnx");
+    let o = prunec().arg(&symbolic).arg("-o").arg(&out).args(["--input-shape", "input=1,3,224,224", "--open-interface"]).output();
+    let stderr = String::from_utf8_lossy(&o.as_ref().expect("running prunec").stderr).into_owned();
+    assert!(o.expect("ran").status.success(), "{stderr}");
+    assert!(stderr.contains("verified again with `input` axis 0 at 2"), "{stderr}");
+    assert_eq!(declared_inputs(&out), [["batch", "3", "224", "224"]]);
+    check_pruned(&symbolic, &out, &shared().join("models/zoo/resnet18.inputs.npz"));
+    let pinned = scratch.path().join("pinned.onnx");
+    let o = prunec().arg(&symbolic).arg("-o").arg(&pinned).args(["--input-shape", "input=1,3,224,224"]).output().expect("running prunec");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(declared_inputs(&pinned), [["1", "3", "224", "224"]]);
+
+    let rec = shared().join("models/real/rapidocr/ch_PP-OCRv4_rec_infer.onnx");
+    let refused = scratch.path().join("rec.onnx");
+    let o = prunec().arg(&rec).arg("-o").arg(&refused).args(["--input-shape", "x=1,3,48,320", "--open-interface"]).output();
+    let o = o.expect("running prunec");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("does not keep its interface open") && stderr.contains("`x` axis 0 at 2"), "{stderr}");
+    assert!(!refused.exists(), "written although refused");
+}

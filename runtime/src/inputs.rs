@@ -195,6 +195,19 @@ pub fn pin_input_shapes(model: &mut Model, shapes: &BTreeMap<String, Vec<u64>>) 
     changed
 }
 
+/// The `(input, axis)` pairs of `shapes` that the model declares open: where a result that
+/// claims an open interface must work at other sizes than the ones the passes were specialised
+/// to.
+pub fn open_axes(model: &Model, shapes: &BTreeMap<String, Vec<u64>>) -> Vec<(String, usize)> {
+    let graph = &model.graph;
+    let mut open = Vec::new();
+    for (name, dims) in shapes {
+        let Some(declared) = graph.value_by_name(name).and_then(|v| declared_shape(graph.value(v))) else { continue };
+        open.extend((0..dims.len()).filter(|&axis| declared_open(declared, axis)).map(|axis| (name.clone(), axis)));
+    }
+    open
+}
+
 /// The shape a value's recorded type declares, if it has one.
 fn declared_shape(v: &Value) -> Option<&TensorShapeProto> {
     match v.info.as_ref()?.r#type.as_ref()?.value.as_ref()? {

@@ -86,9 +86,14 @@ pub struct CompileArgs {
     pub inputs: Option<PathBuf>,
     /// Concrete shape of an input for shape inference, measurements and verification, as for
     /// `inspect`. The output then declares these sizes at its inputs: the passes folded shape
-    /// arithmetic at them, so the result is only valid for them.
+    /// arithmetic at them, so the result is only valid for them (see --open-interface).
     #[arg(long = "input-shape", value_name = "NAME=DIMS")]
     pub input_shapes: Vec<String>,
+    /// With --input-shape: keep the sizes the model leaves open open in the output, if the
+    /// result works at other sizes too. It is verified a second time with every open axis
+    /// doubled, and refused (exit 3) if it only works at the --input-shape sizes.
+    #[arg(long, requires = "input_shapes")]
+    pub open_interface: bool,
     /// Write the report (the effective recipe, sizes before and after, each pass's details and
     /// timing, verification) as JSON; `--recipe` replays it.
     #[arg(long, value_name = "FILE.json")]

@@ -152,6 +152,7 @@ fn resolve(a: &CompileArgs) -> Result<(Recipe, Pipeline)> {
     if !a.input_shapes.is_empty() {
         v.input_shapes = a.input_shapes.clone();
     }
+    v.open_interface |= a.open_interface;
     if let Some(seed) = &a.prune.seed {
         v.seed = seed.parse().map_err(|_| usage(&format!("--seed `{seed}` is not a non-negative integer")))?;
     }
