@@ -78,11 +78,14 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     original.infer_shapes(&fed).with_context(|| format!("reading `{}` at the timed input sizes", a.original.display()))?;
     pruned.infer_shapes(&fed).with_context(|| format!("reading `{}` at the timed input sizes", a.pruned.display()))?;
     let (before, after) = (model_stats(&original.model), model_stats(&pruned.model));
+    // From the models as read, so that tract gets its own copy where it refuses one as written.
+    let plan = |m: &prunec::frontend::Loaded, path: &std::path::Path| {
+        Plan::from_model(&m.model, &m.dir, &feed).with_context(|| format!("building the tract plan of `{}`", path.display()))
+    };
+    let (plan_a, plan_b) = (plan(&original, &a.original)?, plan(&pruned, &a.pruned)?);
     drop((original, pruned));
 
     let (warmup, runs) = (a.warmup as usize, a.runs as usize);
-    let plan_a = Plan::from_file(&a.original, &feed).with_context(|| format!("building the tract plan of `{}`", a.original.display()))?;
-    let plan_b = Plan::from_file(&a.pruned, &feed).with_context(|| format!("building the tract plan of `{}`", a.pruned.display()))?;
     let (ta, tb) = interleaved(&plan_a, &plan_b, &feed, warmup, runs).context("running the models in tract")?;
     let (out_a, out_b) = (plan_a.run(&feed)?, plan_b.run(&feed)?);
     drop((plan_a, plan_b));
