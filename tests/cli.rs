@@ -207,8 +207,9 @@ fn assert_rejected(scratch: &Scratch, model: &Path, expected: &[&str]) {
 fn assert_failed_cleanly(r: &Run, model: &Path, expected: &[&str]) {
     assert_eq!(r.code, Some(1), "expected exit code 1; stderr:\n{}", r.stderr);
     assert!(r.stderr.starts_with("error: "), "stderr does not start with `error: `:\n{}", r.stderr);
-    let file = format!("reading `{}`", model.display());
-    assert!(r.stderr.contains(&file), "stderr does not name the model file ({file}):\n{}", r.stderr);
+    // Named once: by the reader where its message is about the file, else by "reading `…`".
+    let file = format!("`{}`", model.display());
+    assert_eq!(r.stderr.matches(&file).count(), 1, "stderr does not name the model file ({file}) once:\n{}", r.stderr);
     for phrase in expected {
         assert!(r.stderr.contains(phrase), "stderr does not say {phrase:?}:\n{}", r.stderr);
     }

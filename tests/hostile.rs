@@ -6,7 +6,7 @@
 //! For every case and every command that reads a model (`prunec CASE -o OUT`, `inspect`,
 //! `groups`, `dump`), prunec:
 //! - exits with code 1: not 101 (a panic), not 2 (a usage error), not a signal;
-//! - prints `error: reading `CASE`: ...` with the manifest's phrase naming the problem, and
+//! - prints `error: ...` naming `CASE` once, with the manifest's phrase naming the problem, and
 //!   nothing on stdout;
 //! - writes nothing: the output folder stays empty, and an output file that already exists is
 //!   left byte-identical;
@@ -118,9 +118,11 @@ fn refusal_problems(case: &ManifestCase, r: &Run) -> Vec<String> {
     if !r.stderr.starts_with("error: ") {
         problems.push("stderr does not start with `error: `".into());
     }
-    let reading = format!("reading `{}`", case.model.display());
-    if !r.stderr.contains(&reading) {
-        problems.push(format!("stderr does not name the file ({reading})"));
+    // Named once: by the reader where its message is about the file (truncated, empty, not a
+    // regular file), else by "reading `…`".
+    let file = format!("`{}`", case.model.display());
+    if r.stderr.matches(&file).count() != 1 {
+        problems.push(format!("stderr does not name the file ({file}) exactly once"));
     }
     if !r.stderr.contains(&case.expect) {
         problems.push(format!("stderr does not say {:?}", case.expect));
