@@ -42,7 +42,7 @@ fn prune_with(original: &Model, options: PruneOptions, cx: &mut Context) -> (Mod
 
 /// The statistics the pass measures on `inputs` (as `--inputs` gives them).
 fn statistics(loaded: &Loaded, inputs: &Feed, source: &str, hessians: bool) -> prunec::passes::prune::Calibration {
-    let mut measure = prunec::runtime::measure::TractMeasure::new(&loaded.dir, inputs.clone(), source.to_string());
+    let mut measure = prunec::runtime::measure::TractMeasure::new(&loaded.dir, &loaded.model, inputs.clone(), source.to_string());
     prunec::passes::prune::statistics::collect(&loaded.model, &mut measure, hessians).expect("calibration runs")
 }
 

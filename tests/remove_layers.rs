@@ -236,10 +236,11 @@ impl prunec::passes::Runtime for StackedRuntime {
 
     fn measure<'a>(
         &'a mut self,
-        _: &Model,
+        model: &Model,
         _: prunec::passes::Inputs,
     ) -> Result<Box<dyn prunec::passes::Measure + 'a>, prunec::passes::MeasureError> {
-        let measures = self.0.iter().map(|f| prunec::runtime::measure::TractMeasure::new(&self.1, f.clone(), "one feed".into())).collect();
+        let measures =
+            self.0.iter().map(|f| prunec::runtime::measure::TractMeasure::new(&self.1, model, f.clone(), "one feed".into())).collect();
         Ok(Box::new(Stacked(measures)))
     }
 }

@@ -54,22 +54,76 @@ impl Runtime for TractRuntime {
                 (feed, source)
             }
         };
-        Ok(Box::new(TractMeasure { dir: self.dir.clone(), feed, source }))
+        Ok(Box::new(TractMeasure::new(&self.dir, model, feed, source)))
     }
 }
 
-/// One measurement: a feed, run in tract.
+/// One measurement: a feed, run in tract, in batches the model takes.
 pub struct TractMeasure {
     dir: PathBuf,
-    feed: Feed,
+    /// The feed, split along the first axis where the model declares a smaller fixed batch
+    /// than it has; one element otherwise.
+    batches: Vec<Feed>,
     source: String,
 }
 
 impl TractMeasure {
-    /// A measurement on `feed` (external data relative to `dir`).
-    pub fn new(dir: &Path, feed: Feed, source: String) -> TractMeasure {
-        TractMeasure { dir: dir.to_path_buf(), feed, source }
+    /// A measurement of `model` on `feed` (external data relative to `dir`). A feed of more
+    /// samples than the model's fixed batch (8 calibration images for an export traced at
+    /// batch 1, whose Reshapes say 1) runs in batches of that size, and what each captures is
+    /// concatenated along the first axis.
+    pub fn new(dir: &Path, model: &Model, feed: Feed, source: String) -> TractMeasure {
+        let batches = split_into_batches(model, &feed).unwrap_or_else(|| vec![feed]);
+        TractMeasure { dir: dir.to_path_buf(), batches, source }
     }
+}
+
+/// The feed as batches of the size the model's inputs declare on their first axis, when every
+/// fed input declares the same fixed size there and has a multiple of it; `None` when the feed
+/// fits as it is.
+fn split_into_batches(model: &Model, feed: &Feed) -> Option<Vec<Feed>> {
+    let graph = &model.graph;
+    let mut batch = None;
+    let mut samples = None;
+    for (name, tensor) in &feed.0 {
+        let declared = graph.value_by_name(name).and_then(|v| graph.value(v).shape.as_ref()).and_then(|s| s.0.first()?.known())?;
+        let given = *tensor.shape().first()? as u64;
+        if *batch.get_or_insert(declared) != declared || *samples.get_or_insert(given) != given {
+            return None;
+        }
+    }
+    let (batch, samples) = (batch? as usize, samples? as usize);
+    if batch == 0 || samples <= batch || samples % batch != 0 {
+        return None;
+    }
+    (0..samples / batch)
+        .map(|k| {
+            let part = feed.0.iter().map(|(n, t)| Some((n.clone(), t.slice(0, k * batch, (k + 1) * batch).ok()?)));
+            part.collect::<Option<BTreeMap<_, _>>>().map(Feed)
+        })
+        .collect()
+}
+
+/// What the batches captured, as one capture of the whole feed: each value's parts
+/// concatenated along the first axis, or kept once where every batch computed the same (a value
+/// that does not depend on the inputs).
+fn concatenate(parts: Vec<BTreeMap<ValueId, Activation>>) -> BTreeMap<ValueId, Activation> {
+    let mut parts = parts.into_iter();
+    let Some(mut whole) = parts.next() else { return BTreeMap::new() };
+    let rest: Vec<_> = parts.collect();
+    for (v, first) in whole.iter_mut() {
+        let others: Vec<&Activation> = rest.iter().filter_map(|p| p.get(v)).collect();
+        if others.iter().all(|o| o.shape == first.shape && o.values == first.values) {
+            continue;
+        }
+        for o in others {
+            if let Some(n) = first.shape.first_mut() {
+                *n += o.shape.first().copied().unwrap_or(0);
+            }
+            first.values.extend_from_slice(&o.values);
+        }
+    }
+    whole
 }
 
 impl Measure for TractMeasure {
@@ -78,31 +132,41 @@ impl Measure for TractMeasure {
     }
 
     fn capture(&mut self, model: &Model, probes: &[ValueId]) -> Result<BTreeMap<ValueId, Activation>, MeasureError> {
-        let run = run_probed(model.clone(), &self.dir, &self.feed, probes.iter().copied()).map_err(run_error)?;
         let graph = &model.graph;
-        let mut captured = BTreeMap::new();
-        for &v in probes {
-            let name = &graph.value(v).name;
-            if let Some(x) = run.get(name).or_else(|| self.feed.0.get(name)) {
-                captured.insert(v, activation(x).map_err(run_error)?);
+        let mut parts = Vec::new();
+        for feed in &self.batches {
+            let run = run_probed(model.clone(), &self.dir, feed, probes.iter().copied()).map_err(run_error)?;
+            let mut captured = BTreeMap::new();
+            for &v in probes {
+                let name = &graph.value(v).name;
+                if let Some(x) = run.get(name).or_else(|| feed.0.get(name)) {
+                    captured.insert(v, activation(x).map_err(run_error)?);
+                }
             }
+            parts.push(captured);
         }
-        Ok(captured)
+        Ok(concatenate(parts))
     }
 
     fn stepwise<'a>(&'a mut self, model: &Model) -> Box<dyn Stepwise + 'a> {
-        Box::new(Walk { pieces: Pieces::new(model), measure: self })
+        let pieces = self.batches.iter().map(|_| Pieces::new(model)).collect();
+        Box::new(Walk { pieces, measure: self })
     }
 }
 
+/// A stepwise walk per batch.
 struct Walk<'a> {
-    pieces: Pieces,
+    pieces: Vec<Pieces>,
     measure: &'a TractMeasure,
 }
 
 impl Stepwise for Walk<'_> {
     fn capture(&mut self, model: &Model, probes: &[ValueId]) -> Result<BTreeMap<ValueId, Activation>, MeasureError> {
-        self.pieces.capture(model, &self.measure.dir, &self.measure.feed, probes).map_err(run_error)
+        let mut parts = Vec::new();
+        for (pieces, feed) in self.pieces.iter_mut().zip(&self.measure.batches) {
+            parts.push(pieces.capture(model, &self.measure.dir, feed, probes).map_err(run_error)?);
+        }
+        Ok(concatenate(parts))
     }
 }
 
