@@ -118,7 +118,7 @@ pub fn compile(
         None => None,
     };
     let original = loaded.model.clone();
-    let before = model_stats(&loaded.model);
+    let (before, macs_at_run_sizes) = stats_at(&loaded.model, &run_shapes);
     let mut runtime = TractRuntime { dir: loaded.dir.clone(), given, input_shapes: shapes.clone() };
     let mut cx = Context::with_runtime(&mut runtime);
     if let Some(p) = progress.as_deref_mut() {
@@ -127,7 +127,11 @@ pub fn compile(
     let runs = crate::passes::run_pipeline_observed(&mut loaded.model, pipeline, &mut cx, after_pass)
         .map_err(|source| Error::Optimise { path: path.to_path_buf(), source })?;
     drop(cx);
-    let after = model_stats(&loaded.model);
+    let (after, _) = stats_at(&loaded.model, &run_shapes);
+    if macs_at_run_sizes {
+        let sizes: Vec<String> = run_shapes.iter().map(|(n, d)| format!("{n}{d:?}")).collect();
+        notes.push(format!("the model leaves sizes open: MACs are counted at {}", sizes.join(", ")));
+    }
     let verification = if !settings.enabled || pipeline.is_empty() {
         None
     } else {
@@ -198,6 +202,21 @@ pub fn compile(
     }
     warnings.extend(runs.iter().flat_map(|r| r.report.warnings.iter().cloned()));
     Ok(Compiled { loaded, before, after, runs, verification, inputs, notes, warnings })
+}
+
+/// The model's figures, with MACs counted at `sizes` where its own shapes leave the sizes of
+/// Conv, Gemm or MatMul operands open (a dynamo export's `batch` and `seq`); whether they were.
+fn stats_at(model: &Model, sizes: &BTreeMap<String, Vec<u64>>) -> (ModelStats, bool) {
+    let mut stats = model_stats(model);
+    if stats.macs_unknown.is_empty() || sizes.is_empty() {
+        return (stats, false);
+    }
+    let mut bound = model.clone();
+    bound.graph.bind_input_sizes(sizes);
+    let at_sizes = model_stats(&bound);
+    let counted = at_sizes.macs_unknown.len() < stats.macs_unknown.len();
+    (stats.macs, stats.macs_unknown) = (at_sizes.macs, at_sizes.macs_unknown);
+    (stats, counted)
 }
 
 fn unverified(model: &Path, what: &str, e: &VerifyError) -> Error {

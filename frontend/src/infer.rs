@@ -33,11 +33,9 @@ impl InferenceReport {
 /// `input_shapes` fixes the shapes of the named graph inputs first.
 pub(crate) fn infer_shapes(model: &mut Model, bytes: &[u8], dir: &Path, input_shapes: &BTreeMap<String, Vec<u64>>) -> InferenceReport {
     let graph = &mut model.graph;
-    for (name, dims) in input_shapes {
-        if let Some(id) = graph.value_by_name(name) {
-            graph.value_mut(id).shape = Some(Shape::known(dims));
-        }
-    }
+    // The inputs at the given sizes, and every recorded size named like one of their symbolic
+    // ones (a dynamo export's `batch`, `seq`) the same number: tract may not reach them all.
+    graph.bind_input_sizes(input_shapes);
     // With every shape and type recorded tract has nothing to add (recorded sizes win in `merge`),
     // and it would parse the model with its weights, copying every one of them: on a model of
     // several gigabytes that copy is most of the memory prunec needs.

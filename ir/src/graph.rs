@@ -690,6 +690,36 @@ impl Graph {
         value
     }
 
+    /// Gives the graph inputs named in `sizes` those dims, and every shape whose symbolic size
+    /// is named like one of theirs the same number: the shapes at one set of input sizes, for a
+    /// runtime's copy or for counting MACs at the sizes a model ran at. Records are not changed.
+    pub fn bind_input_sizes(&mut self, sizes: &std::collections::BTreeMap<String, Vec<u64>>) {
+        let mut symbols: HashMap<String, u64> = HashMap::new();
+        for &input in &self.inputs.clone() {
+            let value = self.value_mut(input);
+            let Some(dims) = sizes.get(&value.name) else { continue };
+            if let Some(shape) = &value.shape {
+                for (d, &size) in shape.0.iter().zip(dims) {
+                    if let crate::shape::Dim::Sym(name) = d {
+                        symbols.insert(name.clone(), size);
+                    }
+                }
+            }
+            value.shape = Some(Shape::known(dims));
+        }
+        for id in self.value_ids().collect::<Vec<_>>() {
+            if let Some(shape) = self.value_mut(id).shape.as_mut() {
+                for d in &mut shape.0 {
+                    if let crate::shape::Dim::Sym(name) = d
+                        && let Some(&size) = symbols.get(name.as_str())
+                    {
+                        *d = crate::shape::Dim::Known(size);
+                    }
+                }
+            }
+        }
+    }
+
     fn describe_definition(&self, id: ValueId) -> String {
         match self.producer(id) {
             Some((op, _)) => format!("output of node `{}`", self.op(op).name),

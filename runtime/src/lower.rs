@@ -9,8 +9,7 @@
 //! verification still compares like with like; the user's model is never changed by this.
 
 use crate::tract::Feed;
-use prunec_ir::{DType, Dim, Graph, Model, Op, OpId, Shape, Tensor, Value, ValueId, ValueKind};
-use std::collections::BTreeMap;
+use prunec_ir::{DType, Graph, Model, Op, OpId, Tensor, Value, ValueId, ValueKind};
 
 /// Integer tensors up to this size are folded for a feed: a mask or position ids per token of a
 /// long sequence, not a weight.
@@ -68,7 +67,8 @@ const LOWERINGS: &[Lowering] = &[
 /// shared with `model`, not copied.
 pub(crate) fn for_tract(model: &Model, feed: &Feed) -> Option<Model> {
     let mut copy = model.clone();
-    bind_input_sizes(&mut copy.graph, feed);
+    let sizes = feed.0.iter().map(|(n, t)| (n.clone(), t.shape().iter().map(|&d| d as u64).collect())).collect();
+    copy.graph.bind_input_sizes(&sizes);
     let folded = prunec_passes::fold_shape_arithmetic(&mut copy, FEED_FOLD_ELEMENTS).ok()?.ops_removed;
     let mut lowered = 0;
     for op in copy.graph.op_ids().collect::<Vec<_>>() {
@@ -80,36 +80,6 @@ pub(crate) fn for_tract(model: &Model, feed: &Feed) -> Option<Model> {
         }
     }
     (folded + lowered > 0).then_some(copy)
-}
-
-/// Gives the graph inputs the feed's sizes, and every recorded size named like one of their
-/// symbolic sizes the same number.
-fn bind_input_sizes(graph: &mut Graph, feed: &Feed) {
-    let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
-    for &input in &graph.inputs.clone() {
-        let value = graph.value_mut(input);
-        let Some(tensor) = feed.0.get(&value.name) else { continue };
-        let dims: Vec<u64> = tensor.shape().iter().map(|&d| d as u64).collect();
-        if let Some(shape) = &value.shape {
-            for (d, &size) in shape.0.iter().zip(&dims) {
-                if let Dim::Sym(name) = d {
-                    sizes.insert(name.clone(), size);
-                }
-            }
-        }
-        value.shape = Some(Shape::known(&dims));
-    }
-    for id in graph.value_ids().collect::<Vec<_>>() {
-        if let Some(shape) = graph.value_mut(id).shape.as_mut() {
-            for d in &mut shape.0 {
-                if let Dim::Sym(name) = d
-                    && let Some(&size) = sizes.get(name.as_str())
-                {
-                    *d = Dim::Known(size);
-                }
-            }
-        }
-    }
 }
 
 /// `Gemm(A, B, C)` in float16 as `Add(Gemm(A, B), beta·C)`.
