@@ -130,3 +130,25 @@ fn open_interface_keeps_a_named_batch_open_only_where_the_result_runs_at_another
     assert!(stderr.contains("does not keep its interface open") && stderr.contains("`x` axis 0 at 2"), "{stderr}");
     assert!(!refused.exists(), "written although refused");
 }
+
+/// PaddlePaddle declares open sizes as `dim_value: -1`. `--input-shape` pins the inputs, and
+/// every record that still said -1 then contradicted them for ONNX's shape inference ("differ in
+/// dimension 0: (1) vs (-1)", found on PP-OCR cls by the onnxsim benchmark): the pinned outputs
+/// of the three PP-OCR models must pass the full checker and strict shape inference.
+#[test]
+fn paddle_models_pinned_to_their_real_input_sizes_pass_every_check() {
+    let scratch = tempfile::tempdir().expect("temp dir");
+    for (model, data, shape) in [
+        ("ch_ppocr_mobile_v2.0_cls_infer", "rapidocr_cls", "x=48,3,48,192"),
+        ("ch_PP-OCRv4_rec_infer", "rapidocr_rec", "x=48,3,48,320"),
+        ("ch_PP-OCRv4_det_infer", "rapidocr_det", "x=2,3,640,640"),
+    ] {
+        let path = shared().join(format!("models/real/rapidocr/{model}.onnx"));
+        let inputs = shared().join(format!("data/{data}.dev.npz"));
+        let out = scratch.path().join(format!("{model}.pinned.onnx"));
+        let o = prunec().arg(&path).arg("-o").arg(&out).args(["--input-shape", shape, "--inputs"]).arg(&inputs).output();
+        let o = o.expect("running prunec");
+        assert!(o.status.success(), "{model}: {}", String::from_utf8_lossy(&o.stderr));
+        common::exporters(&[Path::new("check"), &path, &out, &inputs]);
+    }
+}

@@ -192,7 +192,27 @@ pub fn pin_input_shapes(model: &mut Model, shapes: &BTreeMap<String, Vec<u64>>) 
             changed.push((name.clone(), dims.clone()));
         }
     }
+    if !changed.is_empty() {
+        settle_open_records(graph);
+    }
     changed
+}
+
+/// After pinning: a record that declares an axis open with a non-positive `dim_value` (as
+/// PaddlePaddle writes -1) now contradicts the pinned inputs for ONNX's shape inference (it
+/// reads -1 as a size), so it takes the size the IR knows there, or no size at all.
+fn settle_open_records(graph: &mut prunec_ir::Graph) {
+    for id in graph.value_ids().collect::<Vec<_>>() {
+        let known: Vec<Option<u64>> = graph.value(id).shape.as_ref().map(|s| s.0.iter().map(|d| d.known()).collect()).unwrap_or_default();
+        for record in graph.value_mut(id).records_mut() {
+            let Some(shape) = declared_shape_mut(record) else { continue };
+            for (axis, d) in shape.dim.iter_mut().enumerate() {
+                if matches!(d.value, Some(DimValue::DimValue(n)) if n <= 0) {
+                    d.value = known.get(axis).copied().flatten().map(|n| DimValue::DimValue(n as i64));
+                }
+            }
+        }
+    }
 }
 
 /// The `(input, axis)` pairs of `shapes` that the model declares open: where a result that
