@@ -177,6 +177,16 @@ impl Tensor {
         self.dtype().packed_bytes(self.numel()).unwrap_or(0)
     }
 
+    /// What can give back the pages of the memory map this tensor's packed bytes are a slice of
+    /// (inline `raw_data` of a mapped model file, or mapped external data); `None` for bytes
+    /// in memory and for sliced tensors, which [`Tensor::write_packed`] streams itself.
+    pub fn pages(&self) -> Option<&Arc<dyn PageRelease>> {
+        match &self.0.data {
+            Data::Proto { pages } | Data::External { pages, .. } => pages.as_ref(),
+            Data::Sliced(_) => None,
+        }
+    }
+
     /// Whether the data lives in an external file.
     pub fn is_external(&self) -> bool {
         !matches!(self.0.data, Data::Proto { .. })
@@ -339,6 +349,11 @@ impl Tensor {
                 let at = (o * n + i) * inner;
                 out.extend_from_slice(&bytes[at..at + inner]);
             }
+        }
+        // The source was read whole and the copy is what the model keeps: a mapped source's
+        // pages go back (they come back from the file if it is read again).
+        if let (Data::Proto { pages: Some(pages) }, std::borrow::Cow::Borrowed(raw)) = (&self.0.data, &bytes) {
+            pages.release(raw);
         }
         Ok(self.with_data(&new_dims, out))
     }
@@ -756,12 +771,17 @@ mod tests {
         let pages = Arc::new(CountingPages::default());
         let mapped = Tensor::from_mapped_proto(inline.proto().clone(), pages.clone()).expect("valid");
         assert_eq!(mapped, inline, "where the bytes live is not part of the value");
+        assert!(mapped.pages().is_some() && inline.pages().is_none());
         assert_eq!(streamed(&mapped), inline.packed().expect("raw").to_vec());
         assert_eq!(pages.0.load(Ordering::Relaxed), mapped.nbytes() as usize, "every byte written is given back");
         let summed = Arc::new(CountingPages::default());
         let mapped = Tensor::from_mapped_proto(inline.proto().clone(), summed.clone()).expect("valid");
         assert_eq!(mapped.axis_sums(1, |x| x * x), inline.axis_sums(1, |x| x * x));
         assert_eq!(summed.0.load(Ordering::Relaxed), mapped.nbytes() as usize, "every byte summed is given back");
+        let sliced = Arc::new(CountingPages::default());
+        let mapped = Tensor::from_mapped_proto(inline.proto().clone(), sliced.clone()).expect("valid");
+        assert_eq!(mapped.remove_indices(1, &[0, 5]).expect("slices"), inline.remove_indices(1, &[0, 5]).expect("slices"));
+        assert_eq!(sliced.0.load(Ordering::Relaxed), mapped.nbytes() as usize, "the sliced source is given back");
         // A tensor built in memory has no pages to give back, and streams as before.
         assert_eq!(streamed(&inline), mapped.packed().expect("raw").to_vec());
     }
