@@ -8,7 +8,11 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// Moves the main graph of `proto` into a [`Graph`], keeping every other field in the shells.
-pub(crate) fn lift(mut proto: proto::ModelProto, dir: &Path, model_pages: Option<std::sync::Arc<crate::external::MappedFile>>) -> Result<Model, ReadError> {
+pub(crate) fn lift(
+    mut proto: proto::ModelProto,
+    dir: &Path,
+    model_pages: Option<std::sync::Arc<crate::external::MappedFile>>,
+) -> Result<Model, ReadError> {
     check::check_is_onnx(&proto)?;
     let graph = proto.graph.take().ok_or(IrError::MissingGraph)?;
     check::check_ir_version(&proto)?;

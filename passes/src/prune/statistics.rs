@@ -2,8 +2,8 @@
 //! second moments and each dense consumer's input Hessian (on `--inputs` or seeded noise), and
 //! OBSPA's sequential refit, which runs the pruned prefix level by level.
 
-use super::obspa::{self, Compensation, CrossMoments, Refit, apply_compensations};
 use super::criteria::LayerInput;
+use super::obspa::{self, Compensation, CrossMoments, Refit, apply_compensations};
 use super::{Calibration, MaskedSlice, PruneReport, mask_consumers};
 use crate::measure::{Activation, Measure, MeasureError};
 use prunec_ir::{Graph, Model, OpId, ValueId, constant_tensor};
@@ -52,7 +52,8 @@ pub fn collect_inputs(model: &Model, measure: &mut dyn Measure, hessians: bool) 
     let reads: BTreeMap<String, (OpId, ValueId, usize)> =
         graph.op_ids().filter_map(|op| activation_axis(graph, op).map(|(v, axis)| (graph.op(op).name.clone(), (op, v, axis)))).collect();
     let probes: Vec<ValueId> = reads.values().map(|r| r.1).collect();
-    let activations: BTreeMap<ValueId, Arc<Activation>> = measure.capture(model, &probes)?.into_iter().map(|(v, x)| (v, Arc::new(x))).collect();
+    let activations: BTreeMap<ValueId, Arc<Activation>> =
+        measure.capture(model, &probes)?.into_iter().map(|(v, x)| (v, Arc::new(x))).collect();
     let mut second_moments = BTreeMap::new();
     let mut layer_inputs = BTreeMap::new();
     for (node, &(op, v, axis)) in &reads {
