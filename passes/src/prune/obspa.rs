@@ -1022,7 +1022,7 @@ pub(crate) fn score_groups(
         .flat_map(|(node, read)| {
             let h = statistics.hessian(graph, node);
             let layer = h.as_deref().and_then(|h| consumers.layer(graph, node, h, obs, damping));
-            let costed: Vec<((usize, usize), Vec<f64>)> = match &layer {
+            match &layer {
                 None => Vec::new(),
                 Some(l) => read
                     .into_iter()
@@ -1041,9 +1041,8 @@ pub(crate) fn score_groups(
                             .collect();
                         ((gi, wi), costs)
                     })
-                    .collect(),
-            };
-            costed
+                    .collect::<Vec<((usize, usize), Vec<f64>)>>(),
+            }
         })
         .collect();
     groups
