@@ -9,9 +9,10 @@
 use crate::WriteError;
 use prost::Message;
 use prunec_ir::proto::{self, tensor_proto::DataLocation};
-use prunec_ir::{Graph, InfoList, Listed, Model, Tensor, Value, ValueId};
+use prunec_ir::{Graph, InfoList, Listed, Model, PageRelease, Tensor, Value, ValueId};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Protobuf readers (C++, Python) refuse messages of 2 GiB or more.
 const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;
@@ -76,6 +77,9 @@ struct DataFile {
     /// Further files of a per-tensor layout, one tensor each.
     others: Vec<DataFile>,
     per_tensor: bool,
+    /// The memory maps the inline tensors' bytes are slices of, each once: the encoder gives
+    /// their pages back as the bytes reach the output.
+    pages: Vec<Arc<dyn PageRelease>>,
 }
 
 impl DataFile {
@@ -117,9 +121,14 @@ pub fn to_proto(model: &Model) -> Result<proto::ModelProto, WriteError> {
     build_model(model, ExternalData::Inline, &mut sink)
 }
 
-/// Encodes a model with every tensor inline (for handing it to another library in memory).
+/// Encodes a model with every tensor inline (for handing it to another library in memory). The
+/// pages of the input's memory map are given back as its weights are copied in.
 pub fn to_bytes(model: &Model) -> Result<Vec<u8>, WriteError> {
-    Ok(to_proto(model)?.encode_to_vec())
+    let mut sink = DataFile::default();
+    let proto = build_model(model, ExternalData::Inline, &mut sink)?;
+    let mut out = Vec::with_capacity(proto.encoded_len());
+    encode_streaming(&proto, &mut out, &sink.pages).expect("writing to memory cannot fail");
+    Ok(out)
 }
 
 /// Writes a model to `path`, and its external data (if any) to `<path>.data` beside it.
@@ -141,16 +150,17 @@ pub fn write_model(model: &Model, path: &Path, options: &WriteOptions) -> Result
     for other in &data.others {
         other.write(&dir)?;
     }
-    atomic_write(path, |w| encode_streaming(&proto, w))?;
+    atomic_write(path, |w| encode_streaming(&proto, w, &data.pages))?;
     let data_files = data_written.is_some() as usize + data.others.len();
     let data_bytes = data.len + data.others.iter().map(|d| d.len).sum::<u64>();
     Ok(Written { model: path.to_path_buf(), data: data_written, data_files, model_bytes: encoded_len, data_bytes })
 }
 
 /// Encodes straight into the writer through a small buffer: the model is never held twice in
-/// memory (its weights are views of the input's memory map until they reach the file).
-fn encode_streaming(proto: &proto::ModelProto, w: &mut impl Write) -> std::io::Result<()> {
-    let mut sink = StreamSink { buf: vec![0; 1 << 16], filled: 0, out: w, error: None };
+/// memory (its weights are views of the input's memory map until they reach the file, and the
+/// map's pages, `pages`, are given back once written).
+fn encode_streaming(proto: &proto::ModelProto, w: &mut impl Write, pages: &[Arc<dyn PageRelease>]) -> std::io::Result<()> {
+    let mut sink = StreamSink { buf: vec![0; 1 << 16], filled: 0, out: w, error: None, pages };
     proto.encode(&mut sink).map_err(|e| std::io::Error::other(e.to_string()))?;
     if let Some(e) = sink.error.take() {
         return Err(e);
@@ -165,7 +175,14 @@ struct StreamSink<'a, W: Write> {
     out: &'a mut W,
     /// The first write error; prost's `BufMut` cannot report one, so it is checked at the end.
     error: Option<std::io::Error>,
+    /// Memory maps whose pages are given back once a field's bytes from them are written.
+    pages: &'a [Arc<dyn PageRelease>],
 }
+
+/// Fields at least this long (weights) bypass the buffer.
+const DIRECT_WRITE: usize = 1 << 16;
+/// A long field is written, and its source pages given back, this much at a time.
+const DIRECT_PIECE: usize = 4 << 20;
 
 impl<W: Write> StreamSink<'_, W> {
     fn flush(&mut self) -> std::io::Result<()> {
@@ -184,6 +201,45 @@ unsafe impl<W: Write> bytes::BufMut for StreamSink<'_, W> {
 
     unsafe fn advance_mut(&mut self, cnt: usize) {
         self.filled = (self.filled + cnt).min(self.buf.len());
+    }
+
+    /// prost puts `bytes` fields (inline weights) through here: long ones go straight to the
+    /// writer, a piece at a time, and the pages under each piece are given back (a slice outside
+    /// a map is left alone by its `release`), so a mapped model's weights are not all resident
+    /// by the time the file is written.
+    fn put<T: bytes::Buf>(&mut self, mut src: T)
+    where
+        Self: Sized,
+    {
+        if src.remaining() >= DIRECT_WRITE && self.error.is_none() {
+            if let Err(e) = self.flush() {
+                self.error.get_or_insert(e);
+            }
+            while src.has_remaining() {
+                let chunk = src.chunk();
+                let piece = &chunk[..chunk.len().min(DIRECT_PIECE)];
+                if self.error.is_none()
+                    && let Err(e) = self.out.write_all(piece)
+                {
+                    self.error.get_or_insert(e);
+                }
+                for pages in self.pages {
+                    pages.release(piece);
+                }
+                let n = piece.len();
+                src.advance(n);
+            }
+            return;
+        }
+        while src.has_remaining() {
+            let s = src.chunk();
+            let d = self.chunk_mut();
+            let n = s.len().min(d.len());
+            d[..n].copy_from_slice(&s[..n]);
+            // SAFETY: the first `n` bytes of the unfilled tail were just written.
+            unsafe { self.advance_mut(n) };
+            src.advance(n);
+        }
     }
 
     fn chunk_mut(&mut self) -> &mut bytes::buf::UninitSlice {
@@ -312,6 +368,12 @@ fn emit_tensor(t: &Tensor, policy: ExternalData, data: &mut DataFile) -> proto::
         ExternalData::Threshold(min) => t.has_raw_data() && t.nbytes() >= min,
         ExternalData::Inline => false,
     };
+    if !external
+        && let Some(pages) = t.pages()
+        && !data.pages.iter().any(|p| Arc::ptr_eq(p, pages))
+    {
+        data.pages.push(pages.clone());
+    }
     let mut p = t.proto().clone();
     if external && t.has_raw_data() {
         let (location, offset) = data.push(t.clone());

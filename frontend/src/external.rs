@@ -9,6 +9,9 @@ use std::sync::Arc;
 
 /// Resolves external-data references of one model, mapping each data file once.
 pub(crate) struct ExternalData {
+    /// The map of the model file itself, whose inline tensors' pages are given back as they
+    /// stream (none for a model decoded from memory).
+    model_pages: Option<Arc<MappedFile>>,
     dir: PathBuf,
     canonical_dir: Option<PathBuf>,
     files: HashMap<PathBuf, (Bytes, Option<Arc<MappedFile>>)>,
@@ -42,14 +45,18 @@ impl PageRelease for MappedFile {
 }
 
 impl ExternalData {
-    pub(crate) fn new(dir: &Path) -> ExternalData {
-        ExternalData { dir: dir.to_path_buf(), canonical_dir: None, files: HashMap::new() }
+    /// Resolves external data against `dir`; `model_pages` is the map the model was decoded from.
+    pub(crate) fn new(dir: &Path, model_pages: Option<Arc<MappedFile>>) -> ExternalData {
+        ExternalData { model_pages, dir: dir.to_path_buf(), canonical_dir: None, files: HashMap::new() }
     }
 
     /// Turns a stored tensor into a [`Tensor`], reading external bytes when it has any.
     pub(crate) fn tensor(&mut self, t: proto::TensorProto) -> Result<Tensor, ReadError> {
         if t.data_location() != proto::tensor_proto::DataLocation::External {
-            return Ok(Tensor::from_proto(t)?);
+            return Ok(match &self.model_pages {
+                Some(pages) => Tensor::from_mapped_proto(t, pages.clone())?,
+                None => Tensor::from_proto(t)?,
+            });
         }
         let (bytes, pages) = self.bytes_of(&t)?;
         Ok(match pages {

@@ -229,20 +229,25 @@ fn merge(recorded: Option<&Shape>, inferred: &Shape) -> Shape {
 /// Float initializers of at least this many elements are shown to tract as graph inputs.
 const WEIGHT_AS_INPUT_MIN_ELEMENTS: i64 = 1024;
 
+/// Whether [`weights_as_inputs`] shows an initializer of this element type (ONNX's number) and
+/// these dims to tract as a graph input: its values are then never read by inference.
+pub(crate) fn is_weight_input(data_type: i32, dims: &[i64]) -> bool {
+    use tract_onnx::pb::tensor_proto::DataType as T;
+    let floats = [T::Float, T::Float16, T::Double, T::Bfloat16].map(|t| t as i32);
+    floats.contains(&data_type) && dims.iter().all(|&d| d >= 0) && dims.iter().product::<i64>() >= WEIGHT_AS_INPUT_MIN_ELEMENTS
+}
+
 /// Turns the large float initializers (weights) into graph inputs of their type and shape. Shape
 /// inference needs the values of the constants that spell out sizes (small integer tensors, a
 /// few float scales), never those of the weights, and a constant makes tract load it: a copy of
 /// every weight, external data included, which on a model of several gigabytes is most of the
 /// memory prunec would need.
 fn weights_as_inputs(pb: &mut tract_onnx::pb::ModelProto) {
-    use tract_onnx::pb::tensor_proto::DataType as T;
     use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension::Value as D};
     use tract_onnx::pb::{TensorShapeProto, TypeProto, ValueInfoProto, type_proto};
     let Some(graph) = pb.graph.as_mut() else { return };
-    let floats = [T::Float, T::Float16, T::Double, T::Bfloat16].map(|t| t as i32);
-    let (weights, constants): (Vec<_>, Vec<_>) = std::mem::take(&mut graph.initializer).into_iter().partition(|t| {
-        floats.contains(&t.data_type) && t.dims.iter().all(|&d| d >= 0) && t.dims.iter().product::<i64>() >= WEIGHT_AS_INPUT_MIN_ELEMENTS
-    });
+    let (weights, constants): (Vec<_>, Vec<_>) =
+        std::mem::take(&mut graph.initializer).into_iter().partition(|t| is_weight_input(t.data_type, &t.dims));
     graph.initializer = constants;
     for t in weights {
         let dim = t.dims.iter().map(|&d| Dimension { value: Some(D::DimValue(d)), ..Default::default() }).collect();

@@ -52,34 +52,65 @@ impl Loaded {
     /// checks the ops' rules against the shapes it found: a contradiction that only inference
     /// reveals (a Reshape of a computed value to another element count, say) is refused too.
     pub fn infer_shapes(&mut self, input_shapes: &BTreeMap<String, Vec<u64>>) -> Result<(), ReadError> {
-        self.inference = infer::infer_shapes(&mut self.model, &self.source, &self.dir, input_shapes);
+        // tract decodes what it is given into its own protobuf, copying every byte: the weights
+        // it would only turn into inputs are left out of its copy.
+        let skeleton = without_weight_values(&self.source);
+        self.inference = infer::infer_shapes(&mut self.model, skeleton.as_deref().unwrap_or(&self.source), &self.dir, input_shapes);
         Ok(prunec_ir::validate_ops(&self.model.graph)?)
     }
 }
 
-/// Reads an ONNX model file.
+/// Reads an ONNX model file. Its inline weights stay slices of the file's memory map and give
+/// their pages back as they stream, as external ones do.
 pub fn read_model(path: &Path, options: &ReadOptions) -> Result<Loaded, ReadError> {
-    let bytes = map_file(path)?;
+    let (bytes, pages) = map_file_with_pages(path)?;
     if bytes.is_empty() {
         return Err(ReadError::Empty(path.to_path_buf()));
     }
-    decode(bytes, &model_dir(path), path, options)
+    decode(bytes, pages, &model_dir(path), path, options)
 }
 
 /// Decodes and lifts a model held in memory. External data is resolved against `dir`.
 pub fn read_bytes(bytes: Bytes, dir: &Path, options: &ReadOptions) -> Result<Loaded, ReadError> {
-    decode(bytes, dir, dir, options)
+    decode(bytes, None, dir, dir, options)
 }
 
-fn decode(bytes: Bytes, dir: &Path, path: &Path, options: &ReadOptions) -> Result<Loaded, ReadError> {
+fn decode(
+    bytes: Bytes,
+    pages: Option<std::sync::Arc<external::MappedFile>>,
+    dir: &Path,
+    path: &Path,
+    options: &ReadOptions,
+) -> Result<Loaded, ReadError> {
     let proto = proto::ModelProto::decode(bytes.clone())
         .map_err(|e| ReadError::Decode { path: path.to_path_buf(), reason: describe_decode_error(&e) })?;
-    let model = lift::lift(proto, dir)?;
+    let model = lift::lift(proto, dir, pages)?;
     let mut loaded = Loaded { model, dir: dir.to_path_buf(), inference: InferenceReport::skipped(), source: bytes };
     if options.infer_shapes {
         loaded.infer_shapes(&BTreeMap::new())?;
     }
     Ok(loaded)
+}
+
+/// The encoded model without the values of the initializers shape inference shows to tract as
+/// graph inputs ([`infer::is_weight_input`]), which it never reads: decoding them is a copy of
+/// every weight. `None` when there is nothing to leave out (or the bytes do not decode, which
+/// the reader has already refused): the model is then given as it is.
+fn without_weight_values(bytes: &Bytes) -> Option<Vec<u8>> {
+    // prost's `Bytes` fields slice the map: decoding touches no weight page.
+    let mut model = proto::ModelProto::decode(bytes.clone()).ok()?;
+    let graph = model.graph.as_mut()?;
+    let mut stripped = false;
+    for t in graph.initializer.iter_mut().filter(|t| infer::is_weight_input(t.data_type(), &t.dims)) {
+        stripped |= t.raw_data.take().is_some_and(|r| !r.is_empty());
+        for typed in [t.float_data.len(), t.double_data.len(), t.int32_data.len()] {
+            stripped |= typed > 0;
+        }
+        t.float_data = Vec::new();
+        t.double_data = Vec::new();
+        t.int32_data = Vec::new();
+    }
+    stripped.then(|| model.encode_to_vec())
 }
 
 /// prost's error as one short phrase: what is wrong (in words that name the usual cause) and the
@@ -125,12 +156,8 @@ fn model_dir(path: &Path) -> PathBuf {
     }
 }
 
-/// Maps a file read-only; the map lives as long as any `Bytes` sliced from it.
-pub(crate) fn map_file(path: &Path) -> Result<Bytes, ReadError> {
-    Ok(map_file_with_pages(path)?.0)
-}
-
-/// [`map_file`], with the handle that gives the map's pages back once read (none for an empty file).
+/// Maps a file read-only, with the handle that gives the map's pages back once read (none for an
+/// empty file); the map lives as long as any `Bytes` sliced from it.
 pub(crate) fn map_file_with_pages(path: &Path) -> Result<(Bytes, Option<std::sync::Arc<external::MappedFile>>), ReadError> {
     let io = |source| ReadError::Io { path: path.to_path_buf(), source };
     // The type is checked before opening (a FIFO's open blocks until a writer comes), and the

@@ -8,7 +8,11 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// Moves the main graph of `proto` into a [`Graph`], keeping every other field in the shells.
-pub(crate) fn lift(mut proto: proto::ModelProto, dir: &Path) -> Result<Model, ReadError> {
+pub(crate) fn lift(
+    mut proto: proto::ModelProto,
+    dir: &Path,
+    model_pages: Option<std::sync::Arc<crate::external::MappedFile>>,
+) -> Result<Model, ReadError> {
     check::check_is_onnx(&proto)?;
     let graph = proto.graph.take().ok_or(IrError::MissingGraph)?;
     check::check_ir_version(&proto)?;
@@ -22,7 +26,7 @@ pub(crate) fn lift(mut proto: proto::ModelProto, dir: &Path) -> Result<Model, Re
     for s in &graph.sparse_initializer {
         check::check_sparse(s)?;
     }
-    let mut externals = ExternalData::new(dir);
+    let mut externals = ExternalData::new(dir, model_pages);
     let graph = lift_graph(graph, &mut externals)?;
     prunec_ir::validate(&graph)?;
     Ok(Model { shell: proto, graph })

@@ -29,8 +29,9 @@ struct Inner {
 /// Where the values are.
 #[derive(Clone, Debug)]
 enum Data {
-    /// In the proto: `raw_data` or a typed field.
-    Proto,
+    /// In the proto: `raw_data` or a typed field. `pages` can give back the pages of the memory
+    /// map `raw_data` is a slice of (an inline tensor of a mapped model file).
+    Proto { pages: Option<Arc<dyn PageRelease>> },
     /// The bytes of an external tensor, sliced out of the data file's memory map (`pages` can give
     /// the map's pages back once read) or built in memory.
     External { bytes: Bytes, pages: Option<Arc<dyn PageRelease>> },
@@ -41,7 +42,7 @@ enum Data {
 impl PartialEq for Data {
     fn eq(&self, other: &Data) -> bool {
         match (self, other) {
-            (Data::Proto, Data::Proto) => true,
+            (Data::Proto { .. }, Data::Proto { .. }) => true,
             (Data::External { bytes: a, .. }, Data::External { bytes: b, .. }) => a == b,
             (Data::Sliced(a), Data::Sliced(b)) => a.source == b.source && a.keep == b.keep,
             _ => false,
@@ -81,7 +82,20 @@ impl Tensor {
         }
         let numel = checked_numel(&proto)?;
         check_inline_data(&proto, numel)?;
-        Ok(Tensor(Arc::new(Inner { proto, data: Data::Proto, numel })))
+        Ok(Tensor(Arc::new(Inner { proto, data: Data::Proto { pages: None }, numel })))
+    }
+
+    /// [`Tensor::from_proto`] for a tensor decoded from a memory map without copying: its
+    /// `raw_data` is a slice of the map, whose pages `pages` gives back as the tensor streams
+    /// ([`Tensor::write_packed`], [`Tensor::axes_sums`]), as a mapped external tensor's are.
+    pub fn from_mapped_proto(proto: proto::TensorProto, pages: Arc<dyn PageRelease>) -> Result<Tensor, IrError> {
+        let mut t = Tensor::from_proto(proto)?;
+        if let Some(inner) = Arc::get_mut(&mut t.0)
+            && let Data::Proto { pages: slot } = &mut inner.data
+        {
+            *slot = Some(pages);
+        }
+        Ok(t)
     }
 
     /// Wraps an external-data tensor whose bytes were read (or mapped) by the caller.
@@ -124,7 +138,7 @@ impl Tensor {
             ..Default::default()
         };
         let numel = dims.iter().product();
-        Tensor(Arc::new(Inner { proto, data: Data::Proto, numel }))
+        Tensor(Arc::new(Inner { proto, data: Data::Proto { pages: None }, numel }))
     }
 
     /// A new inline f32 tensor stored as `raw_data`.
@@ -163,16 +177,26 @@ impl Tensor {
         self.dtype().packed_bytes(self.numel()).unwrap_or(0)
     }
 
+    /// What can give back the pages of the memory map this tensor's packed bytes are a slice of
+    /// (inline `raw_data` of a mapped model file, or mapped external data); `None` for bytes
+    /// in memory and for sliced tensors, which [`Tensor::write_packed`] streams itself.
+    pub fn pages(&self) -> Option<&Arc<dyn PageRelease>> {
+        match &self.0.data {
+            Data::Proto { pages } | Data::External { pages, .. } => pages.as_ref(),
+            Data::Sliced(_) => None,
+        }
+    }
+
     /// Whether the data lives in an external file.
     pub fn is_external(&self) -> bool {
-        !matches!(self.0.data, Data::Proto)
+        !matches!(self.0.data, Data::Proto { .. })
     }
 
     /// Whether the data is packed bytes (`raw_data` or external data) rather than a typed field;
     /// unlike [`Tensor::raw_bytes`], it never materialises a sliced tensor.
     pub fn has_raw_data(&self) -> bool {
         match &self.0.data {
-            Data::Proto => self.0.proto.raw_data.is_some() && self.0.proto.data_location() != DataLocation::External,
+            Data::Proto { .. } => self.0.proto.raw_data.is_some() && self.0.proto.data_location() != DataLocation::External,
             Data::External { .. } | Data::Sliced(_) => true,
         }
     }
@@ -181,7 +205,7 @@ impl Tensor {
     /// sliced tensor is materialised (once) to answer; [`Tensor::write_packed`] streams instead.
     pub fn raw_bytes(&self) -> Option<&Bytes> {
         match &self.0.data {
-            Data::Proto => self.0.proto.raw_data.as_ref().filter(|_| self.0.proto.data_location() != DataLocation::External),
+            Data::Proto { .. } => self.0.proto.raw_data.as_ref().filter(|_| self.0.proto.data_location() != DataLocation::External),
             Data::External { bytes, .. } => Some(bytes),
             Data::Sliced(s) => Some(s.bytes.get_or_init(|| {
                 let mut out = Vec::with_capacity(self.nbytes() as usize);
@@ -286,7 +310,7 @@ impl Tensor {
             Tensor(Arc::new(Inner { proto, data: Data::External { bytes: data, pages: None }, numel }))
         } else {
             proto.raw_data = Some(data);
-            Tensor(Arc::new(Inner { proto, data: Data::Proto, numel }))
+            Tensor(Arc::new(Inner { proto, data: Data::Proto { pages: None }, numel }))
         }
     }
 
@@ -325,6 +349,11 @@ impl Tensor {
                 let at = (o * n + i) * inner;
                 out.extend_from_slice(&bytes[at..at + inner]);
             }
+        }
+        // The source was read whole and the copy is what the model keeps: a mapped source's
+        // pages go back (they come back from the file if it is read again).
+        if let (Data::Proto { pages: Some(pages) }, std::borrow::Cow::Borrowed(raw)) = (&self.0.data, &bytes) {
+            pages.release(raw);
         }
         Ok(self.with_data(&new_dims, out))
     }
@@ -370,7 +399,16 @@ impl Tensor {
                 Some(bytes) => bytes.chunks(STREAM_CHUNK).try_for_each(&mut *f).map(|()| true),
                 None => s.stream(f).map(|()| true),
             },
-            Data::Proto => match self.packed() {
+            Data::Proto { pages } => match self.packed() {
+                Some(std::borrow::Cow::Borrowed(raw)) => {
+                    for piece in raw.chunks(STREAM_CHUNK) {
+                        f(piece)?;
+                        if let Some(pages) = pages {
+                            pages.release(piece);
+                        }
+                    }
+                    Ok(true)
+                }
                 Some(bytes) => bytes.chunks(STREAM_CHUNK).try_for_each(&mut *f).map(|()| true),
                 None => Ok(false),
             },
@@ -723,6 +761,29 @@ mod tests {
         // Everything removed.
         let empty = ext.remove_indices(0, &[0, 1, 2, 3, 4, 5]).expect("lazy");
         assert!(streamed(&empty).is_empty());
+    }
+
+    #[test]
+    fn an_inline_tensor_of_a_mapped_model_gives_its_pages_back_as_it_streams() {
+        // Larger than one stream piece: every piece is given back, not only the last.
+        let dims = [3, 700, 701];
+        let inline = Tensor::from_f32("w", &dims, &values(3 * 700 * 701));
+        let pages = Arc::new(CountingPages::default());
+        let mapped = Tensor::from_mapped_proto(inline.proto().clone(), pages.clone()).expect("valid");
+        assert_eq!(mapped, inline, "where the bytes live is not part of the value");
+        assert!(mapped.pages().is_some() && inline.pages().is_none());
+        assert_eq!(streamed(&mapped), inline.packed().expect("raw").to_vec());
+        assert_eq!(pages.0.load(Ordering::Relaxed), mapped.nbytes() as usize, "every byte written is given back");
+        let summed = Arc::new(CountingPages::default());
+        let mapped = Tensor::from_mapped_proto(inline.proto().clone(), summed.clone()).expect("valid");
+        assert_eq!(mapped.axis_sums(1, |x| x * x), inline.axis_sums(1, |x| x * x));
+        assert_eq!(summed.0.load(Ordering::Relaxed), mapped.nbytes() as usize, "every byte summed is given back");
+        let sliced = Arc::new(CountingPages::default());
+        let mapped = Tensor::from_mapped_proto(inline.proto().clone(), sliced.clone()).expect("valid");
+        assert_eq!(mapped.remove_indices(1, &[0, 5]).expect("slices"), inline.remove_indices(1, &[0, 5]).expect("slices"));
+        assert_eq!(sliced.0.load(Ordering::Relaxed), mapped.nbytes() as usize, "the sliced source is given back");
+        // A tensor built in memory has no pages to give back, and streams as before.
+        assert_eq!(streamed(&inline), mapped.packed().expect("raw").to_vec());
     }
 
     #[test]

@@ -39,39 +39,44 @@ impl Plan {
     /// arithmetic folded at the feed's sizes, ops tract lacks lowered into ones it has).
     pub fn from_model(model: &Model, dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
         let bytes = prunec_backends::onnx::to_bytes(model)?;
-        let refusal = match Plan::from_bytes(&bytes, dir, feed) {
+        let refusal = match Plan::from_bytes(bytes, dir, feed) {
             Ok(plan) => return Ok(plan),
             Err(refusal) => refusal,
         };
         let Some(copy) = crate::lower::for_tract(model, feed) else { return Err(refusal) };
         // The first refusal names what tract lacks; a second one would name the copy's.
-        Plan::from_bytes(&prunec_backends::onnx::to_bytes(&copy)?, dir, feed).map_err(|_| refusal)
+        Plan::from_bytes(prunec_backends::onnx::to_bytes(&copy)?, dir, feed).map_err(|_| refusal)
     }
 
     /// Builds an optimised plan from an ONNX file.
     pub fn from_file(path: &Path, feed: &Feed) -> Result<Plan, RunError> {
         let bytes = std::fs::read(path).map_err(|e| RunError::Tract(format!("cannot read `{}`: {e}", path.display())))?;
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        Plan::from_bytes(&bytes, dir, feed)
+        Plan::from_bytes(bytes, dir, feed)
     }
 
-    fn from_bytes(bytes: &[u8], dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
-        prunec_ir::catch_quietly(|| Plan::build(bytes, dir, feed)).map_err(|m| RunError::Tract(format!("internal failure: {m}")))?
+    fn from_bytes(bytes: Vec<u8>, dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
+        prunec_ir::catch_quietly(move || Plan::build(bytes, dir, feed)).map_err(|m| RunError::Tract(format!("internal failure: {m}")))?
     }
 
-    fn build(bytes: &[u8], dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
-        let mut pb = tract_onnx::pb::ModelProto::decode(bytes).map_err(|e| RunError::Tract(e.to_string()))?;
+    /// Each form of the model is dropped as soon as the next one is made (the encoded bytes once
+    /// decoded, tract's protobuf once parsed), so no more than two copies of the weights are
+    /// alive at any moment, where keeping them all would hold three.
+    fn build(bytes: Vec<u8>, dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
+        let mut pb = tract_onnx::pb::ModelProto::decode(bytes.as_slice()).map_err(|e| RunError::Tract(e.to_string()))?;
+        drop(bytes);
         specialise(&mut pb, feed);
-        let parsed = tract_onnx::onnx().parse(&pb, dir.to_str())?;
-        let mut model = parsed.model;
         let graph = pb.graph.as_ref().ok_or_else(|| RunError::Tract("model has no graph".into()))?;
         let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
         let input_names: Vec<String> = graph.input.iter().map(|i| i.name.clone()).filter(|n| !initializers.contains(n.as_str())).collect();
+        let output_names = graph.output.iter().map(|o| o.name.clone()).collect();
+        let parsed = tract_onnx::onnx().parse(&pb, dir.to_str())?;
+        drop(pb);
+        let mut model = parsed.model;
         for (ix, name) in input_names.iter().enumerate() {
             let tensor = feed.0.get(name).ok_or_else(|| RunError::Inputs(format!("no value for input `{name}`")))?;
             model.set_input_fact(ix, InferenceFact::dt_shape(tensor.datum_type(), tensor.shape()))?;
         }
-        let output_names = graph.output.iter().map(|o| o.name.clone()).collect();
         let plan = model.into_optimized()?.into_runnable()?;
         Ok(Plan { plan, input_names, output_names })
     }

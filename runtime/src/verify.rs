@@ -10,8 +10,7 @@
 //! reported only.
 
 use crate::RunError;
-use crate::latency::{Latency, interleaved};
-use crate::tract::{Feed, Plan, compare};
+use crate::tract::{Feed, Outputs, Plan, compare};
 use prunec_ir::Model;
 use prunec_passes::Reference;
 use serde::Serialize;
@@ -34,8 +33,9 @@ pub const VERIFY_MAX_WEIGHT_BYTES: u64 = 1 << 30;
 pub struct Verification {
     /// Per output.
     pub outputs: Vec<OutputCheck>,
-    /// Median of three runs of the original in tract, in milliseconds, timed in alternation with
-    /// the pruned model (`prunec bench` measures more runs, and in ONNX Runtime too).
+    /// The original's one run in tract that verification makes, in milliseconds: a cold run (no
+    /// warm-up, not repeated), so only a rough figure; `prunec bench` measures latency to rely
+    /// on (warm-up, alternating runs, in ONNX Runtime too).
     pub original_ms: f64,
     /// Same for the pruned model.
     pub pruned_ms: f64,
@@ -125,16 +125,13 @@ pub fn verify(
     feed: &Feed,
     tolerance: f64,
 ) -> Result<Verification, VerifyError> {
-    const RUNS: usize = 3;
-    let original_plan = Plan::from_model(original, dir, feed).map_err(VerifyError::OriginalNotRunnable)?;
-    let want = original_plan.run(feed).map_err(VerifyError::OriginalNotRunnable)?;
-    let pruned_plan = Plan::from_model(pruned, dir, feed).map_err(VerifyError::PrunedNotRunnable)?;
-    let got = pruned_plan.run(feed).map_err(VerifyError::PrunedNotRunnable)?;
-    // The runs above were the warm-up; timed in alternation as `prunec bench` times them.
-    let (original_times, pruned_times) =
-        interleaved(&original_plan, &pruned_plan, feed, 0, RUNS).map_err(VerifyError::PrunedNotRunnable)?;
-    drop((original_plan, pruned_plan));
-    let median = |t: &[f64]| Latency::of(t).map_or(f64::NAN, |l| l.median_ms);
+    // One model in tract at a time: each plan holds its own copy of the weights (and the
+    // optimiser's packed forms), so a plan is dropped as soon as its outputs are taken, and the
+    // next one is built only then. Latency is not measured here (`prunec bench` measures it:
+    // warm-up and alternating runs); the figures reported are the one run each that verification
+    // needs anyway.
+    let (want, original_ms) = run_once(original, dir, feed).map_err(VerifyError::OriginalNotRunnable)?;
+    let (got, pruned_ms) = run_once(pruned, dir, feed).map_err(VerifyError::PrunedNotRunnable)?;
     let not_judged: Vec<String> = references
         .iter()
         .flat_map(|r| match r {
@@ -165,9 +162,7 @@ pub fn verify(
         for edit in &edits {
             edit.apply(&mut m).map_err(VerifyError::Reference)?;
         }
-        let plan = Plan::from_model(&m, dir, feed).map_err(|e| VerifyError::Reference(e.to_string()))?;
-        drop(m);
-        Some(plan.run(feed).map_err(|e| VerifyError::Reference(e.to_string()))?)
+        Some(run_once(&m, dir, feed).map_err(|e| VerifyError::Reference(e.to_string()))?.0)
     };
     let reference = reference.as_ref().unwrap_or(&want);
     let mut outputs = Vec::new();
@@ -201,14 +196,22 @@ pub fn verify(
     }
     Ok(Verification {
         outputs,
-        original_ms: median(&original_times),
-        pruned_ms: median(&pruned_times),
+        original_ms,
+        pruned_ms,
         reference: kind.to_string(),
         reference_description: description,
         judged,
         not_judged,
         tolerance,
     })
+}
+
+/// Builds `model`'s plan, runs it once on `feed` and drops the plan (and its weights) before
+/// returning the outputs and the run's time in milliseconds.
+fn run_once(model: &Model, dir: &Path, feed: &Feed) -> Result<(Outputs, f64), RunError> {
+    let outputs = Plan::from_model(model, dir, feed)?.run(feed)?;
+    let ms = outputs.elapsed.as_secs_f64() * 1e3;
+    Ok((outputs, ms))
 }
 
 /// The one value every element of `t` has, when there is one and more than one element.

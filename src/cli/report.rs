@@ -65,7 +65,7 @@ impl Summary<'_> {
                 v.pruned_ms,
                 format!("{:.2}x", v.pruned_ms / v.original_ms)
             );
-            eprintln!("{:<12} (median of 3 runs each, alternating; `prunec bench ORIGINAL PRUNED` measures latency to rely on)", "");
+            eprintln!("{:<12} (verification's one cold run of each; `prunec bench ORIGINAL PRUNED` measures latency to rely on)", "");
             let shapes: Vec<String> = c.inputs.shapes.iter().map(|(n, s)| format!("{n}{s:?}")).collect();
             eprintln!("verify in tract on {} ({}):", c.inputs.source, shapes.join(", "));
             for o in &v.outputs {

@@ -331,7 +331,7 @@ fn report(rows: &[Row], runs: usize, kind: Kind) -> Result<String> {
         writeln!(s)?;
         writeln!(
             s,
-            "The pruned models, from `--report` of one more run (tract latency: fastest of 3 runs after a warm-up, original and pruned in the same process):"
+            "The pruned models, from `--report` of one more run (tract time: verification's one cold run of each; `prunec bench` measures latency):"
         )?;
         writeln!(s)?;
         writeln!(

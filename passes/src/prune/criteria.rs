@@ -98,8 +98,21 @@ pub struct Calibration {
     pub second_moments: BTreeMap<String, Vec<f64>>,
     /// For each dense consumer (by node name), the statistics of its input columns.
     pub hessians: BTreeMap<String, super::obspa::Hessian>,
+    /// For each dense consumer (by node name), its input activation, from which its Hessian is
+    /// computed when the pass needs it and dropped after ([`super::statistics::collect_inputs`]):
+    /// all Hessians and their inverses at once are many times the model's size.
+    pub layer_inputs: BTreeMap<String, LayerInput>,
     /// Where the statistics came from, for the report.
     pub source: String,
+}
+
+/// A dense consumer's input activation, as measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerInput {
+    /// The op that reads it.
+    pub op: prunec_ir::OpId,
+    /// The activation (shared: consumers of one value read the same).
+    pub activation: std::sync::Arc<crate::measure::Activation>,
 }
 
 /// Scores every channel of each group (`None` where the criterion has nothing to score).

@@ -452,7 +452,7 @@ impl Pass for ChannelPruning {
                 if let Some(p) = progress.as_deref_mut() {
                     p.start(&format!("prune: measuring the `{name}` criterion's statistics"), 0);
                 }
-                let c = statistics::collect(model, m, wants_hessians)
+                let c = statistics::collect_inputs(model, m, wants_hessians)
                     .map_err(|e| PassError::Measure(format!("running the model for the `{name}` criterion's statistics: {e}")))?;
                 if let Some(p) = progress.as_deref_mut() {
                     p.finish();
@@ -689,11 +689,15 @@ pub fn plan(
             }
         }
     }
-    let hessians = if options.criterion.needs_hessians() { hessians(graph, hessian_source, calibration) } else { Default::default() };
+    let statistics = if options.criterion.needs_hessians() {
+        hessians(graph, hessian_source, calibration)
+    } else {
+        obspa::Statistics::Computed(Default::default())
+    };
     let obs = options.criterion == Criterion::Obspa;
-    let layers = obspa::prepare_layers(graph, &eligible, &hessians, obs, options.damping);
+    let consumers = obspa::Consumers::of(graph, &eligible);
     let scores = if options.criterion.needs_hessians() {
-        obspa::score_groups(graph, &eligible, options.criterion, options.reduction, &layers)
+        obspa::score_groups(graph, &eligible, options.criterion, options.reduction, &consumers, &statistics, options.damping)
     } else {
         criteria::score_groups(graph, &eligible, options.criterion, options.reduction, options.seed, &order, calibration)
     };
@@ -759,14 +763,14 @@ pub fn plan(
     report.calibration = calibration.filter(|_| measured).map(|c| c.source.clone());
     if options.criterion.needs_hessians() {
         let method = if obs { obspa::Method::Obs } else { obspa::Method::MeanIntoBias };
-        let (done, notes) = obspa::compensations(graph, &report.masked, &layers, method);
+        let (done, notes) = obspa::compensations(graph, &report.masked, &consumers, &statistics, options.damping, method);
         report.compensation = Some(CompensationReport {
             hessian: match hessian_source {
                 HessianSource::Calib | HessianSource::Noise => calibration.map(|c| c.source.clone()).unwrap_or_default(),
                 HessianSource::Bn => "BatchNormalization statistics".into(),
                 HessianSource::Identity => "identity (no compensation)".into(),
             },
-            layers_with_statistics: hessians.len(),
+            layers_with_statistics: statistics.count(graph),
             layers_compensated: done.len(),
             refit_levels: 0,
             notes,
@@ -776,20 +780,18 @@ pub fn plan(
     Ok((removal, report))
 }
 
-/// The consumers' input statistics for OBSPA and FLAP: measured (in the calibration), derived
-/// from BatchNormalization, or none (H = I everywhere).
-fn hessians<'c>(
-    graph: &Graph,
-    source: HessianSource,
-    calibration: Option<&'c Calibration>,
-) -> std::borrow::Cow<'c, BTreeMap<String, Hessian>> {
+/// The consumers' input statistics for OBSPA and FLAP: measured (in the calibration: its
+/// Hessians, or its layers' inputs to compute them from one at a time), derived from
+/// BatchNormalization, or none (H = I everywhere).
+fn hessians<'c>(graph: &Graph, source: HessianSource, calibration: Option<&'c Calibration>) -> obspa::Statistics<'c> {
     use std::borrow::Cow;
     match (source, calibration) {
-        (HessianSource::Calib | HessianSource::Noise, Some(c)) => Cow::Borrowed(&c.hessians),
-        (HessianSource::Bn, _) => {
-            Cow::Owned(graph.op_ids().filter_map(|op| Some((graph.op(op).name.clone(), obspa::bn_hessian(graph, op)?))).collect())
-        }
-        _ => Cow::Owned(BTreeMap::new()),
+        (HessianSource::Calib | HessianSource::Noise, Some(c)) if c.hessians.is_empty() => obspa::Statistics::Measured(&c.layer_inputs),
+        (HessianSource::Calib | HessianSource::Noise, Some(c)) => obspa::Statistics::Computed(Cow::Borrowed(&c.hessians)),
+        (HessianSource::Bn, _) => obspa::Statistics::Computed(Cow::Owned(
+            graph.op_ids().filter_map(|op| Some((graph.op(op).name.clone(), obspa::bn_hessian(graph, op)?))).collect(),
+        )),
+        _ => obspa::Statistics::Computed(Cow::Owned(BTreeMap::new())),
     }
 }
 

@@ -833,17 +833,29 @@ pub(crate) enum Method {
     MeanIntoBias,
 }
 
-/// Computes the compensations of the consumers that read removed channels.
-pub(crate) fn compensations(graph: &Graph, masked: &[MaskedSlice], layers: &Layers, method: Method) -> (Vec<Compensation>, Vec<String>) {
+/// Computes the compensations of the consumers that read removed channels, each consumer's
+/// Hessian and inverse computed in turn and dropped once its compensation is made.
+pub(crate) fn compensations(
+    graph: &Graph,
+    masked: &[MaskedSlice],
+    consumers: &Consumers,
+    statistics: &Statistics,
+    damping: f64,
+    method: Method,
+) -> (Vec<Compensation>, Vec<String>) {
     let mut per_consumer: BTreeMap<(&str, &str), BTreeSet<usize>> = BTreeMap::new();
     for s in masked {
         per_consumer.entry((&s.node, &s.weight)).or_default().extend(&s.indices);
     }
+    // One consumer at a time (faer spreads each one's products and factorisation over the
+    // threads): two of the largest layers' Hessians and inverses at once would double the peak.
     let results: Vec<Result<Compensation, String>> = per_consumer
-        .into_par_iter()
+        .into_iter()
         .filter_map(|((node, weight), indices)| {
-            let layer = layers.get(node)?;
-            let (h, op, view) = (layer.hessian, layer.op, layer.view);
+            let h = statistics.hessian(graph, node)?;
+            let layer = consumers.layer(graph, node, &h, method == Method::Obs, damping)?;
+            let (op, view) = (layer.op, layer.view);
+            let h = layer.hessian;
             let w = graph.value_by_name(weight)?;
             if graph.op_input(op, 1) != Some(w) {
                 return None;
@@ -919,66 +931,136 @@ fn put_constant(graph: &mut Graph, v: ValueId, tensor: Tensor) -> Result<(), Str
     Ok(())
 }
 
-/// The dense consumers of some groups, by node name, ready for scoring and compensation.
-pub(crate) type Layers<'h> = BTreeMap<String, Layer<'h>>;
+/// Where the consumers' Hessians come from. Measured ones are computed from the layer's input
+/// activation each time one is asked for, and dropped by the caller once used: a Hessian and
+/// its inverse take 2·8·d² bytes for d input columns (340 MB for a 512-channel 3×3 convolution),
+/// so holding every layer's at once takes many times the model's size.
+pub(crate) enum Statistics<'c> {
+    /// Computed beforehand, by node name: BatchNormalization's analytic ones, or a calibration
+    /// that holds its Hessians ([`super::statistics::collect`]).
+    Computed(std::borrow::Cow<'c, BTreeMap<String, Hessian>>),
+    /// Measured from each consumer's input activation when asked.
+    Measured(&'c BTreeMap<String, super::criteria::LayerInput>),
+}
 
-/// Prepares the consumers of `groups` that have statistics: their weights and, for OBSPA, their
-/// damped inverse Hessians (the expensive part: one factorisation per layer, layers in parallel).
-pub(crate) fn prepare_layers<'h>(
-    graph: &Graph,
-    groups: &[&Group],
-    hessians: &'h BTreeMap<String, Hessian>,
-    inverse: bool,
-    damping: f64,
-) -> Layers<'h> {
-    let consumers: BTreeSet<&str> =
-        groups.iter().flat_map(|g| &g.weights).filter(|w| w.role == Role::Consumer).map(|w| w.node.as_str()).collect();
-    let ops: Vec<(&str, OpId)> = graph.op_ids().map(|op| (graph.op(op).name.as_str(), op)).filter(|(n, _)| consumers.contains(n)).collect();
-    ops.into_par_iter()
-        .filter_map(|(node, op)| {
-            let h = hessians.get(node)?;
-            let layer = if inverse { Layer::new(graph, op, h, damping)? } else { Layer::without_inverse(graph, op, h)? };
-            Some((node.to_string(), layer))
-        })
-        .collect()
+impl Statistics<'_> {
+    /// `node`'s Hessian (`None` when it has no statistics, or its input cannot be read).
+    pub(crate) fn hessian(&self, graph: &Graph, node: &str) -> Option<std::borrow::Cow<'_, Hessian>> {
+        use std::borrow::Cow;
+        match self {
+            Statistics::Computed(map) => map.get(node).map(Cow::Borrowed),
+            Statistics::Measured(inputs) => {
+                let i = inputs.get(node)?;
+                let x = &i.activation;
+                input_hessian(graph, i.op, &x.values, &x.shape, super::statistics::MAX_HESSIAN_ROWS).map(Cow::Owned)
+            }
+        }
+    }
+
+    /// How many consumers have a Hessian, without computing any.
+    pub(crate) fn count(&self, graph: &Graph) -> usize {
+        match self {
+            Statistics::Computed(map) => map.len(),
+            Statistics::Measured(inputs) => inputs
+                .values()
+                .filter(|i| {
+                    let x = &i.activation;
+                    // What makes `accumulate` give up.
+                    input_rows(graph, i.op, &x.values, &x.shape, super::statistics::MAX_HESSIAN_ROWS)
+                        .is_some_and(|(d, count, _)| d > 0 && count > 0)
+                })
+                .count(),
+        }
+    }
+}
+
+/// The dense consumers of some groups: the op of each by node name (the last op of that name).
+pub(crate) struct Consumers(BTreeMap<String, OpId>);
+
+impl Consumers {
+    /// The consumers of `groups`.
+    pub(crate) fn of(graph: &Graph, groups: &[&Group]) -> Consumers {
+        let names: BTreeSet<&str> =
+            groups.iter().flat_map(|g| &g.weights).filter(|w| w.role == Role::Consumer).map(|w| w.node.as_str()).collect();
+        Consumers(graph.op_ids().map(|op| (graph.op(op).name.clone(), op)).filter(|(n, _)| names.contains(n.as_str())).collect())
+    }
+
+    /// `node`'s layer on its Hessian `h`: its weights and, for OBS (`inverse`), the damped
+    /// inverse Hessian (the expensive part: one factorisation).
+    fn layer<'h>(&self, graph: &Graph, node: &str, h: &'h Hessian, inverse: bool, damping: f64) -> Option<Layer<'h>> {
+        let op = *self.0.get(node)?;
+        if inverse { Layer::new(graph, op, h, damping) } else { Layer::without_inverse(graph, op, h) }
+    }
 }
 
 /// Scores every channel of each group by what removing it costs the group's consumers: the OBS
 /// error for [`super::Criterion::Obspa`], the fluctuation for [`super::Criterion::Flap`].
 /// Consumers without statistics (no Hessian, not dense) count with H = I: ½‖w_Q‖².
+///
+/// The layers are taken one after another (faer spreads each one's products and factorisation
+/// over the threads): each one's Hessian and inverse are computed, every slice the groups read
+/// of it is costed, and both are dropped before the next layer.
 pub(crate) fn score_groups(
     graph: &Graph,
     groups: &[&Group],
     criterion: super::Criterion,
     reduction: super::Reduction,
-    layers: &Layers,
+    consumers: &Consumers,
+    statistics: &Statistics,
+    damping: f64,
 ) -> Vec<Option<Vec<f64>>> {
     let obs = criterion == super::Criterion::Obspa;
+    // Which slices (group, weight) read each consumer.
+    let mut slices: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
+    for (gi, g) in groups.iter().enumerate() {
+        for (wi, w) in g.weights.iter().enumerate().filter(|(_, w)| w.role == Role::Consumer) {
+            slices.entry(w.node.as_str()).or_default().push((gi, wi));
+        }
+    }
+    let costs: BTreeMap<(usize, usize), Vec<f64>> = slices
+        .into_iter()
+        .flat_map(|(node, read)| {
+            let h = statistics.hessian(graph, node);
+            let layer = h.as_deref().and_then(|h| consumers.layer(graph, node, h, obs, damping));
+            match &layer {
+                None => Vec::new(),
+                Some(l) => read
+                    .into_iter()
+                    .filter(|&(gi, wi)| {
+                        let w = &groups[gi].weights[wi];
+                        l.view.axis == w.axis && l.weight_name == w.weight
+                    })
+                    .map(|(gi, wi)| {
+                        let costs = groups[gi].weights[wi]
+                            .indices
+                            .iter()
+                            .map(|idx| {
+                                let q = l.view.columns_of(idx.iter().copied());
+                                if obs { l.cost(&q) } else { fluctuation(&l.view, &l.weight, l.hessian, &q) }
+                            })
+                            .collect();
+                        ((gi, wi), costs)
+                    })
+                    .collect::<Vec<((usize, usize), Vec<f64>)>>(),
+            }
+        })
+        .collect();
     groups
         .par_iter()
-        .map(|g| {
+        .enumerate()
+        .map(|(gi, g)| {
             let channels = g.channels? as usize;
             let per_slice: Vec<Vec<f64>> = g
                 .weights
                 .iter()
-                .filter(|w| w.role == Role::Consumer)
-                .filter_map(|w| {
-                    let layer = layers.get(&w.node).filter(|l| l.view.axis == w.axis && l.weight_name == w.weight);
-                    match layer {
-                        Some(l) => Some(
-                            w.indices
-                                .iter()
-                                .map(|idx| {
-                                    let q = l.view.columns_of(idx.iter().copied());
-                                    if obs { l.cost(&q) } else { fluctuation(&l.view, &l.weight, l.hessian, &q) }
-                                })
-                                .collect(),
-                        ),
-                        None => {
-                            let t = constant_tensor(graph, graph.value_by_name(&w.weight)?)?;
-                            let sums = t.dtype().is_float().then(|| t.axis_sums(w.axis, |x| 0.5 * x * x)).flatten()?;
-                            Some(w.indices.iter().map(|idx| idx.iter().map(|&i| sums.get(i).copied().unwrap_or(0.0)).sum()).collect())
-                        }
+                .enumerate()
+                .filter(|(_, w)| w.role == Role::Consumer)
+                .filter_map(|(wi, w)| match costs.get(&(gi, wi)) {
+                    Some(c) => Some(c.clone()),
+                    None => {
+                        let t = constant_tensor(graph, graph.value_by_name(&w.weight)?)?;
+                        let sums = t.dtype().is_float().then(|| t.axis_sums(w.axis, |x| 0.5 * x * x)).flatten()?;
+                        Some(w.indices.iter().map(|idx| idx.iter().map(|&i| sums.get(i).copied().unwrap_or(0.0)).sum()).collect())
                     }
                 })
                 .collect();

@@ -2,11 +2,13 @@
 //! second moments and each dense consumer's input Hessian (on `--inputs` or seeded noise), and
 //! OBSPA's sequential refit, which runs the pruned prefix level by level.
 
+use super::criteria::LayerInput;
 use super::obspa::{self, Compensation, CrossMoments, Refit, apply_compensations};
 use super::{Calibration, MaskedSlice, PruneReport, mask_consumers};
 use crate::measure::{Activation, Measure, MeasureError};
 use prunec_ir::{Graph, Model, OpId, ValueId, constant_tensor};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// Rows (samples × positions) a consumer's Hessian is measured on at most: an evenly spaced
 /// subset beyond, so a high-resolution convolution costs O(rows · columns²), not more.
@@ -31,27 +33,39 @@ fn activation_axis(graph: &Graph, op: OpId) -> Option<(ValueId, usize)> {
 }
 
 /// Measures the second moments (and the Hessians, with `hessians`) of `model`; every sample
-/// and position of the inputs counts.
+/// and position of the inputs counts. Every Hessian is computed and held at once: the pass
+/// itself uses [`collect_inputs`], which computes each when needed.
 pub fn collect(model: &Model, measure: &mut dyn Measure, hessians: bool) -> Result<Calibration, MeasureError> {
+    let mut calibration = collect_inputs(model, measure, hessians)?;
+    let inputs = std::mem::take(&mut calibration.layer_inputs);
+    let reads: Vec<(OpId, &[f32], &[usize])> =
+        inputs.values().map(|i| (i.op, i.activation.values.as_slice(), i.activation.shape.as_slice())).collect();
+    calibration.hessians = obspa::input_hessians(&model.graph, &reads, MAX_HESSIAN_ROWS);
+    Ok(calibration)
+}
+
+/// Measures the second moments of `model` and, with `hessians`, keeps each dense consumer's
+/// input activation ([`Calibration::layer_inputs`]) for its Hessian to be computed when the pass
+/// needs it, one layer at a time.
+pub fn collect_inputs(model: &Model, measure: &mut dyn Measure, hessians: bool) -> Result<Calibration, MeasureError> {
     let graph = &model.graph;
     let reads: BTreeMap<String, (OpId, ValueId, usize)> =
         graph.op_ids().filter_map(|op| activation_axis(graph, op).map(|(v, axis)| (graph.op(op).name.clone(), (op, v, axis)))).collect();
     let probes: Vec<ValueId> = reads.values().map(|r| r.1).collect();
-    let activations = measure.capture(model, &probes)?;
+    let activations: BTreeMap<ValueId, Arc<Activation>> =
+        measure.capture(model, &probes)?.into_iter().map(|(v, x)| (v, Arc::new(x))).collect();
     let mut second_moments = BTreeMap::new();
-    let mut dense: Vec<(OpId, &Activation)> = Vec::new();
+    let mut layer_inputs = BTreeMap::new();
     for (node, &(op, v, axis)) in &reads {
         let Some(x) = activations.get(&v) else { continue };
         if let Some(m2) = channel_second_moments(x, axis) {
             second_moments.insert(node.clone(), m2);
         }
         if hessians {
-            dense.push((op, x));
+            layer_inputs.insert(node.clone(), LayerInput { op, activation: x.clone() });
         }
     }
-    let reads: Vec<(OpId, &[f32], &[usize])> = dense.iter().map(|(op, x)| (*op, x.values.as_slice(), x.shape.as_slice())).collect();
-    let hessians = obspa::input_hessians(graph, &reads, MAX_HESSIAN_ROWS);
-    Ok(Calibration { second_moments, hessians, source: measure.source().to_string() })
+    Ok(Calibration { second_moments, hessians: BTreeMap::new(), layer_inputs, source: measure.source().to_string() })
 }
 
 /// Mean of x² per index of `axis`, over every other axis.
