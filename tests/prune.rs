@@ -449,3 +449,36 @@ fn magika_features_recur_in_each_quarter_of_the_conv_input() {
         assert!(v.judged, "{criterion:?} at {ratio}: nothing checked by masking");
     }
 }
+
+/// A calibration set of 8 samples, as users have them, on every zoo model, the exports traced
+/// at batch 1 included (ShuffleNet's channel shuffle writes the 1 into its Reshapes; FLUX's
+/// position ids have no batch axis): statistics and verification run batch by batch, and the
+/// result equals the compensated and masked original. Groups a normalisation mixes are kept
+/// whole, so every model is judged. One model per kind of feed: a batch fixed at 1 in the
+/// declared input and in Reshapes (ShuffleNet, MobileNetV3), token ids (BERT), inputs without a
+/// batch axis beside batched ones (FLUX), a named batch fed 2 samples (dynamo's Llama).
+#[test]
+fn obspa_calibrates_on_more_samples_than_the_batch_a_model_was_traced_at() {
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let zoo = common::shared().join("models/zoo");
+    for name in ["shufflenet_v2_x0_5", "mobilenet_v3_small", "tiny_bert", "tiny_flux", "tiny_llama"] {
+        let model = zoo.join(format!("{name}.onnx"));
+        let calib = scratch.path().join(format!("{name}.8.npz"));
+        common::exporters(&[Path::new("samples"), &model, &zoo.join(format!("{name}.inputs.npz")), &calib]);
+        let out = scratch.path().join(format!("{name}.onnx"));
+        let o = common::prunec()
+            .arg(&model)
+            .arg("-o")
+            .arg(&out)
+            .args(["--criterion", "obspa", "--keep-normalized", "--inputs"])
+            .arg(&calib)
+            .output();
+        let o = o.expect("running prunec");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{name}:\n{stderr}");
+        assert!(
+            stderr.contains("[8, ") && stderr.contains("compensated and masked original ("),
+            "{name}: not calibrated and judged on 8 samples:\n{stderr}"
+        );
+    }
+}

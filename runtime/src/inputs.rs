@@ -249,3 +249,37 @@ fn declared_shape_mut(info: &mut ValueInfoProto) -> Option<&mut TensorShapeProto
 fn declared_open(shape: &TensorShapeProto, axis: usize) -> bool {
     !shape.dim.get(axis).is_some_and(|d| matches!(d.value, Some(DimValue::DimValue(n)) if n > 0))
 }
+
+/// The feed as batches of the size the model's inputs declare on their first axis: every fed
+/// input that has k times its declared fixed first size (the same k for all) is cut into k
+/// pieces, and inputs fed at their declared size (FLUX's position ids, without a batch axis)
+/// go whole into every batch. `None` when the feed fits as it is. Exports traced at batch 1
+/// write that 1 into their Reshapes (ShuffleNet's channel shuffle), so 8 calibration images
+/// must go through them one at a time.
+pub fn split_into_batches(model: &Model, feed: &Feed) -> Option<Vec<Feed>> {
+    let graph = &model.graph;
+    let mut pieces: Option<usize> = None;
+    let mut split: BTreeMap<&str, usize> = BTreeMap::new();
+    for (name, tensor) in &feed.0 {
+        let declared = graph.value_by_name(name).and_then(|v| graph.value(v).shape.as_ref()).and_then(|s| s.0.first()?.known());
+        let (Some(declared), Some(&given)) = (declared, tensor.shape().first()) else { continue };
+        let declared = declared as usize;
+        if declared == 0 || given == declared {
+            continue;
+        }
+        if given % declared != 0 || *pieces.get_or_insert(given / declared) != given / declared {
+            return None;
+        }
+        split.insert(name, declared);
+    }
+    let pieces = pieces?;
+    (0..pieces)
+        .map(|k| {
+            let part = feed.0.iter().map(|(n, t)| match split.get(n.as_str()) {
+                Some(&size) => Some((n.clone(), t.slice(0, k * size, (k + 1) * size).ok()?)),
+                None => Some((n.clone(), t.clone())),
+            });
+            part.collect::<Option<BTreeMap<_, _>>>().map(Feed)
+        })
+        .collect()
+}

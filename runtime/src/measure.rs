@@ -73,35 +73,9 @@ impl TractMeasure {
     /// batch 1, whose Reshapes say 1) runs in batches of that size, and what each captures is
     /// concatenated along the first axis.
     pub fn new(dir: &Path, model: &Model, feed: Feed, source: String) -> TractMeasure {
-        let batches = split_into_batches(model, &feed).unwrap_or_else(|| vec![feed]);
+        let batches = crate::inputs::split_into_batches(model, &feed).unwrap_or_else(|| vec![feed]);
         TractMeasure { dir: dir.to_path_buf(), batches, source }
     }
-}
-
-/// The feed as batches of the size the model's inputs declare on their first axis, when every
-/// fed input declares the same fixed size there and has a multiple of it; `None` when the feed
-/// fits as it is.
-fn split_into_batches(model: &Model, feed: &Feed) -> Option<Vec<Feed>> {
-    let graph = &model.graph;
-    let mut batch = None;
-    let mut samples = None;
-    for (name, tensor) in &feed.0 {
-        let declared = graph.value_by_name(name).and_then(|v| graph.value(v).shape.as_ref()).and_then(|s| s.0.first()?.known())?;
-        let given = *tensor.shape().first()? as u64;
-        if *batch.get_or_insert(declared) != declared || *samples.get_or_insert(given) != given {
-            return None;
-        }
-    }
-    let (batch, samples) = (batch? as usize, samples? as usize);
-    if batch == 0 || samples <= batch || samples % batch != 0 {
-        return None;
-    }
-    (0..samples / batch)
-        .map(|k| {
-            let part = feed.0.iter().map(|(n, t)| Some((n.clone(), t.slice(0, k * batch, (k + 1) * batch).ok()?)));
-            part.collect::<Option<BTreeMap<_, _>>>().map(Feed)
-        })
-        .collect()
 }
 
 /// What the batches captured, as one capture of the whole feed: each value's parts

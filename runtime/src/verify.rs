@@ -207,11 +207,26 @@ pub fn verify(
 }
 
 /// Builds `model`'s plan, runs it once on `feed` and drops the plan (and its weights) before
-/// returning the outputs and the run's time in milliseconds.
+/// returning the outputs and the run's time in milliseconds. A feed of more samples than the
+/// model's fixed batch runs batch by batch through one plan, the outputs concatenated along the
+/// first axis.
 fn run_once(model: &Model, dir: &Path, feed: &Feed) -> Result<(Outputs, f64), RunError> {
-    let outputs = Plan::from_model(model, dir, feed)?.run(feed)?;
-    let ms = outputs.elapsed.as_secs_f64() * 1e3;
-    Ok((outputs, ms))
+    let Some(batches) = crate::inputs::split_into_batches(model, feed) else {
+        let outputs = Plan::from_model(model, dir, feed)?.run(feed)?;
+        let ms = outputs.elapsed.as_secs_f64() * 1e3;
+        return Ok((outputs, ms));
+    };
+    let plan = Plan::from_model(model, dir, &batches[0])?;
+    let runs: Vec<Outputs> = batches.iter().map(|b| plan.run(b)).collect::<Result<_, _>>()?;
+    let ms = runs.iter().map(|r| r.elapsed.as_secs_f64() * 1e3).sum();
+    let elapsed = runs.iter().map(|r| r.elapsed).sum();
+    let mut values = Vec::new();
+    for (i, (name, _)) in runs[0].values.iter().enumerate() {
+        let parts: Vec<&crate::tract::TractTensor> = runs.iter().map(|r| &r.values[i].1).collect();
+        let whole = crate::tract::TractTensor::stack_tensors(0, &parts).map_err(|e| RunError::Tract(format!("output `{name}`: {e}")))?;
+        values.push((name.clone(), whole));
+    }
+    Ok((Outputs { values, elapsed }, ms))
 }
 
 /// The one value every element of `t` has, when there is one and more than one element.

@@ -349,9 +349,28 @@ def against(model, feed_path, computed_path):
     print(worst)
 
 
+def samples(model, src, out, count="8"):
+    """SRC's arrays with COUNT samples where the model has a batch axis (the saved one, each
+    float copy perturbed by seeded noise), the others (FLUX's position ids) as they are: a
+    calibration set larger than the batch many exports are traced at."""
+    # A batch axis: the first, declared open or of size 1.
+    first = {i.name: i.type.tensor_type.shape.dim[0] for i in onnx.load(model).graph.input if i.type.tensor_type.shape.dim}
+    batch_inputs = {k for k, d in first.items() if d.dim_value in (0, 1)}
+    rng = np.random.default_rng(0)
+    result = {}
+    for k, v in dict(np.load(src)).items():
+        if v.ndim == 0 or k not in batch_inputs:
+            result[k] = v
+            continue
+        rows = v[np.arange(int(count)) % v.shape[0]]
+        result[k] = (rows + 0.1 * rng.standard_normal(rows.shape)).astype(v.dtype) if v.dtype.kind == "f" else rows
+    np.savez(out, **result)
+    print(out)
+
+
 def main():
     command, *args = sys.argv[1:]
-    commands = {"make": make, "legacy": legacy, "check": check, "against": against}
+    commands = {"make": make, "legacy": legacy, "check": check, "against": against, "samples": samples}
     commands.update({"fp16": fp16, "qdq": qdq, "qoperator": qoperator, "uint8": uint8})
     commands[command](*args)
 
