@@ -27,9 +27,12 @@ fn load(name: &str) -> Loaded {
     loaded
 }
 
-/// What each model must give: blocks, order, axis, whether the last block's text branch ends
-/// at the attention, twin weights per block.
-const EXPECTED: &[(&str, usize, Order, usize, bool, &[usize])] = &[
+/// What a model must give: its name, blocks, order, axis, whether the last block's text branch
+/// ends at the attention, twin weights per block.
+type Expected = (&'static str, usize, Order, usize, bool, &'static [usize]);
+
+/// What each model must give.
+const EXPECTED: &[Expected] = &[
     // Three dual-stream blocks before the single-stream stack; rotary on the joint sequence.
     ("tiny_flux", 3, Order::TextFirst, 1, false, &[14, 14, 14]),
     // `[B,H,L,d]`, image first; the last block's text side is a (scale, shift) modulation and

@@ -38,31 +38,43 @@ impl Plan {
     /// by rewrites that compute the same function for this feed (the `lower` module: shape
     /// arithmetic folded at the feed's sizes, ops tract lacks lowered into ones it has).
     pub fn from_model(model: &Model, dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
+        Plan::from_model_as(model, dir, feed, true)
+    }
+
+    /// As [`Plan::from_model`], but decluttered only, not optimised: tract's reference kernels,
+    /// which sum in other orders than the optimised ones. The two plans of one model differ by
+    /// the float error of its depth and scale, which verification measures this way.
+    pub fn from_model_unoptimised(model: &Model, dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
+        Plan::from_model_as(model, dir, feed, false)
+    }
+
+    fn from_model_as(model: &Model, dir: &Path, feed: &Feed, optimise: bool) -> Result<Plan, RunError> {
         let bytes = prunec_backends::onnx::to_bytes(model)?;
-        let refusal = match Plan::from_bytes(bytes, dir, feed) {
+        let refusal = match Plan::from_bytes(bytes, dir, feed, optimise) {
             Ok(plan) => return Ok(plan),
             Err(refusal) => refusal,
         };
         let Some(copy) = crate::lower::for_tract(model, feed) else { return Err(refusal) };
         // The first refusal names what tract lacks; a second one would name the copy's.
-        Plan::from_bytes(prunec_backends::onnx::to_bytes(&copy)?, dir, feed).map_err(|_| refusal)
+        Plan::from_bytes(prunec_backends::onnx::to_bytes(&copy)?, dir, feed, optimise).map_err(|_| refusal)
     }
 
     /// Builds an optimised plan from an ONNX file.
     pub fn from_file(path: &Path, feed: &Feed) -> Result<Plan, RunError> {
         let bytes = std::fs::read(path).map_err(|e| RunError::Tract(format!("cannot read `{}`: {e}", path.display())))?;
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        Plan::from_bytes(bytes, dir, feed)
+        Plan::from_bytes(bytes, dir, feed, true)
     }
 
-    fn from_bytes(bytes: Vec<u8>, dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
-        prunec_ir::catch_quietly(move || Plan::build(bytes, dir, feed)).map_err(|m| RunError::Tract(format!("internal failure: {m}")))?
+    fn from_bytes(bytes: Vec<u8>, dir: &Path, feed: &Feed, optimise: bool) -> Result<Plan, RunError> {
+        prunec_ir::catch_quietly(move || Plan::build(bytes, dir, feed, optimise))
+            .map_err(|m| RunError::Tract(format!("internal failure: {m}")))?
     }
 
     /// Each form of the model is dropped as soon as the next one is made (the encoded bytes once
     /// decoded, tract's protobuf once parsed), so no more than two copies of the weights are
     /// alive at any moment, where keeping them all would hold three.
-    fn build(bytes: Vec<u8>, dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
+    fn build(bytes: Vec<u8>, dir: &Path, feed: &Feed, optimise: bool) -> Result<Plan, RunError> {
         let mut pb = tract_onnx::pb::ModelProto::decode(bytes.as_slice()).map_err(|e| RunError::Tract(e.to_string()))?;
         drop(bytes);
         specialise(&mut pb, feed);
@@ -77,7 +89,8 @@ impl Plan {
             let tensor = feed.0.get(name).ok_or_else(|| RunError::Inputs(format!("no value for input `{name}`")))?;
             model.set_input_fact(ix, InferenceFact::dt_shape(tensor.datum_type(), tensor.shape()))?;
         }
-        let plan = model.into_optimized()?.into_runnable()?;
+        let plan =
+            if optimise { model.into_optimized()?.into_runnable()? } else { model.into_typed()?.into_decluttered()?.into_runnable()? };
         Ok(Plan { plan, input_names, output_names })
     }
 

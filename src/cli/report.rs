@@ -72,7 +72,17 @@ impl Summary<'_> {
                 let reference = match v.reference.as_str() {
                     _ if o.vacuous.is_some() => format!("; vacuous: {} (this output proves nothing)", o.vacuous.as_deref().unwrap_or("")),
                     "exact" if v.judged => format!("; equals the original ({:.1e} of scale)", o.reference_rel),
-                    _ if v.judged => format!("; equals {} ({:.1e} of scale)", v.reference_description, o.reference_rel),
+                    _ if v.judged => match o.float_error {
+                        Some(noise) => format!(
+                            "; equals {} ({:.1e} of scale: over the tolerance {:.0e}, within {}× the float error of {:.1e} measured on the reference)",
+                            v.reference_description,
+                            o.reference_rel,
+                            v.tolerance,
+                            prunec::runtime::verify::FLOAT_ERROR_MARGIN,
+                            noise
+                        ),
+                        None => format!("; equals {} ({:.1e} of scale)", v.reference_description, o.reference_rel),
+                    },
                     _ => String::new(),
                 };
                 eprintln!(

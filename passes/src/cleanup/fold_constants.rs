@@ -475,7 +475,7 @@ fn reshaped(dims: &[u64], target: &[i64], allowzero: bool) -> Option<Vec<u64>> {
     let known: u64 = out.iter().flatten().product();
     match open.as_slice() {
         [] => {}
-        [a] if known != 0 && total % known == 0 => out[*a] = Some(total / known),
+        [a] if known != 0 && total.is_multiple_of(known) => out[*a] = Some(total / known),
         _ => return None,
     }
     let out: Vec<u64> = out.into_iter().collect::<Option<_>>()?;
