@@ -283,6 +283,19 @@ impl Value {
 }
 
 impl Op {
+    /// A new default-domain op with no attributes, which [`Graph::add_op`] places after all
+    /// others.
+    pub fn new(op_type: &str, name: &str) -> Op {
+        Op {
+            name: name.to_string(),
+            op_type: op_type.into(),
+            domain: String::new(),
+            attributes: Vec::new(),
+            meta: Default::default(),
+            seq: u64::MAX,
+        }
+    }
+
     /// The attribute called `name`.
     pub fn attr(&self, name: &str) -> Option<&Attribute> {
         self.attributes.iter().find(|a| a.name() == name)

@@ -22,37 +22,20 @@ const F16: DType = DType(prunec_ir::proto::tensor_proto::DataType::Float16 as i3
 struct Lowering {
     domain: &'static str,
     op_type: &'static str,
-    /// Why tract needs it, for the reader of this table.
-    #[allow(dead_code)]
-    why: &'static str,
     lower: fn(&mut Graph, OpId) -> Option<()>,
 }
 
-/// Every lowering, by op.
+/// Every lowering, by op. The `com.microsoft` ops are ONNX Runtime's contrib ops, which tract
+/// does not know; ONNX Runtime's quantisation tool writes them in QOperator models.
 const LOWERINGS: &[Lowering] = &[
-    Lowering {
-        domain: "",
-        op_type: "Gemm",
-        why: "tract 0.23.9 multiplies a float16 Gemm's C by an f32 beta, so the sum comes out f32",
-        lower: float16_gemm_bias_as_add,
-    },
-    Lowering { domain: "com.microsoft", op_type: "QGemm", why: "a contrib op tract does not know", lower: qgemm_as_float_gemm },
-    Lowering {
-        domain: "com.microsoft",
-        op_type: "QLinearAdd",
-        why: "a contrib op tract does not know",
-        lower: |graph, op| elementwise_in_float(graph, op, "Add", 2),
-    },
-    Lowering {
-        domain: "com.microsoft",
-        op_type: "QLinearMul",
-        why: "a contrib op tract does not know",
-        lower: |graph, op| elementwise_in_float(graph, op, "Mul", 2),
-    },
+    // tract 0.23.9 multiplies a float16 Gemm's C by an f32 beta, so the sum comes out f32.
+    Lowering { domain: "", op_type: "Gemm", lower: float16_gemm_bias_as_add },
+    Lowering { domain: "com.microsoft", op_type: "QGemm", lower: qgemm_as_float_gemm },
+    Lowering { domain: "com.microsoft", op_type: "QLinearAdd", lower: |graph, op| elementwise_in_float(graph, op, "Add", 2) },
+    Lowering { domain: "com.microsoft", op_type: "QLinearMul", lower: |graph, op| elementwise_in_float(graph, op, "Mul", 2) },
     Lowering {
         domain: "com.microsoft",
         op_type: "QLinearGlobalAveragePool",
-        why: "a contrib op tract does not know",
         lower: |graph, op| {
             // Channels-last input would need transposes; the exporters write NCHW.
             (graph.op(op).attr_int("channels_last").unwrap_or(0) == 0).then_some(())?;
@@ -128,7 +111,7 @@ fn qgemm_as_float_gemm(graph: &mut Graph, op: OpId) -> Option<()> {
         set_int(graph, cast, "to", DType::F32.0 as i64);
         inputs.push(Some(add(graph, "Mul", &name, "bias", &[cast, scale], Some(DType::F32))?));
     }
-    let mut gemm = plain_op("Gemm", &format!("{name}_float"));
+    let mut gemm = Op::new("Gemm", &format!("{name}_float"));
     for key in ["transA", "transB"] {
         if let Some(v) = qgemm.attr_int(key) {
             gemm.set_attr_int(key, v);
@@ -141,7 +124,7 @@ fn qgemm_as_float_gemm(graph: &mut Graph, op: OpId) -> Option<()> {
         Some(y_scale) => {
             let float_y = fresh_value(graph, &name, "float", Some(DType::F32));
             graph.add_op(gemm, &inputs, &[Some(float_y)]).ok()?;
-            let quantize = plain_op("QuantizeLinear", &format!("{name}_quantize"));
+            let quantize = Op::new("QuantizeLinear", &format!("{name}_quantize"));
             graph.add_op(quantize, &[Some(float_y), Some(y_scale), at(8)], &[Some(y)]).ok()?;
         }
         None => {
@@ -168,7 +151,7 @@ fn elementwise_in_float(graph: &mut Graph, op: OpId, float_op: &str, arity: usiz
         floats.push(dequantize(graph, &name, &format!("in{k}"), x, scale, zero, None)?);
     }
     let float_y = add(graph, float_op, &name, "float", &floats, Some(DType::F32))?;
-    graph.add_op(plain_op("QuantizeLinear", &format!("{name}_quantize")), &[Some(float_y), Some(y_scale), y_zero], &[Some(y)]).ok()?;
+    graph.add_op(Op::new("QuantizeLinear", &format!("{name}_quantize")), &[Some(float_y), Some(y_scale), y_zero], &[Some(y)]).ok()?;
     Some(())
 }
 
@@ -183,7 +166,7 @@ fn dequantize(
     axis: Option<i64>,
 ) -> Option<ValueId> {
     let out = fresh_value(graph, name, &format!("{what}_float"), Some(DType::F32));
-    let mut op = plain_op("DequantizeLinear", &format!("{name}_{what}_dequantize"));
+    let mut op = Op::new("DequantizeLinear", &format!("{name}_{what}_dequantize"));
     if let Some(axis) = axis {
         op.set_attr_int("axis", axis);
     }
@@ -201,7 +184,7 @@ fn add(graph: &mut Graph, op_type: &str, name: &str, what: &str, inputs: &[Value
 /// Adds `op_type(inputs)` writing the existing value `out`.
 fn add_into(graph: &mut Graph, op_type: &str, op_name: &str, inputs: &[ValueId], out: ValueId) -> Option<()> {
     let ins: Vec<Option<ValueId>> = inputs.iter().copied().map(Some).collect();
-    graph.add_op(plain_op(op_type, op_name), &ins, &[Some(out)]).ok()?;
+    graph.add_op(Op::new(op_type, op_name), &ins, &[Some(out)]).ok()?;
     Some(())
 }
 
@@ -209,18 +192,6 @@ fn add_into(graph: &mut Graph, op_type: &str, op_name: &str, inputs: &[ValueId],
 fn set_int(graph: &mut Graph, value: ValueId, key: &str, v: i64) {
     if let Some((op, _)) = graph.producer(value) {
         graph.op_mut(op).set_attr_int(key, v);
-    }
-}
-
-/// A default-domain op with no attributes, placed after all others.
-fn plain_op(op_type: &str, name: &str) -> Op {
-    Op {
-        name: name.to_string(),
-        op_type: op_type.into(),
-        domain: String::new(),
-        attributes: Vec::new(),
-        meta: Default::default(),
-        seq: u64::MAX,
     }
 }
 

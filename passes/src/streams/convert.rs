@@ -551,14 +551,7 @@ pub(super) fn new_op(
     v.dtype = dtype;
     v.shape = dims.map(Shape::known);
     let out = graph.add_value(v).map_err(|e| e.to_string())?;
-    let mut op = Op {
-        name: name.to_string(),
-        op_type: op_type.into(),
-        domain: String::new(),
-        attributes: Vec::new(),
-        meta: Default::default(),
-        seq: u64::MAX,
-    };
+    let mut op = Op::new(op_type, name);
     attrs(&mut op);
     let ins: Vec<Option<ValueId>> = inputs.iter().copied().map(Some).collect();
     graph.add_op(op, &ins, &[Some(out)]).map_err(|e| e.to_string())?;
