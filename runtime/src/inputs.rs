@@ -250,7 +250,8 @@ fn declared_open(shape: &TensorShapeProto, axis: usize) -> bool {
     !shape.dim.get(axis).is_some_and(|d| matches!(d.value, Some(DimValue::DimValue(n)) if n > 0))
 }
 
-/// The feed as batches of the size the model's inputs declare on their first axis: every fed
+/// The feed as batches of the size the model's inputs declare (in their recorded types) on
+/// their first axis: every fed
 /// input that has k times its declared fixed first size (the same k for all) is cut into k
 /// pieces, and inputs fed at their declared size (FLUX's position ids, without a batch axis)
 /// go whole into every batch. `None` when the feed fits as it is. Exports traced at batch 1
@@ -261,9 +262,13 @@ pub fn split_into_batches(model: &Model, feed: &Feed) -> Option<Vec<Feed>> {
     let mut pieces: Option<usize> = None;
     let mut split: BTreeMap<&str, usize> = BTreeMap::new();
     for (name, tensor) in &feed.0 {
-        let declared = graph.value_by_name(name).and_then(|v| graph.value(v).shape.as_ref()).and_then(|s| s.0.first()?.known());
+        // The size the model's interface declares, not one inference found at --input-shape
+        // sizes: a result claiming an open batch must run a larger batch whole.
+        let declared = graph.value_by_name(name).and_then(|v| declared_shape(graph.value(v))).and_then(|s| match s.dim.first()?.value {
+            Some(DimValue::DimValue(n)) if n > 0 => Some(n as usize),
+            _ => None,
+        });
         let (Some(declared), Some(&given)) = (declared, tensor.shape().first()) else { continue };
-        let declared = declared as usize;
         if declared == 0 || given == declared {
             continue;
         }
