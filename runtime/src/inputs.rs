@@ -251,10 +251,9 @@ fn declared_open(shape: &TensorShapeProto, axis: usize) -> bool {
 }
 
 /// The feed as batches of the size the model's inputs declare (in their recorded types) on
-/// their first axis: every fed
-/// input that has k times its declared fixed first size (the same k for all) is cut into k
-/// pieces, and inputs fed at their declared size (FLUX's position ids, without a batch axis)
-/// go whole into every batch. `None` when the feed fits as it is. Exports traced at batch 1
+/// their first axis: every fed input that has k times its declared fixed first size (the same
+/// k for all) is cut into k pieces, and inputs fed at their declared size (FLUX's position ids,
+/// without a batch axis) go whole into every batch. `None` when the feed fits as it is. Exports traced at batch 1
 /// write that 1 into their Reshapes (ShuffleNet's channel shuffle), so 8 calibration images
 /// must go through them one at a time.
 pub fn split_into_batches(model: &Model, feed: &Feed) -> Option<Vec<Feed>> {
