@@ -90,8 +90,9 @@ pub struct CompileArgs {
     #[arg(long = "input-shape", value_name = "NAME=DIMS")]
     pub input_shapes: Vec<String>,
     /// With --input-shape: keep the sizes the model leaves open open in the output, if the
-    /// result works at other sizes too. It is verified a second time with every open axis
-    /// doubled, and refused (exit 3) if it only works at the --input-shape sizes.
+    /// result works at other sizes too. It is verified again with each open axis doubled in
+    /// turn (an axis the original itself cannot take another size of stays as declared), and
+    /// refused (exit 3) if it only works at the --input-shape sizes.
     #[arg(long, requires = "input_shapes")]
     pub open_interface: bool,
     /// Write the report (the effective recipe, sizes before and after, each pass's details and
