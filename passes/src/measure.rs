@@ -147,6 +147,11 @@ impl<'r> Context<'r> {
         std::mem::take(&mut self.warnings)
     }
 
+    /// Whether the pipeline can run models at all.
+    pub fn has_runtime(&self) -> bool {
+        self.runtime.is_some()
+    }
+
     /// Whether the user gave inputs.
     pub fn has_inputs(&self) -> bool {
         self.runtime.as_ref().is_some_and(|r| r.has_inputs())

@@ -106,7 +106,7 @@ pub fn given_feed(model: &Model, path: &Path, shapes: &BTreeMap<String, Vec<u64>
 
 /// Seeded synthetic inputs for data-free statistics: the shapes of `shapes` or the recorded
 /// ones (open axes sized by [`open_axis_sizes`]), with the batch axis set to `samples` wherever
-/// the model declares it open; image-shaped float inputs are smoothed ([`smooth_image_noise`]).
+/// the model declares it open and `shapes` does not give it; image-shaped float inputs are smoothed ([`smooth_image_noise`]).
 pub fn noise_feed(model: &Model, shapes: &BTreeMap<String, Vec<u64>>, samples: usize, seed: u64) -> Result<Feed, RunError> {
     let graph = &model.graph;
     let samples = samples.max(1) as u64;
@@ -120,7 +120,10 @@ pub fn noise_feed(model: &Model, shapes: &BTreeMap<String, Vec<u64>>, samples: u
             (None, None) => continue,
         };
         let recorded_open = v.shape.as_ref().and_then(|s| s.0.first()).is_some_and(|d| d.known().is_none());
-        if let Some(batch) = dims.first_mut().filter(|_| declared_batch_open || recorded_open) {
+        // A batch the user pinned with --input-shape stays: the model was folded at that size,
+        // and exports that write it into their Reshapes take no other.
+        let pinned = shapes.contains_key(&v.name);
+        if let Some(batch) = dims.first_mut().filter(|_| (declared_batch_open || recorded_open) && !pinned) {
             *batch = samples;
         }
         sized.insert(v.name.clone(), dims);

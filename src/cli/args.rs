@@ -128,10 +128,17 @@ pub struct PruneArgs {
     /// Rank channels across groups (scores normalised per group) instead of within each group.
     #[arg(long)]
     pub global: bool,
-    /// Remove a share of the model instead of a channel ratio: `params=0.5` or `flops=0.3`
-    /// (the channel ratio is found by bisection).
+    /// Remove a share of the model instead of a channel ratio: `params=0.5` or `flops=0.3`,
+    /// spread over the groups by `--allocation`.
     #[arg(long, value_parser = prune_value("target"))]
     pub target: Option<String>,
+    /// How `--target` is spread: sensitivity (each group is first measured alone in dry runs
+    /// that remove 30%, 60% and 90% of its channels, on --inputs or seeded noise, and the
+    /// budget goes where the outputs change least per parameter saved) or uniform (one channel
+    /// ratio for every group, found by bisection; no runs). Default: sensitivity, or the global
+    /// ranking with --global.
+    #[arg(long, value_parser = prune_value("allocation"))]
+    pub allocation: Option<String>,
     /// Channel score: l1, l2, random, bn-scale, lamp, wanda (needs --inputs), obspa or flap
     /// (compensating criteria; their statistics come from --hessian). [default: l2]
     #[arg(long, value_parser = prune_value("criterion"))]
@@ -195,6 +202,7 @@ impl PruneArgs {
             ("ratio", self.ratio.clone()),
             ("global", flag(self.global)),
             ("target", self.target.clone()),
+            ("allocation", self.allocation.clone()),
             ("reduction", self.reduction.clone()),
             ("normalizer", self.normalizer.clone()),
             ("round-to", self.round_to.clone()),
@@ -216,7 +224,7 @@ impl PruneArgs {
 
 /// A value parser that checks a shorthand flag's value with the prune pass's own schema, so the
 /// flag and `prune{key=value}` accept exactly the same text.
-fn prune_value(key: &'static str) -> impl Fn(&str) -> Result<String, String> + Clone + Send + Sync + 'static {
+pub(super) fn prune_value(key: &'static str) -> impl Fn(&str) -> Result<String, String> + Clone + Send + Sync + 'static {
     move |s: &str| {
         use prunec::passes::PassOptions;
         prunec::passes::prune::PruneOptions::default().set(key, s).map(|()| s.to_string())
@@ -252,6 +260,10 @@ pub enum Command {
     /// List the dual-stream blocks of an MMDiT model: per block the twin ops and weights of its
     /// text and image streams, and the data-free divergence between them.
     Streams(super::streams::StreamsArgs),
+    /// Measure what each dependency group costs the outputs: dry runs in which the group alone
+    /// loses a share of its lowest-scored channels, on --inputs or seeded noise (the basis of
+    /// `--target`'s sensitivity allocation).
+    Sensitivity(super::sensitivity::SensitivityArgs),
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,7 @@ mod emit;
 mod inspect;
 mod progress;
 mod report;
+mod sensitivity;
 mod streams;
 
 use anyhow::{Context, Result};
@@ -39,6 +40,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Bench(a)) => bench::run(&a),
         Some(Command::Blocks(a)) => blocks::run(&a),
         Some(Command::Streams(a)) => streams::run(&a),
+        Some(Command::Sensitivity(a)) => sensitivity::run(&a),
         None => compile(&cli.compile),
     }
 }

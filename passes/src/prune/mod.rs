@@ -13,6 +13,7 @@
 pub mod criteria;
 pub mod obspa;
 pub mod rewrite;
+pub mod sensitivity;
 pub mod statistics;
 
 use crate::measure::{Context, Inputs};
@@ -23,6 +24,7 @@ pub use criteria::{Calibration, Criterion, Normalizer, Reduction};
 pub use obspa::{Compensation, CrossMoments, Hessian, HessianSource, Refit, apply_compensations};
 use prunec_ir::{Graph, Group, Model, Role, Shape, ValueKind, constant_tensor, model_stats, op_cost};
 pub use rewrite::{Removal, RewriteError, mask_consumers};
+pub use sensitivity::{AllocationReport, GroupSensitivity, PROBE_RATIOS, SensitivityTable};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// What to remove and how to choose it: the options of the `prune` pass.
@@ -63,6 +65,9 @@ pub struct PruneOptions {
     pub noise_samples: usize,
     /// How OBSPA compensates with measured statistics (`None`: prefix with calib, else none).
     pub refit: Option<RefitMode>,
+    /// How a `target` is spread over the groups (`None`: sensitivity with a target, unless
+    /// `global` ranks the channels).
+    pub allocation: Option<Allocation>,
 }
 
 impl Default for PruneOptions {
@@ -84,6 +89,7 @@ impl Default for PruneOptions {
             damping: DEFAULT_DAMPING,
             noise_samples: 8,
             refit: None,
+            allocation: None,
         }
     }
 }
@@ -99,6 +105,21 @@ pub enum RefitMode {
     Prefix,
     /// As prefix, and every dense layer downstream is refit to the original's outputs too.
     Outputs,
+}
+
+/// How a parameter or MAC target is spread over the groups (`allocation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Allocation {
+    /// One channel ratio for every group, found by bisection.
+    Uniform,
+    /// Per-group ratios chosen from measured dry runs (see [`sensitivity`]).
+    Sensitivity,
+}
+
+impl Allocation {
+    /// Every allocation with its name.
+    pub const ALL: &[(&str, Allocation)] = &[("uniform", Allocation::Uniform), ("sensitivity", Allocation::Sensitivity)];
 }
 
 impl RefitMode {
@@ -132,7 +153,13 @@ impl PassOptions for PruneOptions {
             key: "target",
             kind: "none|params=SHARE|flops=SHARE",
             default: "none",
-            doc: "remove a share of parameters or MACs instead of a channel ratio (ratio found by bisection)",
+            doc: "remove a share of parameters or MACs instead of a channel ratio (spread over the groups by `allocation`)",
+        },
+        OptionSpec {
+            key: "allocation",
+            kind: "auto|uniform|sensitivity",
+            default: "auto",
+            doc: "how a target is spread: one ratio for all groups, or per-group ratios from measured dry runs (auto: sensitivity with a target, unless global)",
         },
         OptionSpec { key: "reduction", kind: "mean|sum|max|first", default: "mean", doc: "how the scores of a group's weights combine" },
         OptionSpec {
@@ -212,6 +239,7 @@ impl PassOptions for PruneOptions {
             }
             "noise-samples" => self.noise_samples = parse_count(value)?,
             "refit" => self.refit = if auto(value) { None } else { Some(parse_choice(value, RefitMode::ALL, "refit mode")?) },
+            "allocation" => self.allocation = if auto(value) { None } else { Some(parse_choice(value, Allocation::ALL, "allocation")?) },
             _ => return Err(format!("no option `{key}`")),
         }
         Ok(())
@@ -240,6 +268,7 @@ impl PassOptions for PruneOptions {
             "damping" => print_float(self.damping),
             "noise-samples" => self.noise_samples.to_string(),
             "refit" => self.refit.map_or("auto", |r| choice_name(&r, RefitMode::ALL)).into(),
+            "allocation" => self.allocation.map_or("auto", |a| choice_name(&a, Allocation::ALL)).into(),
             _ => String::new(),
         }
     }
@@ -250,6 +279,12 @@ impl PassOptions for PruneOptions {
         }
         if self.noise_samples == 0 {
             return Err("noise-samples must be at least 1".into());
+        }
+        if self.allocation == Some(Allocation::Sensitivity) && self.target.is_none() {
+            return Err("allocation=sensitivity spreads a target: give target=params=SHARE or flops=SHARE".into());
+        }
+        if self.allocation == Some(Allocation::Sensitivity) && self.global {
+            return Err("allocation=sensitivity and global both choose how many channels each group loses: give one".into());
         }
         for g in self.exclude.iter().chain(self.node_ratios.iter().map(|(g, _)| g)) {
             glob::Pattern::new(g).map_err(|e| format!("glob `{g}`: {e}"))?;
@@ -280,7 +315,18 @@ impl PruneOptions {
         let calibrated = self.hessian_source(has_inputs) == HessianSource::Calib;
         self.refit.unwrap_or(if calibrated { RefitMode::Prefix } else { RefitMode::None })
     }
+
+    /// The allocation, `auto` resolved: sensitivity for a target ranked within groups, uniform
+    /// otherwise (a ratio needs no allocation, and global ranking allocates by itself).
+    pub fn allocation(&self) -> Allocation {
+        self.allocation.unwrap_or(if self.target.is_some() && !self.global { Allocation::Sensitivity } else { Allocation::Uniform })
+    }
 }
+
+/// Samples of synthetic input along an open batch axis for the sensitivity dry runs when no
+/// inputs are given: each group is run several times, and the ranking of groups, unlike a
+/// Hessian, needs no more than a few samples.
+pub const SENSITIVITY_NOISE_SAMPLES: usize = 4;
 
 /// The channel ratio of a bare `prunec MODEL -o OUT`.
 pub const DEFAULT_RATIO: f64 = 0.3;
@@ -336,6 +382,8 @@ pub struct PruneReport {
     /// The compensated consumers, applied before the rewrite (and to the masked reference).
     #[serde(skip)]
     pub compensated: Vec<Compensation>,
+    /// How a target was spread over the groups, when measured sensitivity spread it.
+    pub allocation: Option<AllocationReport>,
 }
 
 /// What compensation did.
@@ -414,13 +462,7 @@ impl Pass for ChannelPruning {
 
     fn run(&self, model: &mut Model, cx: &mut Context) -> Result<PassReport, PassError> {
         let o = &self.options;
-        let opset = model
-            .shell
-            .opset_import
-            .iter()
-            .find(|o| o.domain.as_deref().unwrap_or("").is_empty() || o.domain.as_deref() == Some("ai.onnx"))
-            .and_then(|o| o.version)
-            .unwrap_or(1);
+        let opset = default_opset(model);
         let has_inputs = cx.has_inputs();
         let hessian = o.hessian_source(has_inputs);
         let wants_hessians = o.criterion.needs_hessians() && hessian.runs_model();
@@ -441,13 +483,36 @@ impl Pass for ChannelPruning {
         let statistics = |why: String| move |e: statistics::RefitError| PassError::Measure(format!("{why}: {e}"));
         let name = criterion_name(o.criterion);
         let mut progress = cx.take_progress();
-        let mut measure = match measured_on {
-            Some(inputs) => {
+        // `auto` without a runtime (a library pipeline that cannot run models) falls back to
+        // one ratio for all, and says so; an explicit `sensitivity` needs the runs.
+        let allocation = match o.allocation() {
+            Allocation::Sensitivity if o.allocation.is_none() && o.target.is_some() && !cx.has_runtime() => {
+                cx.warn(
+                    "the target is spread with one ratio for every group: allocation=sensitivity needs a runtime to measure the groups"
+                        .into(),
+                );
+                Allocation::Uniform
+            }
+            a => a,
+        };
+        // The sensitivity dry runs run on the criterion's inputs where it has some.
+        let sensitivity_on =
+            (o.target.is_some() && allocation == Allocation::Sensitivity).then_some(measured_on.unwrap_or(if has_inputs {
+                Inputs::Given
+            } else {
+                Inputs::Noise { samples: SENSITIVITY_NOISE_SAMPLES, seed: o.seed }
+            }));
+        let mut measure = match (measured_on, sensitivity_on) {
+            (Some(inputs), _) => {
                 Some(cx.measure(model, inputs).map_err(|e| PassError::Measure(format!("the `{name}` criterion's statistics: {e}")))?)
             }
-            None => None,
+            (None, Some(inputs)) => Some(
+                cx.measure(model, inputs)
+                    .map_err(|e| PassError::Measure(format!("allocation=sensitivity runs the model (allocation=uniform does not): {e}")))?,
+            ),
+            (None, None) => None,
         };
-        let calibration = match measure.as_deref_mut() {
+        let calibration = match measure.as_deref_mut().filter(|_| measured_on.is_some()) {
             Some(m) => {
                 if let Some(p) = progress.as_deref_mut() {
                     p.start(&format!("prune: measuring the `{name}` criterion's statistics"), 0);
@@ -462,7 +527,26 @@ impl Pass for ChannelPruning {
             None => None,
         };
         let resolved = PruneOptions { hessian: Some(hessian), ..o.clone() };
-        let (removal, mut report) = plan(&model.graph, &resolved, opset, calibration.as_ref())?;
+        let scoring = score(&model.graph, &resolved, opset, calibration.as_ref())?;
+        let candidates = scoring.candidates();
+        let (counts, ratio, allocation) = match (o.target, allocation) {
+            (Some(target), Allocation::Sensitivity) if !candidates.is_empty() => {
+                let m = measure.as_deref_mut().expect("made for the dry runs above");
+                let table = sensitivity::measure_groups(model, &candidates, &resolved, PROBE_RATIOS, m, progress.as_deref_mut())?;
+                let (counts, beyond_probes) = sensitivity::allocate(&candidates, &resolved, &table, &Savings::new(&model.graph, target));
+                let ratios: Vec<f64> = candidates.iter().zip(&counts).map(|(c, &n)| n as f64 / c.channels as f64).collect();
+                let channels: usize = candidates.iter().map(|c| c.channels).sum();
+                let ratio = counts.iter().sum::<usize>() as f64 / channels.max(1) as f64;
+                (counts, ratio, Some(AllocationReport { table, ratios, beyond_probes }))
+            }
+            (Some(target), _) => {
+                let ratio = bisect_ratio(&Savings::new(&model.graph, target), &candidates, &resolved);
+                (counts_at(&candidates, &resolved, ratio), ratio, None)
+            }
+            (None, _) => (counts_at(&candidates, &resolved, o.ratio), o.ratio, None),
+        };
+        drop(candidates);
+        let (removal, mut report) = finish(&model.graph, &scoring, &resolved, calibration.as_ref(), &counts, ratio, allocation);
         let target = match o.refit_mode(has_inputs) {
             RefitMode::None => None,
             RefitMode::Prefix => Some(statistics::RefitTarget::OwnOutputs),
@@ -514,6 +598,59 @@ impl Pass for ChannelPruning {
             warnings: Vec::new(),
         })
     }
+}
+
+/// The model's version of the default ONNX domain.
+fn default_opset(model: &Model) -> i64 {
+    model
+        .shell
+        .opset_import
+        .iter()
+        .find(|o| o.domain.as_deref().unwrap_or("").is_empty() || o.domain.as_deref() == Some("ai.onnx"))
+        .and_then(|o| o.version)
+        .unwrap_or(1)
+}
+
+/// The dry runs of `prunec sensitivity`: every candidate group of `model` alone loses the share
+/// `ratios[k]` of its channels (the lowest scored by `options`' criterion), and the change of
+/// the outputs is measured, on the given inputs or on seeded noise. Also returns the groups
+/// that are not candidates, with the reason.
+pub fn sensitivity_table(
+    model: &Model,
+    options: &PruneOptions,
+    ratios: &[f64],
+    cx: &mut Context,
+) -> Result<(SensitivityTable, Vec<FrozenGroup>), PassError> {
+    if let Some(r) = ratios.iter().find(|r| !(0.0..1.0).contains(*r)) {
+        return Err(PassError::BadOption(format!("ratio {r} is not in [0, 1)")));
+    }
+    let has_inputs = cx.has_inputs();
+    let hessian = options.hessian_source(has_inputs);
+    let wants_hessians = options.criterion.needs_hessians() && hessian.runs_model();
+    let name = criterion_name(options.criterion);
+    if (options.criterion.needs_calibration() || (wants_hessians && hessian == HessianSource::Calib)) && !has_inputs {
+        return Err(PassError::BadOption(format!("the `{name}` criterion needs calibration inputs: pass --inputs FILE.npz")));
+    }
+    let inputs = if has_inputs { Inputs::Given } else { Inputs::Noise { samples: SENSITIVITY_NOISE_SAMPLES, seed: options.seed } };
+    let mut progress = cx.take_progress();
+    let result = (|| {
+        let mut measure = cx.measure(model, inputs).map_err(|e| PassError::Measure(format!("measuring each group's sensitivity: {e}")))?;
+        let calibration = if options.criterion.needs_calibration() || wants_hessians {
+            Some(
+                statistics::collect_inputs(model, measure.as_mut(), wants_hessians)
+                    .map_err(|e| PassError::Measure(format!("running the model for the `{name}` criterion's statistics: {e}")))?,
+            )
+        } else {
+            None
+        };
+        let resolved = PruneOptions { hessian: Some(hessian), ..options.clone() };
+        let scoring = score(&model.graph, &resolved, default_opset(model), calibration.as_ref())?;
+        let table =
+            sensitivity::measure_groups(model, &scoring.candidates(), &resolved, ratios, measure.as_mut(), progress.as_deref_mut())?;
+        Ok((table, scoring.frozen.clone()))
+    })();
+    cx.restore_progress(progress);
+    result
 }
 
 /// Says where the request could not be met sensibly: nothing prunable, a group almost emptied,
@@ -588,14 +725,23 @@ impl PassDetails for PruneReport {
     fn summary(&self) -> Vec<String> {
         let p = self;
         let pruned = p.groups.iter().filter(|g| !g.removed.is_empty()).count();
-        let how = match p.target {
-            Some(t) => format!("target {}, found ratio {:.3}", serde_json::to_string(&t).unwrap_or_default(), p.ratio),
-            None => format!("ratio {}", p.ratio),
+        let how = match (p.target, &p.allocation) {
+            (Some(t), Some(_)) => {
+                format!("target {}, per-group ratios from measured sensitivity", serde_json::to_string(&t).unwrap_or_default())
+            }
+            (Some(t), None) => format!("target {}, found ratio {:.3}", serde_json::to_string(&t).unwrap_or_default(), p.ratio),
+            (None, _) => format!("ratio {}", p.ratio),
         };
-        let scope = if p.global { "across groups" } else { "per group" };
+        let scope = if p.global {
+            " across groups"
+        } else if p.allocation.is_some() {
+            ""
+        } else {
+            " per group"
+        };
         let mut lines = vec![
             format!(
-                "prune: {} criterion, {how} {scope}: {pruned} of {} prunable groups pruned ({} frozen), {} of {} channels removed",
+                "prune: {} criterion, {how}{scope}: {pruned} of {} prunable groups pruned ({} frozen), {} of {} channels removed",
                 p.criterion,
                 p.groups.len(),
                 p.frozen.len(),
@@ -607,6 +753,17 @@ impl PassDetails for PruneReport {
                 p.weights_sliced, p.weights_copied, p.shape_edits
             ),
         ];
+        if let Some(a) = &p.allocation {
+            let (lo, hi) = a.ratios.iter().fold((f64::INFINITY, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+            let probes: Vec<String> = a.table.ratios.iter().map(|r| r.to_string()).collect();
+            lines.push(format!(
+                "       sensitivity: each group alone at {} of its channels, {} runs on {}; group ratios {lo:.2} to {hi:.2}{}",
+                probes.join("/"),
+                a.table.runs,
+                a.table.measured_on,
+                if a.beyond_probes { ", then one common ratio more for all (the target is past the measured ratios)" } else { "" }
+            ));
+        }
         if let Some(source) = &p.calibration {
             lines.push(format!("       statistics measured on {source}"));
         }
@@ -626,15 +783,41 @@ impl PassDetails for PruneReport {
 }
 
 /// A prunable group with its channel scores.
-struct Candidate<'g> {
-    group: &'g Group,
-    channels: usize,
-    scores: Vec<f64>,
+pub(crate) struct Candidate<'g> {
+    pub(crate) group: &'g Group,
+    pub(crate) channels: usize,
+    pub(crate) scores: Vec<f64>,
     /// The ratio of a `--node-ratio` override.
-    ratio: Option<f64>,
+    pub(crate) ratio: Option<f64>,
 }
 
-/// Chooses what to remove: the removal and a report without the rewrite's figures.
+/// The first half of planning: the groups, the candidates' channel scores, and why every other
+/// group is not a candidate. How many channels each candidate loses is decided after it (by a
+/// ratio, a bisection, or measured sensitivity), then [`finish`] writes the plan.
+pub struct Scoring {
+    groups: prunec_ir::Groups,
+    /// Each candidate as (index in `groups`, channel scores, `--node-ratio` override).
+    scored: Vec<(usize, Vec<f64>, Option<f64>)>,
+    frozen: Vec<FrozenGroup>,
+}
+
+impl Scoring {
+    pub(crate) fn candidates(&self) -> Vec<Candidate<'_>> {
+        self.scored
+            .iter()
+            .map(|(g, scores, ratio)| Candidate {
+                group: &self.groups.groups[*g],
+                channels: scores.len(),
+                scores: scores.clone(),
+                ratio: *ratio,
+            })
+            .collect()
+    }
+}
+
+/// Chooses what to remove: the removal and a report without the rewrite's figures. A target
+/// is met with one ratio for every group (bisection) or by global ranking; the sensitivity
+/// allocation needs runs, so the pass does it between [`score`] and [`finish`].
 /// `calibration` holds the statistics the criterion measured; `options.hessian` must be
 /// resolved (not `auto`).
 pub fn plan(
@@ -643,6 +826,18 @@ pub fn plan(
     opset: i64,
     calibration: Option<&Calibration>,
 ) -> Result<(Removal, PruneReport), PassError> {
+    let scoring = score(graph, options, opset, calibration)?;
+    let candidates = scoring.candidates();
+    let ratio = match options.target {
+        None => options.ratio,
+        Some(target) => bisect_ratio(&Savings::new(graph, target), &candidates, options),
+    };
+    let counts = counts_at(&candidates, options, ratio);
+    Ok(finish(graph, &scoring, options, calibration, &counts, ratio, None))
+}
+
+/// Analyses the groups and scores the channels of every candidate.
+pub fn score(graph: &Graph, options: &PruneOptions, opset: i64, calibration: Option<&Calibration>) -> Result<Scoring, PassError> {
     check_options(options, calibration)?;
     let hessian_source = options.hessian.unwrap_or(HessianSource::Noise);
     let groups = prunec_ir::analyse_groups(graph);
@@ -662,30 +857,25 @@ pub fn plan(
         .map(|(i, &op)| (graph.op(op).name.clone(), i))
         .collect();
 
-    let mut report = PruneReport {
-        criterion: criterion_name(options.criterion).to_string(),
-        global: options.global,
-        target: options.target,
-        ..PruneReport::default()
-    };
+    let mut frozen = Vec::new();
     let mut eligible = Vec::new();
     for g in &groups.groups {
-        let frozen = |reason: String| FrozenGroup { id: g.id, channels: g.channels, reason };
+        let not_candidate = |reason: String| FrozenGroup { id: g.id, channels: g.channels, reason };
         let nodes = || g.weights.iter().map(|w| w.node.as_str());
         if !g.prunable {
-            report.frozen.push(frozen(g.frozen_reason.clone().unwrap_or_default()));
+            frozen.push(not_candidate(g.frozen_reason.clone().unwrap_or_default()));
         } else if let Some(node) = nodes().find(|n| exclude.iter().any(|p| p.matches(n))) {
-            report.frozen.push(frozen(format!("`{node}` is excluded")));
+            frozen.push(not_candidate(format!("`{node}` is excluded")));
         } else if let Some(why) = crosses_normalization(graph, g).filter(|_| options.keep_normalized) {
-            report.frozen.push(frozen(format!("is kept whole (--keep-normalized): {why}")));
+            frozen.push(not_candidate(format!("is kept whole (--keep-normalized): {why}")));
         } else if g.channels.unwrap_or(0) <= options.min_keep as u64 {
-            report.frozen.push(frozen(format!("has no more than the {} channels kept per group", options.min_keep)));
+            frozen.push(not_candidate(format!("has no more than the {} channels kept per group", options.min_keep)));
         } else {
             let mut one = Removal::default();
             one.add(g, &[0]);
             match rewrite::plan_edits(graph, &one, opset) {
                 Ok(_) => eligible.push(g),
-                Err(e) => report.frozen.push(frozen(format!("cannot be rewritten: {e}"))),
+                Err(e) => frozen.push(not_candidate(format!("cannot be rewritten: {e}"))),
             }
         }
     }
@@ -694,34 +884,53 @@ pub fn plan(
     } else {
         obspa::Statistics::Computed(Default::default())
     };
-    let obs = options.criterion == Criterion::Obspa;
     let consumers = obspa::Consumers::of(graph, &eligible);
     let scores = if options.criterion.needs_hessians() {
         obspa::score_groups(graph, &eligible, options.criterion, options.reduction, &consumers, &statistics, options.damping)
     } else {
         criteria::score_groups(graph, &eligible, options.criterion, options.reduction, options.seed, &order, calibration)
     };
-    let mut candidates = Vec::new();
+    let mut scored = Vec::new();
     for (g, scores) in eligible.into_iter().zip(scores) {
         match scores {
             Some(scores) => {
                 let ratio = overrides.iter().find(|(p, _)| g.weights.iter().any(|w| p.matches(&w.node))).map(|(_, r)| *r);
-                candidates.push(Candidate { group: g, channels: scores.len(), scores, ratio });
+                scored.push((g.id, scores, ratio));
             }
-            None => report.frozen.push(FrozenGroup {
+            None => frozen.push(FrozenGroup {
                 id: g.id,
                 channels: g.channels,
                 reason: format!("has no weights the `{}` criterion scores", criterion_name(options.criterion)),
             }),
         }
     }
-    report.frozen.sort_by_key(|f| f.id);
+    frozen.sort_by_key(|f| f.id);
+    Ok(Scoring { groups, scored, frozen })
+}
 
-    let ratio = match options.target {
-        None => options.ratio,
-        Some(target) => bisect_ratio(graph, &candidates, options, target),
+/// The second half of planning: removes `counts[i]` channels (the lowest scored) of each
+/// candidate of `scoring`, and reports the choice; `ratio` is the channel ratio to report.
+pub(crate) fn finish(
+    graph: &Graph,
+    scoring: &Scoring,
+    options: &PruneOptions,
+    calibration: Option<&Calibration>,
+    counts: &[usize],
+    ratio: f64,
+    allocation: Option<AllocationReport>,
+) -> (Removal, PruneReport) {
+    let hessian_source = options.hessian.unwrap_or(HessianSource::Noise);
+    let obs = options.criterion == Criterion::Obspa;
+    let candidates = scoring.candidates();
+    let mut report = PruneReport {
+        criterion: criterion_name(options.criterion).to_string(),
+        global: options.global,
+        target: options.target,
+        frozen: scoring.frozen.clone(),
+        allocation,
+        ..PruneReport::default()
     };
-    let chosen = choose(&candidates, options, ratio);
+    let chosen = pick(&candidates, counts);
     let mut removal = Removal::default();
     for (c, removed) in candidates.iter().zip(&chosen) {
         removal.add(c.group, removed);
@@ -762,6 +971,9 @@ pub fn plan(
     let measured = options.criterion.needs_calibration() || (options.criterion.needs_hessians() && hessian_source.runs_model());
     report.calibration = calibration.filter(|_| measured).map(|c| c.source.clone());
     if options.criterion.needs_hessians() {
+        let statistics = hessians(graph, hessian_source, calibration);
+        let eligible: Vec<&Group> = candidates.iter().map(|c| c.group).collect();
+        let consumers = obspa::Consumers::of(graph, &eligible);
         let method = if obs { obspa::Method::Obs } else { obspa::Method::MeanIntoBias };
         let (done, notes) = obspa::compensations(graph, &report.masked, &consumers, &statistics, options.damping, method);
         report.compensation = Some(CompensationReport {
@@ -777,7 +989,7 @@ pub fn plan(
         });
         report.compensated = done;
     }
-    Ok((removal, report))
+    (removal, report)
 }
 
 /// The consumers' input statistics for OBSPA and FLAP: measured (in the calibration: its
@@ -829,16 +1041,9 @@ fn check_options(o: &PruneOptions, calibration: Option<&Calibration>) -> Result<
     Ok(())
 }
 
-/// The channels to remove from each candidate, in ascending order, at `ratio`.
-fn choose(candidates: &[Candidate], options: &PruneOptions, ratio: f64) -> Vec<Vec<usize>> {
-    let ranked = |scores: &[f64]| {
-        let mut order: Vec<usize> = (0..scores.len()).collect();
-        // Stable: on equal scores the lower index goes first.
-        order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-        order
-    };
-    let max_removed = |c: &Candidate| c.channels.saturating_sub(options.min_keep);
-    let mut counts: Vec<usize> = if options.global {
+/// How many channels each candidate loses at `ratio` (of each group, or of all with `global`).
+pub(crate) fn counts_at(candidates: &[Candidate], options: &PruneOptions, ratio: f64) -> Vec<usize> {
+    let counts: Vec<usize> = if options.global {
         let normalizer =
             options.normalizer.unwrap_or(if options.criterion == Criterion::Lamp { Normalizer::None } else { Normalizer::Mean });
         let mut all: Vec<(f64, usize, usize)> = candidates
@@ -854,60 +1059,101 @@ fn choose(candidates: &[Candidate], options: &PruneOptions, ratio: f64) -> Vec<V
             if budget == 0 {
                 break;
             }
-            if counts[ci] < max_removed(&candidates[ci]) {
+            if counts[ci] < candidates[ci].channels.saturating_sub(options.min_keep) {
                 counts[ci] += 1;
                 budget -= 1;
             }
         }
         counts
     } else {
-        candidates.iter().map(|c| ((c.channels as f64 * c.ratio.unwrap_or(ratio)).floor() as usize).min(max_removed(c))).collect()
+        candidates.iter().map(|c| (c.channels as f64 * c.ratio.unwrap_or(ratio)).floor() as usize).collect()
     };
-    for (count, c) in counts.iter_mut().zip(candidates) {
-        // Round the kept count up, so rounding never removes more than asked.
-        let kept = (c.channels - *count).div_ceil(options.round_to) * options.round_to;
-        *count = c.channels.saturating_sub(kept.min(c.channels));
-    }
+    candidates.iter().zip(counts).map(|(c, n)| allowed_count(c, options, n)).collect()
+}
+
+/// `wanted` channels of a candidate, within what `min-keep` and `round-to` allow. The kept
+/// count rounds up, so rounding never removes more than asked.
+pub(crate) fn allowed_count(c: &Candidate, options: &PruneOptions, wanted: usize) -> usize {
+    let count = wanted.min(c.channels.saturating_sub(options.min_keep));
+    let kept = (c.channels - count).div_ceil(options.round_to) * options.round_to;
+    c.channels.saturating_sub(kept.min(c.channels))
+}
+
+/// The channels each candidate loses, `counts[i]` of its lowest scored, in ascending order.
+pub(crate) fn pick(candidates: &[Candidate], counts: &[usize]) -> Vec<Vec<usize>> {
     candidates
         .iter()
         .zip(counts)
-        .map(|(c, n)| {
-            let mut removed: Vec<usize> = ranked(&c.scores).into_iter().take(n).collect();
+        .map(|(c, &n)| {
+            let mut order: Vec<usize> = (0..c.scores.len()).collect();
+            // Stable: on equal scores the lower index goes first.
+            order.sort_by(|&a, &b| c.scores[a].total_cmp(&c.scores[b]));
+            let mut removed: Vec<usize> = order.into_iter().take(n).collect();
             removed.sort_unstable();
             removed
         })
         .collect()
 }
 
-/// The smallest channel ratio whose estimated saving reaches the target (the largest possible
-/// ratio if none does).
-fn bisect_ratio(graph: &Graph, candidates: &[Candidate], options: &PruneOptions, target: Target) -> f64 {
-    let params = model_stats(&Model { shell: Default::default(), graph: graph.clone() }).parameters;
-    let measure = |removal: &Removal| match target {
-        Target::Params(_) => estimate_params(graph, params, removal) as f64,
-        Target::Flops(_) => estimate_macs(graph, removal) as f64,
-    };
-    let share = match target {
-        Target::Params(s) | Target::Flops(s) => s,
-    };
-    let before = measure(&Removal::default());
-    if before <= 0.0 {
-        return 0.0;
+/// What a removal saves, as a share of the model that the target counts.
+pub(crate) struct Savings<'g> {
+    graph: &'g Graph,
+    target: Target,
+    params: u64,
+    before: f64,
+}
+
+impl<'g> Savings<'g> {
+    pub(crate) fn new(graph: &'g Graph, target: Target) -> Savings<'g> {
+        let params = model_stats(&Model { shell: Default::default(), graph: graph.clone() }).parameters;
+        let mut s = Savings { graph, target, params, before: 0.0 };
+        s.before = s.remaining(&Removal::default());
+        s
     }
-    let saving = |ratio: f64| {
+
+    fn remaining(&self, removal: &Removal) -> f64 {
+        match self.target {
+            Target::Params(_) => estimate_params(self.graph, self.params, removal) as f64,
+            Target::Flops(_) => estimate_macs(self.graph, removal) as f64,
+        }
+    }
+
+    /// The share the target asks for.
+    pub(crate) fn wanted(&self) -> f64 {
+        match self.target {
+            Target::Params(s) | Target::Flops(s) => s,
+        }
+    }
+
+    /// The share `removal` saves (0 where the model has nothing the target counts).
+    pub(crate) fn share(&self, removal: &Removal) -> f64 {
+        if self.before <= 0.0 { 0.0 } else { 1.0 - self.remaining(removal) / self.before }
+    }
+
+    /// The share saved when each candidate loses `counts[i]` channels.
+    pub(crate) fn share_of(&self, candidates: &[Candidate], counts: &[usize]) -> f64 {
         let mut removal = Removal::default();
-        for (c, removed) in candidates.iter().zip(choose(candidates, options, ratio)) {
+        for (c, removed) in candidates.iter().zip(pick(candidates, counts)) {
             removal.add(c.group, &removed);
         }
-        1.0 - measure(&removal) / before
-    };
+        self.share(&removal)
+    }
+}
+
+/// The smallest channel ratio whose estimated saving reaches the target (the largest possible
+/// ratio if none does).
+fn bisect_ratio(savings: &Savings, candidates: &[Candidate], options: &PruneOptions) -> f64 {
+    if savings.before <= 0.0 {
+        return 0.0;
+    }
+    let saving = |ratio: f64| savings.share_of(candidates, &counts_at(candidates, options, ratio));
     let (mut lo, mut hi) = (0.0, 0.999);
-    if saving(hi) < share {
+    if saving(hi) < savings.wanted() {
         return hi;
     }
     for _ in 0..24 {
         let mid = (lo + hi) / 2.0;
-        if saving(mid) >= share { hi = mid } else { lo = mid }
+        if saving(mid) >= savings.wanted() { hi = mid } else { lo = mid }
     }
     hi
 }
