@@ -22,6 +22,12 @@ pub struct Activation {
 pub enum Inputs {
     /// The user's inputs (`--inputs`).
     Given,
+    /// The first `samples` samples of the user's inputs along their batch axis (all of them
+    /// where there are fewer): for passes that run the model many times.
+    GivenFirst {
+        /// Samples to keep.
+        samples: usize,
+    },
     /// Seeded synthetic inputs: `samples` along an open batch axis, smooth noise for images.
     Noise {
         /// Samples where the batch is open.

@@ -290,3 +290,33 @@ pub fn split_into_batches(model: &Model, feed: &Feed) -> Option<Vec<Feed>> {
         })
         .collect()
 }
+
+/// The first `samples` samples of `feed`: every input fed along a batch axis (its recorded
+/// first size open, or fixed at `d` and fed `k·d`) keeps its first `samples · d` rows (`d` = 1
+/// where open); inputs fed at their recorded size go whole. Also returns how many samples were
+/// kept, or `None` when the feed was no larger.
+pub fn first_samples(model: &Model, feed: &Feed, samples: usize) -> (Feed, Option<usize>) {
+    let graph = &model.graph;
+    let mut kept = None;
+    let mut out = Feed::default();
+    for (name, tensor) in &feed.0 {
+        let recorded = graph.value_by_name(name).and_then(|v| graph.value(v).shape.as_ref()).and_then(|s| s.0.first().cloned());
+        let given = tensor.shape().first().copied();
+        let per_sample = match (recorded, given) {
+            (Some(Dim::Known(d)), Some(g)) if d > 0 && g as u64 > d && g as u64 % d == 0 => Some(d as usize),
+            (Some(Dim::Sym(_) | Dim::Unknown), Some(_)) => Some(1),
+            _ => None,
+        };
+        let cut = per_sample.and_then(|d| Some((d, given?))).filter(|&(d, g)| samples.max(1) * d < g);
+        match cut.and_then(|(d, _)| Some((d, tensor.slice(0, 0, samples.max(1) * d).ok()?))) {
+            Some((_, part)) => {
+                kept = Some(samples.max(1));
+                out.0.insert(name.clone(), part);
+            }
+            None => {
+                out.0.insert(name.clone(), tensor.clone());
+            }
+        }
+    }
+    (out, kept)
+}

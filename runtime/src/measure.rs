@@ -44,6 +44,17 @@ impl Runtime for TractRuntime {
                 Some(g) => (g.feed.clone(), g.source.clone()),
                 None => return Err(MeasureError::Unavailable("no inputs were given (--inputs FILE.npz)".into())),
             },
+            Inputs::GivenFirst { samples } => match &self.given {
+                Some(g) => {
+                    let (feed, kept) = crate::inputs::first_samples(model, &g.feed, samples);
+                    let source = match kept {
+                        Some(kept) => format!("the first {kept} samples of {}", g.source),
+                        None => g.source.clone(),
+                    };
+                    (feed, source)
+                }
+                None => return Err(MeasureError::Unavailable("no inputs were given (--inputs FILE.npz)".into())),
+            },
             Inputs::Noise { samples, seed } => {
                 let feed = noise_feed(model, &self.input_shapes, samples, seed).map_err(|e| MeasureError::Run(e.to_string()))?;
                 let shapes: Vec<String> = feed.0.iter().map(|(n, t)| format!("{n}{:?}", t.shape())).collect();

@@ -323,10 +323,10 @@ impl PruneOptions {
     }
 }
 
-/// Samples of synthetic input along an open batch axis for the sensitivity dry runs when no
-/// inputs are given: each group is run several times, and the ranking of groups, unlike a
-/// Hessian, needs no more than a few samples.
-pub const SENSITIVITY_NOISE_SAMPLES: usize = 4;
+/// Samples the sensitivity dry runs run on (the first of the given inputs, or synthetic ones
+/// along an open batch axis): each group runs the model several times, and ranking groups,
+/// unlike estimating a Hessian, needs no more than a few samples.
+pub const SENSITIVITY_SAMPLES: usize = 4;
 
 /// The channel ratio of a bare `prunec MODEL -o OUT`.
 pub const DEFAULT_RATIO: f64 = 0.3;
@@ -495,29 +495,14 @@ impl Pass for ChannelPruning {
             }
             a => a,
         };
-        // The sensitivity dry runs run on the criterion's inputs where it has some.
-        let sensitivity_on =
-            (o.target.is_some() && allocation == Allocation::Sensitivity).then_some(measured_on.unwrap_or(if has_inputs {
-                Inputs::Given
-            } else {
-                Inputs::Noise { samples: SENSITIVITY_NOISE_SAMPLES, seed: o.seed }
-            }));
-        let mut measure = match (measured_on, sensitivity_on) {
-            (Some(inputs), _) => {
-                Some(cx.measure(model, inputs).map_err(|e| PassError::Measure(format!("the `{name}` criterion's statistics: {e}")))?)
-            }
-            (None, Some(inputs)) => Some(
-                cx.measure(model, inputs)
-                    .map_err(|e| PassError::Measure(format!("allocation=sensitivity runs the model (allocation=uniform does not): {e}")))?,
-            ),
-            (None, None) => None,
-        };
-        let calibration = match measure.as_deref_mut().filter(|_| measured_on.is_some()) {
-            Some(m) => {
+        let calibration = match measured_on {
+            Some(inputs) => {
+                let mut m =
+                    cx.measure(model, inputs).map_err(|e| PassError::Measure(format!("the `{name}` criterion's statistics: {e}")))?;
                 if let Some(p) = progress.as_deref_mut() {
                     p.start(&format!("prune: measuring the `{name}` criterion's statistics"), 0);
                 }
-                let c = statistics::collect_inputs(model, m, wants_hessians)
+                let c = statistics::collect_inputs(model, m.as_mut(), wants_hessians)
                     .map_err(|e| PassError::Measure(format!("running the model for the `{name}` criterion's statistics: {e}")))?;
                 if let Some(p) = progress.as_deref_mut() {
                     p.finish();
@@ -531,8 +516,16 @@ impl Pass for ChannelPruning {
         let candidates = scoring.candidates();
         let (counts, ratio, allocation) = match (o.target, allocation) {
             (Some(target), Allocation::Sensitivity) if !candidates.is_empty() => {
-                let m = measure.as_deref_mut().expect("made for the dry runs above");
-                let table = sensitivity::measure_groups(model, &candidates, &resolved, PROBE_RATIOS, m, progress.as_deref_mut())?;
+                // A few samples: each group runs the model several times.
+                let inputs = if has_inputs {
+                    Inputs::GivenFirst { samples: SENSITIVITY_SAMPLES }
+                } else {
+                    Inputs::Noise { samples: SENSITIVITY_SAMPLES, seed: o.seed }
+                };
+                let mut m = cx
+                    .measure(model, inputs)
+                    .map_err(|e| PassError::Measure(format!("allocation=sensitivity runs the model (allocation=uniform does not): {e}")))?;
+                let table = sensitivity::measure_groups(model, &candidates, &resolved, PROBE_RATIOS, m.as_mut(), progress.as_deref_mut())?;
                 let (counts, beyond_probes) = sensitivity::allocate(&candidates, &resolved, &table, &Savings::new(&model.graph, target));
                 let ratios: Vec<f64> = candidates.iter().zip(&counts).map(|(c, &n)| n as f64 / c.channels as f64).collect();
                 let channels: usize = candidates.iter().map(|c| c.channels).sum();
@@ -552,11 +545,12 @@ impl Pass for ChannelPruning {
             RefitMode::Prefix => Some(statistics::RefitTarget::OwnOutputs),
             RefitMode::Outputs => Some(statistics::RefitTarget::OriginalOutputs),
         };
-        if let (Some(target), Some(m)) = (target, measure.as_deref_mut())
+        if let (Some(target), Some(inputs)) = (target, measured_on)
             && o.criterion == Criterion::Obspa
             && hessian.runs_model()
             && !report.masked.is_empty()
         {
+            let mut m = cx.measure(model, inputs).map_err(|e| PassError::Measure(format!("the `{name}` criterion's refit: {e}")))?;
             let mut on_level = |done: usize, total: usize| {
                 if let Some(p) = progress.as_deref_mut() {
                     if done == 0 {
@@ -566,14 +560,13 @@ impl Pass for ChannelPruning {
                     }
                 }
             };
-            let refit = statistics::refit(model, m, &report, target, o.damping, &mut on_level)
+            let refit = statistics::refit(model, m.as_mut(), &report, target, o.damping, &mut on_level)
                 .map_err(statistics("running the pruned model level by level to refit its layers".into()))?;
             if let Some(p) = progress.as_deref_mut() {
                 p.finish();
             }
             adopt_refit(&mut report, refit);
         }
-        drop(measure);
         cx.restore_progress(progress);
         warn_about(&report, o, cx);
         apply_compensations(&mut model.graph, &report.compensated)
@@ -631,7 +624,11 @@ pub fn sensitivity_table(
     if (options.criterion.needs_calibration() || (wants_hessians && hessian == HessianSource::Calib)) && !has_inputs {
         return Err(PassError::BadOption(format!("the `{name}` criterion needs calibration inputs: pass --inputs FILE.npz")));
     }
-    let inputs = if has_inputs { Inputs::Given } else { Inputs::Noise { samples: SENSITIVITY_NOISE_SAMPLES, seed: options.seed } };
+    let inputs = if has_inputs {
+        Inputs::GivenFirst { samples: SENSITIVITY_SAMPLES }
+    } else {
+        Inputs::Noise { samples: SENSITIVITY_SAMPLES, seed: options.seed }
+    };
     let mut progress = cx.take_progress();
     let result = (|| {
         let mut measure = cx.measure(model, inputs).map_err(|e| PassError::Measure(format!("measuring each group's sensitivity: {e}")))?;
