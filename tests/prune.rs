@@ -498,7 +498,8 @@ fn a_correct_compensation_within_the_measured_float_error_is_accepted_and_says_s
         .arg(&model)
         .arg("-o")
         .arg(&out)
-        .args(["--criterion", "obspa", "--target", "params=0.3", "--inputs"])
+        // One ratio for all: the configuration whose float error the onnxsim comparison found.
+        .args(["--criterion", "obspa", "--target", "params=0.3", "--allocation", "uniform", "--inputs"])
         .arg(common::shared().join("data/rapidocr_rec.dev.npz"))
         .arg("--report")
         .arg(&report)
@@ -533,4 +534,122 @@ fn a_small_real_difference_is_refused_though_the_tolerance_follows_the_float_err
         }
         other => panic!("a changed weight was not refused: {other:?}"),
     }
+}
+
+/// The output cosine of `pruned` to `original` in tract on the inputs of `inputs` (an npz).
+fn cosine_in_tract(original: &Path, pruned: &Path, inputs: &Path) -> f64 {
+    let run = |path: &Path| {
+        let loaded = load(path);
+        let feed = prunec::runtime::tract::load_npz(inputs, &loaded.model).expect("inputs");
+        let plan = prunec::runtime::tract::Plan::from_model(&loaded.model, &loaded.dir, &feed).expect("tract builds the model");
+        plan.run(&feed).expect("tract runs the model").values
+    };
+    let (a, b) = (run(original), run(pruned));
+    a.iter()
+        .zip(&b)
+        .map(|((_, x), (_, y))| prunec::runtime::tract::compare(x, y).expect("same shapes").cosine)
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// `--target` spends the budget by measured sensitivity: each group is run alone at 30%, 60%
+/// and 90% of its channels on seeded noise, and the groups whose loss per saved parameter is
+/// smallest lose the most. On ResNet-18, whose stage-wide residual groups cost the most, the
+/// result keeps the real image's output markedly closer than one ratio for every group (which
+/// `--allocation uniform` still gives), at the same share of parameters.
+#[test]
+fn a_target_goes_where_the_measured_outputs_change_least() {
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let zoo = common::shared().join("models/zoo");
+    let model = zoo.join("resnet18.onnx");
+    let run = |name: &str, extra: &[&str]| -> (Json, String) {
+        let (out, report) = (scratch.path().join(format!("{name}.onnx")), scratch.path().join(format!("{name}.json")));
+        let o = prunec()
+            .arg(&model)
+            .arg("-o")
+            .arg(&out)
+            .args(["--target", "params=0.3", "--report"])
+            .arg(&report)
+            .args(extra)
+            .output()
+            .expect("running prunec");
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{name}:\n{stderr}");
+        (serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("JSON"), stderr)
+    };
+    let (measured, stderr) = run("sensitivity", &[]);
+    let (uniform, _) = run("uniform", &["--allocation", "uniform"]);
+    for report in [&measured, &uniform] {
+        let (before, after) = (report["before"]["parameters"].as_f64().expect("n"), report["after"]["parameters"].as_f64().expect("n"));
+        let saved = 1.0 - after / before;
+        assert!((0.3..0.31).contains(&saved), "saved {saved}");
+    }
+    assert!(
+        stderr.contains("per-group ratios from measured sensitivity") && stderr.contains("sensitivity: each group alone at 0.3/0.6/0.9"),
+        "{stderr}"
+    );
+    let allocation = &common::pass_details(&measured, "prune")["allocation"];
+    let table = &allocation["table"]["groups"];
+    assert_eq!(table.as_array().expect("groups").len(), 12, "{allocation}");
+    let ratios: Vec<f64> = allocation["ratios"].as_array().expect("ratios").iter().map(|r| r.as_f64().expect("r")).collect();
+    assert!(ratios.iter().any(|&r| r == 0.0) && ratios.iter().any(|&r| r > 0.35), "not spread by sensitivity: {ratios:?}");
+    assert!(common::pass_details(&uniform, "prune")["allocation"].is_null());
+    let inputs = zoo.join("resnet18.inputs.npz");
+    let (cos_measured, cos_uniform) = (
+        cosine_in_tract(&model, &scratch.path().join("sensitivity.onnx"), &inputs),
+        cosine_in_tract(&model, &scratch.path().join("uniform.onnx"), &inputs),
+    );
+    assert!(cos_measured > cos_uniform + 0.03, "sensitivity {cos_measured} against uniform {cos_uniform}");
+}
+
+/// Without a runtime (a library pipeline that cannot run models) the default allocation falls
+/// back to one ratio for all and warns; asking for sensitivity where it cannot apply is refused.
+#[test]
+fn sensitivity_allocation_says_when_it_cannot_run_and_needs_a_target() {
+    use prunec::passes::PassOptions;
+    let loaded = load(&common::shared().join("models/zoo/tiny_bert.onnx"));
+    let mut model = loaded.model.clone();
+    let mut cx = Context::default();
+    let options = PruneOptions { target: Some(Target::Params(0.2)), ..PruneOptions::default() };
+    let report = ChannelPruning { options }.run(&mut model, &mut cx).expect("pruning succeeds");
+    assert!(report.details::<PruneReport>().expect("details").allocation.is_none());
+    let warnings = cx.take_warnings();
+    assert!(warnings.iter().any(|w| w.contains("one ratio for every group")), "{warnings:?}");
+    let refused = |pairs: &[(&str, &str)]| {
+        let mut o = PruneOptions::default();
+        for (k, v) in pairs {
+            o.set(k, v).expect("a valid value");
+        }
+        o.check().expect_err("refused")
+    };
+    assert!(refused(&[("allocation", "sensitivity")]).contains("give target="));
+    assert!(refused(&[("allocation", "sensitivity"), ("target", "params=0.3"), ("global", "true")]).contains("give one"));
+}
+
+/// `prunec sensitivity` prints the dry runs the allocation chooses from: the same table the
+/// default command's report carries for the same model and seed, one row per candidate group,
+/// losses that grow with the share removed.
+#[test]
+fn the_sensitivity_command_shows_the_dry_runs_the_target_is_spread_by() {
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let model = common::shared().join("models/zoo/tiny_bert.onnx");
+    let o = prunec().arg("sensitivity").arg(&model).arg("--json").output().expect("running prunec");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let shown: Json = serde_json::from_slice(&o.stdout).expect("JSON");
+    let report_path = scratch.path().join("report.json");
+    let o =
+        prunec().arg(&model).args(["--dry-run", "--target", "params=0.2", "--report"]).arg(&report_path).output().expect("running prunec");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: Json = serde_json::from_slice(&std::fs::read(&report_path).expect("report")).expect("JSON");
+    assert_eq!(shown["table"], common::pass_details(&report, "prune")["allocation"]["table"]);
+    let groups = shown["table"]["groups"].as_array().expect("groups");
+    assert_eq!(groups.len(), 8, "tiny_bert has 8 candidate groups: {shown}");
+    let mean = |k: usize| groups.iter().map(|g| g["loss"][k].as_f64().expect("measured")).sum::<f64>() / groups.len() as f64;
+    assert!(mean(0) > 0.0 && mean(0) < mean(1) && mean(1) < mean(2), "losses do not grow with the share: {shown}");
+
+    let o = prunec().arg("sensitivity").arg(&model).args(["--ratios", "0.5"]).output().expect("running prunec");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.starts_with("8 groups measured alone, 9 runs on noise"), "{text}");
+    assert_eq!(text.lines().filter(|l| l.contains("/m/encoder/")).count(), 8, "{text}");
+    let o = prunec().arg("sensitivity").arg(&model).args(["--ratios", "1.5"]).output().expect("running prunec");
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
 }
