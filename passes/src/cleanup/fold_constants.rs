@@ -103,6 +103,37 @@ pub fn fold_shape_arithmetic(model: &mut Model, max_elements: usize) -> Result<P
     Ok(report)
 }
 
+/// A small integer tensor every element of which the evaluator knows (booleans as 0 and 1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnownIntegers {
+    /// The tensor's dims.
+    pub dims: Vec<u64>,
+    /// Its elements in row-major order.
+    pub data: Vec<i64>,
+}
+
+/// Every op output of `graph` whose elements the evaluator of [`fold_shape_arithmetic`] computes
+/// completely, tracking tensors of up to `max_elements` elements, booleans included (as 0 and
+/// 1). Nothing is changed: a runtime's copy asks which way an `If` goes, whose condition is a
+/// boolean the fold never writes as a constant.
+pub fn known_integers(graph: &Graph, max_elements: usize) -> Result<HashMap<ValueId, KnownIntegers>, PassError> {
+    let order = graph.topo_order().map_err(|source| PassError::BrokeGraph { pass: "fold", source })?;
+    let mut values: HashMap<ValueId, Partial> = HashMap::new();
+    let mut known = HashMap::new();
+    for op in order {
+        let outputs = graph.op_outputs(op);
+        let Some(results) = evaluate(graph, op, &mut values, max_elements) else { continue };
+        for (slot, partial) in results.into_iter().enumerate() {
+            let Some(v) = outputs.get(slot).copied().flatten() else { continue };
+            if let Some(data) = partial.known() {
+                known.insert(v, KnownIntegers { dims: partial.dims.clone(), data });
+            }
+            values.insert(v, partial);
+        }
+    }
+    Ok(known)
+}
+
 fn int_dtype(graph: &Graph, v: ValueId) -> Option<DType> {
     graph.value(v).dtype.filter(|&d| d == DType::I64 || d == DType(prunec_ir::proto::tensor_proto::DataType::Int32 as i32))
 }
@@ -158,6 +189,13 @@ fn evaluate(graph: &Graph, op_id: OpId, values: &mut HashMap<ValueId, Partial>, 
             let (start, end) = (clamp(op.attr_int("start").unwrap_or(0)), clamp(op.attr_int("end").unwrap_or(rank)));
             let data: Vec<Option<i64>> = dims.get(start..end.max(start))?.iter().map(|d| d.known().map(|n| n as i64)).collect();
             one(Partial { dims: vec![data.len() as u64], data })
+        }
+        // The element count of a tensor whose every size is known, as a scalar (silero's LSTM
+        // wrapper asks `Size(Shape(x)) == 2` for the rank).
+        "Size" => {
+            let x = graph.op_input(op_id, 0)?;
+            let n = graph.value(x).shape.as_ref()?.0.iter().try_fold(1i64, |n, d| n.checked_mul(i64::try_from(d.known()?).ok()?))?;
+            one(Partial { dims: vec![], data: vec![Some(n)] })
         }
         "Cast" => {
             use prunec_ir::proto::tensor_proto::DataType as T;
