@@ -394,3 +394,154 @@ fn exotic_functions_and_sequences_run_in_tract_as_onnx_runtime_runs_them() {
     let rel = common::tract_against_onnx_runtime(&case.path, &npz);
     assert_eq!(rel, 0.0, "tract's copy of exotic differs from ONNX Runtime by {rel:e} of scale");
 }
+
+fn int_attr(name: &str, value: i64) -> AttributeProto {
+    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(value), ..Default::default() }
+}
+
+/// Every sequence op the copy lowers, over `x: f32[6]`: split into pairs, a pair inserted at 1,
+/// the last erased, the length, one element, the rest stacked; and split into scalars, stacked
+/// back.
+fn sequences_model() -> ModelProto {
+    let with = |mut n: NodeProto, attributes: Vec<AttributeProto>| {
+        n.attribute = attributes;
+        n
+    };
+    let graph = GraphProto {
+        name: Some("sequences".into()),
+        node: vec![
+            node("SplitToSequence", "pairs", &["x", "two"], &["pairs"]),
+            node("SequenceInsert", "insert", &["pairs", "c", "one"], &["inserted"]),
+            node("SequenceErase", "erase", &["inserted", "minus_one"], &["erased"]),
+            node("SequenceLength", "length", &["erased"], &["n"]),
+            node("SequenceAt", "at", &["erased", "one"], &["a"]),
+            with(node("ConcatFromSequence", "stack", &["erased"], &["stacked"]), vec![int_attr("axis", 0), int_attr("new_axis", 1)]),
+            with(node("SplitToSequence", "scalars", &["x"], &["scalars"]), vec![int_attr("keepdims", 0)]),
+            with(node("ConcatFromSequence", "rebuild", &["scalars"], &["rebuilt"]), vec![int_attr("axis", 0), int_attr("new_axis", 1)]),
+        ],
+        initializer: vec![
+            int64s("two", &[], &[2]),
+            int64s("one", &[], &[1]),
+            int64s("minus_one", &[], &[-1]),
+            floats("c", &[2], &[10.0, 20.0]),
+        ],
+        input: vec![value_info("x", DataType::Float, &[Some(6)])],
+        output: vec![
+            value_info("n", DataType::Int64, &[]),
+            untyped_rank("a", DataType::Float),
+            untyped_rank("stacked", DataType::Float),
+            untyped_rank("rebuilt", DataType::Float),
+        ],
+        ..Default::default()
+    };
+    model_of(graph)
+}
+
+#[test]
+fn sequences_of_known_length_are_written_as_their_tensors() {
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let path = write(scratch.path(), "sequences.onnx", &sequences_model());
+    let feed = Feed([floats_feed("x", &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])].into());
+    assert!(Plan::from_file(&path, &feed).is_err(), "tract runs sequences now: the test proves nothing");
+    let loaded = read(&path);
+    let out = Plan::from_model(&loaded.model, &loaded.dir, &feed).expect("tract runs its copy").run(&feed).expect("runs");
+    let values: Vec<(String, Vec<usize>, Vec<f64>)> = out
+        .values
+        .iter()
+        .map(|(name, t)| {
+            let f = t.cast_to::<f64>().expect("numbers").into_owned();
+            (name.clone(), t.shape().to_vec(), f.try_as_plain_ram().expect("in memory").as_slice::<f64>().expect("f64").to_vec())
+        })
+        .collect();
+    let want = [
+        ("n", vec![], vec![3.0]),
+        ("a", vec![2], vec![10.0, 20.0]),
+        ("stacked", vec![3, 2], vec![1.0, 2.0, 10.0, 20.0, 3.0, 4.0]),
+        ("rebuilt", vec![6], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+    ];
+    for ((name, shape, data), (want_name, want_shape, want_data)) in values.iter().zip(want) {
+        assert_eq!((name.as_str(), shape, data), (want_name, &want_shape, &want_data));
+    }
+    let npz = scratch.path().join("sequences.npz");
+    save_npz(&feed, &npz).expect("saves");
+    assert_eq!(common::tract_against_onnx_runtime(&path, &npz), 0.0, "ONNX Runtime computes otherwise");
+}
+
+/// Two model-local functions of domain `local`: `Scale(X)` is `LeakyRelu(X, alpha=@alpha)`
+/// (alpha 2 unless the call says), `Both(X)` is `Scale(Scale(X), alpha=@beta)`: a nested call, an
+/// attribute passed on by reference, a default. The main graph calls `Both` with beta 3 and
+/// `Scale` with alpha 0.5, so the body of `Scale` is written three times and its names must not
+/// clash.
+fn functions_model() -> ModelProto {
+    let opsets = || {
+        vec![
+            OperatorSetIdProto { domain: Some(String::new()), version: Some(13) },
+            OperatorSetIdProto { domain: Some("local".into()), version: Some(1) },
+        ]
+    };
+    let reference = |name: &str, to: &str| AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Float as i32),
+        ref_attr_name: Some(to.into()),
+        ..Default::default()
+    };
+    let float_attr = |name: &str, v: f32| AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Float as i32),
+        f: Some(v),
+        ..Default::default()
+    };
+    let call = |function: &str, name: &str, input: &str, output: &str, attribute: Vec<AttributeProto>| NodeProto {
+        domain: Some("local".into()),
+        attribute,
+        ..node(function, name, &[input], &[output])
+    };
+    let scale = proto::FunctionProto {
+        name: Some("Scale".into()),
+        domain: Some("local".into()),
+        input: vec!["X".into()],
+        output: vec!["Y".into()],
+        attribute_proto: vec![float_attr("alpha", 2.0)],
+        node: vec![NodeProto { attribute: vec![reference("alpha", "alpha")], ..node("LeakyRelu", "leaky", &["X"], &["Y"]) }],
+        opset_import: opsets(),
+        ..Default::default()
+    };
+    let both = proto::FunctionProto {
+        name: Some("Both".into()),
+        domain: Some("local".into()),
+        input: vec!["X".into()],
+        output: vec!["Y".into()],
+        attribute: vec!["beta".into()],
+        node: vec![call("Scale", "first", "X", "T", vec![]), call("Scale", "second", "T", "Y", vec![reference("alpha", "beta")])],
+        opset_import: opsets(),
+        ..Default::default()
+    };
+    let graph = GraphProto {
+        name: Some("functions".into()),
+        node: vec![
+            call("Both", "both", "x", "y1", vec![float_attr("beta", 3.0)]),
+            call("Scale", "half", "x", "y2", vec![float_attr("alpha", 0.5)]),
+        ],
+        input: vec![value_info("x", DataType::Float, &[Some(4)])],
+        output: vec![value_info("y1", DataType::Float, &[Some(4)]), value_info("y2", DataType::Float, &[Some(4)])],
+        ..Default::default()
+    };
+    ModelProto { opset_import: opsets(), functions: vec![scale, both], ..model_of(graph) }
+}
+
+#[test]
+fn model_local_functions_are_expanded_with_their_attributes_resolved() {
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let path = write(scratch.path(), "functions.onnx", &functions_model());
+    let feed = Feed([floats_feed("x", &[-1.0, -2.0, -4.0, 4.0])].into());
+    assert!(Plan::from_file(&path, &feed).is_err(), "tract expands functions now: the test proves nothing");
+    let loaded = read(&path);
+    let out = Plan::from_model(&loaded.model, &loaded.dir, &feed).expect("tract runs its copy").run(&feed).expect("runs");
+    let values: Vec<Vec<f32>> =
+        out.values.iter().map(|(_, t)| t.try_as_plain_ram().expect("in memory").as_slice::<f32>().expect("f32").to_vec()).collect();
+    // Negative inputs times 2, then 3; times 0.5 for the second call. Positive ones pass.
+    assert_eq!(values, [vec![-6.0, -12.0, -24.0, 4.0], vec![-0.5, -1.0, -2.0, 4.0]]);
+    let npz = scratch.path().join("functions.npz");
+    save_npz(&feed, &npz).expect("saves");
+    assert_eq!(common::tract_against_onnx_runtime(&path, &npz), 0.0, "ONNX Runtime computes otherwise");
+}

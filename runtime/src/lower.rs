@@ -113,30 +113,38 @@ fn decide_control_flow(copy: &mut Model, dir: &Path, feed: &Feed, bound: &mut Ve
             changed += 1;
             continue;
         }
-        let known = prunec_passes::known_integers(&copy.graph, FEED_FOLD_ELEMENTS).ok()?;
         let ifs: Vec<OpId> = copy.graph.op_ids().filter(|&op| is_default(copy.graph.op(op), "If")).collect();
+        if ifs.is_empty() {
+            return Some(changed);
+        }
+        let known = prunec_passes::known_integers(&copy.graph, FEED_FOLD_ELEMENTS).ok()?;
         let mut inlined = 0;
-        for &op in &ifs {
+        for op in ifs {
             let Some(cond) = copy.graph.op_input(op, 0) else { continue };
             let value = known.get(&cond).map(|k| k.data.clone()).or_else(|| copy.graph.value(cond).initializer()?.to_i64_vec());
             let Some(&[taken]) = value.as_deref() else { continue };
             let branch = if taken != 0 { "then_branch" } else { "else_branch" };
             let Some(body) = copy.graph.op(op).attr_graph(branch).cloned() else { continue };
-            if inline::inline_branch(&mut copy.graph, op, &body).is_some() {
-                inlined += 1;
+            // A branch the IR cannot hold leaves the If as it was (weights are shared, so the
+            // graph is cheap to keep).
+            let before = copy.graph.clone();
+            match inline::inline_branch(&mut copy.graph, op, &body) {
+                Some(()) => inlined += 1,
+                None => copy.graph = before,
             }
         }
         changed += inlined;
         if inlined > 0 {
             shapes_fresh = false;
-            continue;
+        } else if shapes_fresh {
+            // Undecided at the feed's sizes: data decides them, and tract gets them as they are.
+            return Some(changed);
+        } else {
+            shapes::refresh(copy, dir, feed);
+            shapes_fresh = true;
         }
-        if ifs.is_empty() || shapes_fresh {
-            break;
-        }
-        shapes::refresh(copy, dir, feed);
-        shapes_fresh = true;
     }
+    // Out of rounds: what the last inlining brought is folded still.
     changed += prunec_passes::fold_shape_arithmetic(copy, FEED_FOLD_ELEMENTS).ok()?.ops_removed;
     Some(changed)
 }
@@ -270,8 +278,10 @@ fn expand_functions(copy: &mut Model) -> usize {
                     && f.overload.as_deref().unwrap_or("") == node.meta.overload.as_deref().unwrap_or("")
             });
             let Some(function) = called.filter(|f| fits(f)) else { continue };
-            if inline::inline_call(&mut copy.graph, op, function).is_some() {
-                round += 1;
+            let before = copy.graph.clone();
+            match inline::inline_call(&mut copy.graph, op, function) {
+                Some(()) => round += 1,
+                None => copy.graph = before,
             }
         }
         expanded += round;

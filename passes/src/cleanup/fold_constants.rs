@@ -545,7 +545,7 @@ mod tests {
         let x = g.add_value(x).unwrap();
         g.inputs.push(x);
         let three = g.add_initializer("three", Tensor::from_i64("three", &[], &[3]));
-        let mut produced = |g: &mut Graph, name: &str, dtype: DType| {
+        let produced = |g: &mut Graph, name: &str, dtype: DType| {
             let mut v = Value::new(name, ValueKind::Produced);
             v.dtype = Some(dtype);
             g.add_value(v).unwrap()

@@ -11,8 +11,9 @@ use prunec_ir::{Attribute, Graph, NodeMeta, Op, OpId, Tensor, Value, ValueId, Va
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Replaces `op` (an `If`) by the ops of `branch`, one of its branches: what read the If's
-/// outputs reads the branch's. `None`, with the graph unchanged, for a branch the IR cannot hold
-/// (sparse initializers, inputs) or one that does not match the op's outputs.
+/// outputs reads the branch's. `None` for a branch the IR cannot hold (sparse initializers,
+/// inputs, a name defined twice, an attribute it cannot lift) or one that does not match the
+/// op's outputs; the graph may then be half changed, and the caller keeps its own copy.
 pub(super) fn inline_branch(graph: &mut Graph, op: OpId, branch: &proto::GraphProto) -> Option<()> {
     let outputs = graph.op_outputs(op);
     if !branch.sparse_initializer.is_empty() || !branch.input.is_empty() || branch.output.len() != outputs.len() {
@@ -27,27 +28,32 @@ pub(super) fn inline_branch(graph: &mut Graph, op: OpId, branch: &proto::GraphPr
     }
     let records: BTreeMap<&str, &proto::TypeProto> =
         branch.value_info.iter().chain(&branch.output).filter_map(|i| Some((i.name(), i.r#type.as_ref()?))).collect();
-    let tensors: Vec<Tensor> = branch.initializer.iter().map(|t| Tensor::from_proto(t.clone()).ok()).collect::<Option<_>>()?;
-    let name = graph.op(op).name.clone();
+    let tensors: Vec<(String, Tensor)> = branch
+        .initializer
+        .iter()
+        .map(|t| Some((renames.get(t.name())?.clone(), Tensor::from_proto(t.clone()).ok()?)))
+        .collect::<Option<_>>()?;
     graph.remove_op(op);
-    for tensor in tensors {
-        let name = renames[tensor.name()].clone();
+    for (name, tensor) in tensors {
         graph.add_initializer(&name, tensor);
     }
-    add_body(graph, &branch.node, &renames, &records)?;
+    add_body(graph, &branch.node, &renames, &records, &BTreeMap::new(), None)?;
     for (slot, out) in outputs.into_iter().enumerate() {
         let Some(out) = out else { continue };
         let from = resolve(graph, &renames, branch.output[slot].name())?;
-        // The branch's result keeps its name where the If's readers find it.
-        graph.add_op(Op::new("Identity", &format!("{name}_output_{slot}")), &[Some(from)], &[Some(out)]).ok()?;
+        // The branch's result keeps its name where the If's readers find it; the op is named
+        // after it too (value names are unique, an unnamed If's are not).
+        let op_name = graph.value(out).name.clone();
+        graph.add_op(Op::new("Identity", &op_name), &[Some(from)], &[Some(out)]).ok()?;
     }
     Some(())
 }
 
 /// Replaces `op`, a call of `function`, by the function's body: formal inputs read the call's
 /// inputs, formal outputs write its outputs, attribute references take the call's attributes
-/// (or the function's defaults). `None`, with the graph unchanged, for a call the body does not
-/// fit (more inputs or outputs than the function declares).
+/// (or the function's defaults). `None` for a call the body does not fit (more inputs or
+/// outputs than the function declares, a body reading what it does not define); the graph may
+/// then be half changed, and the caller keeps its own copy.
 pub(super) fn inline_call(graph: &mut Graph, op: OpId, function: &proto::FunctionProto) -> Option<()> {
     let (inputs, outputs) = (graph.op_inputs(op), graph.op_outputs(op));
     if inputs.len() > function.input.len() || outputs.len() > function.output.len() {
@@ -75,9 +81,9 @@ pub(super) fn inline_call(graph: &mut Graph, op: OpId, function: &proto::Functio
         function.node.iter().flat_map(|n| n.output.clone()).filter(|n| !n.is_empty() && !names.contains_key(n)).collect();
     let mut taken = BTreeSet::new();
     for formal in internal.into_iter().chain(unwritten) {
-        if !names.contains_key(&formal) {
-            let free = free_name(graph, &mut taken, &format!("{prefix}/{formal}"));
-            names.insert(formal, free);
+        if let std::collections::btree_map::Entry::Vacant(entry) = names.entry(formal) {
+            let free = free_name(graph, &mut taken, &format!("{prefix}/{}", entry.key()));
+            entry.insert(free);
         }
     }
     // Every output the call writes must be computed by a node (not a formal input passed on).
@@ -103,7 +109,7 @@ pub(super) fn inline_call(graph: &mut Graph, op: OpId, function: &proto::Functio
     graph.remove_op(op);
     let outputs_by_name: BTreeMap<String, ValueId> =
         outputs.iter().flatten().map(|&v| (graph.value(v).name.clone(), v)).collect::<BTreeMap<_, _>>();
-    add_body_into(graph, &nodes, &names, &BTreeMap::new(), &outputs_by_name)
+    add_body(graph, &nodes, &names, &BTreeMap::new(), &outputs_by_name, Some(&prefix))
 }
 
 /// An attribute of a function's body node with its reference (`ref_attr_name`) to the call's
@@ -125,9 +131,9 @@ fn free_names(graph: &Graph, defined: impl Iterator<Item = String>) -> BTreeMap<
     let mut taken = BTreeSet::new();
     let mut renames = BTreeMap::new();
     for name in defined {
-        if !renames.contains_key(&name) {
-            let free = free_name(graph, &mut taken, &name);
-            renames.insert(name, free);
+        if let std::collections::btree_map::Entry::Vacant(entry) = renames.entry(name) {
+            let free = free_name(graph, &mut taken, entry.key());
+            entry.insert(free);
         }
     }
     renames
@@ -150,25 +156,20 @@ fn resolve(graph: &Graph, renames: &BTreeMap<String, String>, name: &str) -> Opt
     graph.value_by_name(renames.get(name).map_or(name, String::as_str))
 }
 
+/// Adds `nodes` to `graph` with the body's names mapped by `renames`; a mapped name in `into` is
+/// an existing value the body writes (a call's outputs), every other output a new value typed
+/// by `records` where the body recorded it. Ops are named `{prefix}/{name}` where a prefix is
+/// given, and made unique among the graph's: tract refuses two nodes of one name, and a body
+/// written twice brings its names twice.
 fn add_body(
     graph: &mut Graph,
     nodes: &[proto::NodeProto],
     renames: &BTreeMap<String, String>,
     records: &BTreeMap<&str, &proto::TypeProto>,
-) -> Option<()> {
-    add_body_into(graph, nodes, renames, records, &BTreeMap::new())
-}
-
-/// Adds `nodes` to `graph` with the body's names mapped by `renames`; a mapped name in `into` is
-/// an existing value the body writes (a call's outputs), every other output a new value typed
-/// by `records` where the body recorded it.
-fn add_body_into(
-    graph: &mut Graph,
-    nodes: &[proto::NodeProto],
-    renames: &BTreeMap<String, String>,
-    records: &BTreeMap<&str, &proto::TypeProto>,
     into: &BTreeMap<String, ValueId>,
+    prefix: Option<&str>,
 ) -> Option<()> {
+    let mut op_names: BTreeSet<String> = graph.op_ids().map(|op| graph.op(op).name.clone()).collect();
     // Outputs first: the body's nodes need not be in order.
     let mut pending = Vec::with_capacity(nodes.len());
     for node in nodes {
@@ -204,8 +205,21 @@ fn add_body_into(
             }
             attributes.push(Attribute::from_proto(a).ok()?);
         }
+        let base = match (prefix, node.name.as_deref().unwrap_or_default()) {
+            (Some(prefix), "") => format!("{prefix}/{}", node.op_type()),
+            (Some(prefix), name) => format!("{prefix}/{name}"),
+            (None, name) => name.to_string(),
+        };
+        let name = if base.is_empty() {
+            base
+        } else {
+            let free = std::iter::once(base.clone()).chain((2..).map(|i| format!("{base}_{i}"))).find(|n| !op_names.contains(n));
+            let free = free.expect("some suffix is free");
+            op_names.insert(free.clone());
+            free
+        };
         let op = Op {
-            name: node.name.clone().unwrap_or_default(),
+            name,
             op_type: node.op_type.clone().unwrap_or_default(),
             domain: node.domain.clone().unwrap_or_default(),
             attributes,

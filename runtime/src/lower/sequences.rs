@@ -15,6 +15,13 @@ use std::collections::HashMap;
 /// whether Squeeze, Unsqueeze and Split take their axes and sizes as inputs); how many ops were
 /// replaced.
 pub(super) fn lower_sequences(graph: &mut Graph, opset: i64) -> usize {
+    let sequential = |op: OpId| {
+        let o = graph.op(op);
+        o.op_type.starts_with("Sequence") || o.op_type.ends_with("ToSequence") || o.op_type.ends_with("FromSequence")
+    };
+    if !graph.op_ids().any(sequential) {
+        return 0;
+    }
     let Ok(order) = graph.topo_order() else { return 0 };
     let known = prunec_passes::known_integers(graph, 64).unwrap_or_default();
     let integers = |graph: &Graph, v: Option<ValueId>| -> Option<Vec<i64>> {
@@ -91,6 +98,7 @@ pub(super) fn lower_sequences(graph: &mut Graph, opset: i64) -> usize {
                 let name = graph.value(out).name.clone();
                 graph.value_mut(out).kind = ValueKind::Initializer(int64_constant(&name, &[], &[list.len() as i64]));
                 graph.value_mut(out).shape = Some(prunec_ir::Shape::known(&[]));
+                graph.value_mut(out).dtype = Some(prunec_ir::DType::I64);
                 graph.initializers.push(out);
                 lowered += 1;
             }
@@ -99,12 +107,11 @@ pub(super) fn lower_sequences(graph: &mut Graph, opset: i64) -> usize {
                 let (node, dtype) = (graph.op(op).clone(), graph.value(list[0]).dtype);
                 let Some(axis) = node.attr_int("axis") else { continue };
                 let parts = if node.attr_int("new_axis").unwrap_or(0) != 0 {
-                    let mut parts = Vec::with_capacity(list.len());
-                    for (k, &t) in list.iter().enumerate() {
+                    let unsqueezed = list.iter().enumerate().map(|(k, &t)| {
                         let part = fresh_value(graph, &node.name, &format!("element{k}"), dtype);
-                        with_axes(graph, "Unsqueeze", &format!("{}_unsqueeze{k}", node.name), t, part, &[axis], opset);
-                        parts.push(Some(part));
-                    }
+                        with_axes(graph, "Unsqueeze", &format!("{}_unsqueeze{k}", node.name), t, part, &[axis], opset).map(|()| Some(part))
+                    });
+                    let Some(parts) = unsqueezed.collect::<Option<Vec<_>>>() else { continue };
                     parts
                 } else {
                     list.iter().copied().map(Some).collect()
@@ -170,7 +177,7 @@ fn split_to_tensors(graph: &mut Graph, op: OpId, opset: i64, split: Option<Vec<i
     graph.add_op(split_op, &inputs, &split_outputs.iter().copied().map(Some).collect::<Vec<_>>()).ok()?;
     if squeeze {
         for (k, (&from, &to)) in split_outputs.iter().zip(&parts).enumerate() {
-            with_axes(graph, "Squeeze", &format!("{}_squeeze{k}", node.name), from, to, &[axis], opset);
+            with_axes(graph, "Squeeze", &format!("{}_squeeze{k}", node.name), from, to, &[axis], opset)?;
         }
     }
     Some(parts)
@@ -178,7 +185,7 @@ fn split_to_tensors(graph: &mut Graph, op: OpId, opset: i64, split: Option<Vec<i
 
 /// Adds `op_type(x)` over `axes` writing `y`: Squeeze and Unsqueeze take their axes as an input
 /// from opset 13 and as an attribute before.
-fn with_axes(graph: &mut Graph, op_type: &str, name: &str, x: ValueId, y: ValueId, axes: &[i64], opset: i64) {
+fn with_axes(graph: &mut Graph, op_type: &str, name: &str, x: ValueId, y: ValueId, axes: &[i64], opset: i64) -> Option<()> {
     let mut op = Op::new(op_type, name);
     let mut inputs = vec![Some(x)];
     if opset >= 13 {
@@ -186,6 +193,5 @@ fn with_axes(graph: &mut Graph, op_type: &str, name: &str, x: ValueId, y: ValueI
     } else {
         op.set_attr_ints("axes", axes);
     }
-    // The values are fresh, so the op is always accepted.
-    let _ = graph.add_op(op, &inputs, &[Some(y)]);
+    graph.add_op(op, &inputs, &[Some(y)]).ok().map(|_| ())
 }
