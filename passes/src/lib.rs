@@ -19,7 +19,7 @@ pub mod prune;
 pub mod reference;
 pub mod streams;
 
-pub use cleanup::{fold_shape_arithmetic, remove_dead_code};
+pub use cleanup::{KnownIntegers, fold_shape_arithmetic, known_integers, remove_dead_code};
 pub use error::PassError;
 pub use measure::{Activation, Context, Inputs, Measure, MeasureError, Progress, Runtime, Stepwise};
 pub use options::{NoOptions, OptionSpec, PassOptions, PassSpec};

@@ -28,6 +28,9 @@ pub struct Plan {
     plan: std::sync::Arc<TypedSimplePlan>,
     input_names: Vec<String>,
     output_names: Vec<String>,
+    /// Inputs that tract's copy holds as constants of the values fed when the plan was built
+    /// (they decide its control flow): a run must feed the same values.
+    bound: Vec<(String, TractTensor)>,
 }
 
 impl Plan {
@@ -36,7 +39,9 @@ impl Plan {
     ///
     /// If tract cannot build it, tract tries again on its own copy of the model, made runnable
     /// by rewrites that compute the same function for this feed (the `lower` module: shape
-    /// arithmetic folded at the feed's sizes, ops tract lacks lowered into ones it has).
+    /// arithmetic folded at the feed's sizes, functions expanded, the `If`s the feed decides
+    /// inlined, sequences of known length and ops tract lacks lowered into ones it has). Such a
+    /// plan refuses to run a feed whose inputs that decided an `If` differ from this one's.
     pub fn from_model(model: &Model, dir: &Path, feed: &Feed) -> Result<Plan, RunError> {
         Plan::from_model_as(model, dir, feed, true)
     }
@@ -54,9 +59,11 @@ impl Plan {
             Ok(plan) => return Ok(plan),
             Err(refusal) => refusal,
         };
-        let Some(copy) = crate::lower::for_tract(model, feed) else { return Err(refusal) };
+        let Some(copy) = crate::lower::for_tract(model, dir, feed) else { return Err(refusal) };
         // The first refusal names what tract lacks; a second one would name the copy's.
-        Plan::from_bytes(prunec_backends::onnx::to_bytes(&copy)?, dir, feed, optimise).map_err(|_| refusal)
+        let mut plan = Plan::from_bytes(prunec_backends::onnx::to_bytes(&copy.model)?, dir, feed, optimise).map_err(|_| refusal)?;
+        plan.bound = copy.bound.into_iter().filter_map(|name| Some((name.clone(), feed.0.get(&name)?.clone()))).collect();
+        Ok(plan)
     }
 
     /// Builds an optimised plan from an ONNX file.
@@ -91,11 +98,18 @@ impl Plan {
         }
         let plan =
             if optimise { model.into_optimized()?.into_runnable()? } else { model.into_typed()?.into_decluttered()?.into_runnable()? };
-        Ok(Plan { plan, input_names, output_names })
+        Ok(Plan { plan, input_names, output_names, bound: Vec::new() })
     }
 
     /// Runs the plan once.
     pub fn run(&self, feed: &Feed) -> Result<Outputs, RunError> {
+        for (name, value) in &self.bound {
+            if feed.0.get(name) != Some(value) {
+                return Err(RunError::Inputs(format!(
+                    "input `{name}` decides the model's control flow and was {value:?} when this plan was built; a plan runs only that branch"
+                )));
+            }
+        }
         let inputs: TVec<TValue> = self
             .input_names
             .iter()
@@ -115,7 +129,7 @@ impl Plan {
 /// concrete shapes, and tract refuses a record that keeps the symbol ("Impossible to unify
 /// Sym(batch) with Val(2)"); what a record no longer says, tract infers. Only tract's copy of
 /// the model changes.
-fn specialise(pb: &mut tract_onnx::pb::ModelProto, feed: &Feed) {
+pub(crate) fn specialise(pb: &mut tract_onnx::pb::ModelProto, feed: &Feed) {
     use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension::Value as D};
     use tract_onnx::pb::{GraphProto, ValueInfoProto, type_proto::Value as T};
     // tract's protobuf knows tensor types only.

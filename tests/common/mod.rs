@@ -134,12 +134,7 @@ pub fn testdata_cases() -> Vec<Case> {
         case("depthwise", "depthwise.onnx", vec![], None),
         case("grouped_conv", "grouped_conv.onnx", vec![], None),
         case("mlp", "mlp.onnx", vec![], None),
-        case(
-            "exotic",
-            "exotic.onnx",
-            vec![input("x", "float32", &[2, 4], None)],
-            Some("tract has no Sequence ops and does not expand model-local functions"),
-        ),
+        case("exotic", "exotic.onnx", vec![input("x", "float32", &[2, 4], None)], None),
         case("external_data", "external_data/model.onnx", vec![], None),
         case("if_subgraph_then", "if_subgraph.onnx", vec![input("cond", "bool", &[], Some(1.0))], None),
         case("if_subgraph_else", "if_subgraph.onnx", vec![input("cond", "bool", &[], Some(0.0))], None),
@@ -184,20 +179,15 @@ pub fn shared_cases() -> Vec<Case> {
         feed: FeedSpec::Tensors(vec![input("bytes", "int32", &[2, 2048], Some(7.0))]),
         tract_unsupported: None,
     });
-    cases.push(Case {
-        tract_unsupported: Some(
-            "tract's If requires both branches to have the same output facts; silero's 8 kHz and 16 kHz branches differ in rank",
-        ),
-        ..real(
-            "silero_vad_op15",
-            "silero/silero_vad_16k_op15.onnx",
-            vec![
-                input("input", "float32", &[1, 512], None),
-                input("state", "float32", &[2, 1, 128], Some(0.0)),
-                input("sr", "int64", &[], Some(16000.0)),
-            ],
-        )
-    });
+    cases.push(real(
+        "silero_vad_op15",
+        "silero/silero_vad_16k_op15.onnx",
+        vec![
+            input("input", "float32", &[1, 512], None),
+            input("state", "float32", &[2, 1, 128], Some(0.0)),
+            input("sr", "int64", &[], Some(16000.0)),
+        ],
+    ));
     cases.push(real(
         "silero_vad_sequence",
         "silero/silero_vad_16k_sequence.onnx",

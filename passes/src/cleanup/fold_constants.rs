@@ -103,6 +103,37 @@ pub fn fold_shape_arithmetic(model: &mut Model, max_elements: usize) -> Result<P
     Ok(report)
 }
 
+/// A small integer tensor every element of which the evaluator knows (booleans as 0 and 1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnownIntegers {
+    /// The tensor's dims.
+    pub dims: Vec<u64>,
+    /// Its elements in row-major order.
+    pub data: Vec<i64>,
+}
+
+/// Every op output of `graph` whose elements the evaluator of [`fold_shape_arithmetic`] computes
+/// completely, tracking tensors of up to `max_elements` elements, booleans included (as 0 and
+/// 1). Nothing is changed: a runtime's copy asks which way an `If` goes, whose condition is a
+/// boolean the fold never writes as a constant.
+pub fn known_integers(graph: &Graph, max_elements: usize) -> Result<HashMap<ValueId, KnownIntegers>, PassError> {
+    let order = graph.topo_order().map_err(|source| PassError::BrokeGraph { pass: "fold", source })?;
+    let mut values: HashMap<ValueId, Partial> = HashMap::new();
+    let mut known = HashMap::new();
+    for op in order {
+        let outputs = graph.op_outputs(op);
+        let Some(results) = evaluate(graph, op, &mut values, max_elements) else { continue };
+        for (slot, partial) in results.into_iter().enumerate() {
+            let Some(v) = outputs.get(slot).copied().flatten() else { continue };
+            if let Some(data) = partial.known() {
+                known.insert(v, KnownIntegers { dims: partial.dims.clone(), data });
+            }
+            values.insert(v, partial);
+        }
+    }
+    Ok(known)
+}
+
 fn int_dtype(graph: &Graph, v: ValueId) -> Option<DType> {
     graph.value(v).dtype.filter(|&d| d == DType::I64 || d == DType(prunec_ir::proto::tensor_proto::DataType::Int32 as i32))
 }
@@ -158,6 +189,17 @@ fn evaluate(graph: &Graph, op_id: OpId, values: &mut HashMap<ValueId, Partial>, 
             let (start, end) = (clamp(op.attr_int("start").unwrap_or(0)), clamp(op.attr_int("end").unwrap_or(rank)));
             let data: Vec<Option<i64>> = dims.get(start..end.max(start))?.iter().map(|d| d.known().map(|n| n as i64)).collect();
             one(Partial { dims: vec![data.len() as u64], data })
+        }
+        // The element count of a tensor whose every size is known, as a scalar (silero's LSTM
+        // wrapper asks `Size(Shape(x)) == 2` for the rank).
+        // A followed input's dims are known even where its value has no recorded shape.
+        "Size" => {
+            let dims = match input(0) {
+                Some(x) => x.dims,
+                None => graph.value(graph.op_input(op_id, 0)?).shape.as_ref()?.0.iter().map(|d| d.known()).collect::<Option<_>>()?,
+            };
+            let n = dims.iter().try_fold(1i64, |n, &d| n.checked_mul(i64::try_from(d).ok()?))?;
+            one(Partial { dims: vec![], data: vec![Some(n)] })
         }
         "Cast" => {
             use prunec_ir::proto::tensor_proto::DataType as T;
@@ -491,6 +533,61 @@ fn numel(dims: &[u64], limit: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `x: f32[2, 3, d]`; `Size(Shape(x))`, `Size(x)`, `Equal(Size(Shape(x)), 3)` and, through
+    /// the graph's values, what an `If` on that condition would read.
+    fn sizes_graph(d: prunec_ir::Dim) -> (Graph, [ValueId; 4]) {
+        use prunec_ir::{Dim, Op, Shape, Value};
+        let mut g = Graph::default();
+        let mut x = Value::new("x", ValueKind::Input);
+        x.dtype = Some(DType::F32);
+        x.shape = Some(Shape(vec![Dim::Known(2), Dim::Known(3), d]));
+        let x = g.add_value(x).unwrap();
+        g.inputs.push(x);
+        let three = g.add_initializer("three", Tensor::from_i64("three", &[], &[3]));
+        let produced = |g: &mut Graph, name: &str, dtype: DType| {
+            let mut v = Value::new(name, ValueKind::Produced);
+            v.dtype = Some(dtype);
+            g.add_value(v).unwrap()
+        };
+        let (shape, rank, numel) =
+            (produced(&mut g, "shape", DType::I64), produced(&mut g, "rank", DType::I64), produced(&mut g, "numel", DType::I64));
+        let is_3d = produced(&mut g, "is_3d", DType(prunec_ir::proto::tensor_proto::DataType::Bool as i32));
+        g.add_op(Op::new("Shape", "shape"), &[Some(x)], &[Some(shape)]).unwrap();
+        g.add_op(Op::new("Size", "rank"), &[Some(shape)], &[Some(rank)]).unwrap();
+        g.add_op(Op::new("Size", "numel"), &[Some(x)], &[Some(numel)]).unwrap();
+        g.add_op(Op::new("Equal", "is_3d"), &[Some(rank), Some(three)], &[Some(is_3d)]).unwrap();
+        g.outputs.push(is_3d);
+        (g, [shape, rank, numel, is_3d])
+    }
+
+    #[test]
+    fn sizes_and_the_booleans_compared_from_them_are_known_where_the_shape_is() {
+        let (g, [shape, rank, numel, is_3d]) = sizes_graph(prunec_ir::Dim::Known(4));
+        let known = known_integers(&g, 64).unwrap();
+        let of = |v: ValueId| known.get(&v).map(|k| (k.dims.clone(), k.data.clone()));
+        assert_eq!(of(shape), Some((vec![3], vec![2, 3, 4])));
+        assert_eq!(of(rank), Some((vec![], vec![3])));
+        assert_eq!(of(numel), Some((vec![], vec![24])));
+        assert_eq!(of(is_3d), Some((vec![], vec![1])), "the boolean an If would branch on");
+        // A symbolic size leaves the element count unknown, but not the rank.
+        let (g, [_, rank, numel, is_3d]) = sizes_graph(prunec_ir::Dim::Sym("n".into()));
+        let known = known_integers(&g, 64).unwrap();
+        assert_eq!(known.get(&rank).map(|k| k.data.clone()), Some(vec![3]));
+        assert!(!known.contains_key(&numel));
+        assert_eq!(known.get(&is_3d).map(|k| k.data.clone()), Some(vec![1]));
+    }
+
+    #[test]
+    fn the_fold_writes_sizes_as_constants_and_leaves_booleans_computed() {
+        let (g, [_, rank, numel, is_3d]) = sizes_graph(prunec_ir::Dim::Known(4));
+        let mut model = Model { shell: Default::default(), graph: g };
+        fold_shape_arithmetic(&mut model, 64).unwrap();
+        let g = &model.graph;
+        assert_eq!(g.value(rank).initializer().and_then(Tensor::to_i64_vec), Some(vec![3]));
+        assert!(g.value_ids().all(|v| v != numel), "the unread element count is dead");
+        assert!(g.producer(is_3d).is_some(), "the fold only writes integers: a boolean stays the Equal's");
+    }
 
     #[test]
     fn range_counts_follow_onnx_ceil_of_span_over_delta_and_are_empty_when_running_the_other_way() {

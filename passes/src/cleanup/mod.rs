@@ -11,5 +11,5 @@ pub use dce::remove_dead_code;
 pub(crate) use dequantize::Dequantize;
 pub(crate) use fold_bn::FoldBatchNorm;
 pub(crate) use fold_constants::FoldConstants;
-pub use fold_constants::fold_shape_arithmetic;
+pub use fold_constants::{KnownIntegers, fold_shape_arithmetic, known_integers};
 pub(crate) use identity::IdentityElimination;
