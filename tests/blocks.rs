@@ -70,7 +70,6 @@ fn case(name: &str) -> Case {
         name: "tiny_llama".into(),
         path: shared().join("models/zoo/tiny_llama.onnx"),
         feed: common::FeedSpec::Npz(shared().join("models/zoo/tiny_llama.inputs.npz")),
-        tract_unsupported: None,
     });
     cases.into_iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no shared case {name}"))
 }

@@ -303,7 +303,7 @@ pub fn first_samples(model: &Model, feed: &Feed, samples: usize) -> (Feed, Optio
         let recorded = graph.value_by_name(name).and_then(|v| graph.value(v).shape.as_ref()).and_then(|s| s.0.first().cloned());
         let given = tensor.shape().first().copied();
         let per_sample = match (recorded, given) {
-            (Some(Dim::Known(d)), Some(g)) if d > 0 && g as u64 > d && g as u64 % d == 0 => Some(d as usize),
+            (Some(Dim::Known(d)), Some(g)) if d > 0 && g as u64 > d && (g as u64).is_multiple_of(d) => Some(d as usize),
             (Some(Dim::Sym(_) | Dim::Unknown), Some(_)) => Some(1),
             _ => None,
         };

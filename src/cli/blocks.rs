@@ -57,12 +57,7 @@ fn measure(
     input_shapes: &[String],
     file: &std::path::Path,
 ) -> Result<MeasuredScores> {
-    let names = prunec::runtime::inputs::runtime_inputs(&loaded.model.graph);
-    let shapes = super::args::input_shapes(input_shapes, &names)?;
-    let (feed, _) = prunec::runtime::inputs::given_feed(&loaded.model, file, &shapes, 0)
-        .with_context(|| format!("reading inputs `{}`", file.display()))?;
-    let given = prunec::runtime::measure::GivenInputs { feed, source: format!("`{}`", file.display()) };
-    let mut runtime = prunec::runtime::measure::TractRuntime { dir: loaded.dir.clone(), given: Some(given), input_shapes: shapes };
+    let mut runtime = super::tract_runtime(loaded, input_shapes, Some(file), 0)?;
     let mut cx = prunec::passes::Context::with_runtime(&mut runtime);
     measured_scores(&loaded.model, report, Aggregate::Mean, &mut cx).context("measuring the layers' scores")
 }

@@ -70,6 +70,27 @@ pub(crate) fn emit(text: &str) -> Result<()> {
     }
 }
 
+/// The runtime through which a command's passes measure: tract, on the inputs of `file` (read
+/// at `input_shapes`) when given, else on what each pass asks for (seeded noise).
+pub(crate) fn tract_runtime(
+    loaded: &Loaded,
+    input_shapes: &[String],
+    file: Option<&Path>,
+    seed: u64,
+) -> Result<prunec::runtime::measure::TractRuntime> {
+    let names = prunec::runtime::inputs::runtime_inputs(&loaded.model.graph);
+    let shapes = args::input_shapes(input_shapes, &names)?;
+    let given = match file {
+        Some(file) => {
+            let (feed, _) = prunec::runtime::inputs::given_feed(&loaded.model, file, &shapes, seed)
+                .with_context(|| format!("reading inputs `{}`", file.display()))?;
+            Some(prunec::runtime::measure::GivenInputs { feed, source: format!("`{}`", file.display()) })
+        }
+        None => None,
+    };
+    Ok(prunec::runtime::measure::TractRuntime { dir: loaded.dir.clone(), given, input_shapes: shapes })
+}
+
 /// Reads a model, with shape inference at the given input shapes.
 pub(crate) fn load(path: &Path, input_shapes: &[String]) -> Result<Loaded> {
     let mut loaded =

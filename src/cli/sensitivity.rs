@@ -39,8 +39,9 @@ pub(super) fn run(a: &SensitivityArgs) -> Result<()> {
     }
     options.seed = a.seed;
     let ratios = if a.ratios.is_empty() { PROBE_RATIOS.to_vec() } else { a.ratios.clone() };
+    // Checked before the work: reading and folding a large model takes a while.
     let given = match &a.inputs {
-        Some(file) => Some(std::fs::metadata(file).map(|_| file).with_context(|| format!("cannot read `{}`", file.display()))?),
+        Some(file) => Some(std::fs::metadata(file).map(|_| file.as_path()).with_context(|| format!("cannot read `{}`", file.display()))?),
         None => None,
     };
     let mut loaded = super::load(&a.model, &a.input_shapes)?;
@@ -48,17 +49,7 @@ pub(super) fn run(a: &SensitivityArgs) -> Result<()> {
     let fold = prunec::passes::parse_pipeline("dce,fold")?;
     prunec::passes::run_pipeline(&mut loaded.model, &fold, &mut Default::default())
         .with_context(|| format!("folding `{}`", a.model.display()))?;
-    let names = prunec::runtime::inputs::runtime_inputs(&loaded.model.graph);
-    let shapes = super::args::input_shapes(&a.input_shapes, &names)?;
-    let given = match given {
-        Some(file) => {
-            let (feed, _) = prunec::runtime::inputs::given_feed(&loaded.model, file, &shapes, a.seed)
-                .with_context(|| format!("reading inputs `{}`", file.display()))?;
-            Some(prunec::runtime::measure::GivenInputs { feed, source: format!("`{}`", file.display()) })
-        }
-        None => None,
-    };
-    let mut runtime = prunec::runtime::measure::TractRuntime { dir: loaded.dir.clone(), given, input_shapes: shapes };
+    let mut runtime = super::tract_runtime(&loaded, &a.input_shapes, given, a.seed)?;
     let mut bar = super::progress::Bars::new(true);
     let mut cx = prunec::passes::Context::with_runtime(&mut runtime).with_progress(&mut bar);
     let (table, frozen) = sensitivity_table(&loaded.model, &options, &ratios, &mut cx)

@@ -101,8 +101,6 @@ pub struct Case {
     pub name: String,
     pub path: PathBuf,
     pub feed: FeedSpec,
-    /// Why tract cannot run this model, if it cannot (checked: tract must fail on it).
-    pub tract_unsupported: Option<&'static str>,
 }
 
 fn input(name: &'static str, dtype: &'static str, shape: &[u64], fill: Option<f64>) -> Input {
@@ -119,25 +117,21 @@ pub fn all_cases() -> Vec<Case> {
 /// The synthetic models of `testdata/models`.
 pub fn testdata_cases() -> Vec<Case> {
     let dir = root().join("testdata/models");
-    let case = |name: &str, file: &str, feed: Vec<Input>, unsupported: Option<&'static str>| Case {
-        name: name.to_string(),
-        path: dir.join(file),
-        feed: FeedSpec::Tensors(feed),
-        tract_unsupported: unsupported,
-    };
+    let case =
+        |name: &str, file: &str, feed: Vec<Input>| Case { name: name.to_string(), path: dir.join(file), feed: FeedSpec::Tensors(feed) };
     vec![
-        case("attention", "attention.onnx", vec![], None),
-        case("byte_embed", "byte_embed.onnx", vec![], None),
-        case("concat_split", "concat_split.onnx", vec![], None),
-        case("conv_residual", "conv_residual.onnx", vec![], None),
-        case("dead_code", "dead_code.onnx", vec![], None),
-        case("depthwise", "depthwise.onnx", vec![], None),
-        case("grouped_conv", "grouped_conv.onnx", vec![], None),
-        case("mlp", "mlp.onnx", vec![], None),
-        case("exotic", "exotic.onnx", vec![input("x", "float32", &[2, 4], None)], None),
-        case("external_data", "external_data/model.onnx", vec![], None),
-        case("if_subgraph_then", "if_subgraph.onnx", vec![input("cond", "bool", &[], Some(1.0))], None),
-        case("if_subgraph_else", "if_subgraph.onnx", vec![input("cond", "bool", &[], Some(0.0))], None),
+        case("attention", "attention.onnx", vec![]),
+        case("byte_embed", "byte_embed.onnx", vec![]),
+        case("concat_split", "concat_split.onnx", vec![]),
+        case("conv_residual", "conv_residual.onnx", vec![]),
+        case("dead_code", "dead_code.onnx", vec![]),
+        case("depthwise", "depthwise.onnx", vec![]),
+        case("grouped_conv", "grouped_conv.onnx", vec![]),
+        case("mlp", "mlp.onnx", vec![]),
+        case("exotic", "exotic.onnx", vec![input("x", "float32", &[2, 4], None)]),
+        case("external_data", "external_data/model.onnx", vec![]),
+        case("if_subgraph_then", "if_subgraph.onnx", vec![input("cond", "bool", &[], Some(1.0))]),
+        case("if_subgraph_else", "if_subgraph.onnx", vec![input("cond", "bool", &[], Some(0.0))]),
     ]
 }
 
@@ -161,14 +155,12 @@ pub fn shared_cases() -> Vec<Case> {
             name: name.to_string(),
             path: models.join(format!("zoo/{name}.onnx")),
             feed: FeedSpec::Npz(models.join(format!("zoo/{name}.inputs.npz"))),
-            tract_unsupported: None,
         });
     }
     let real = |name: &str, file: &str, feed: Vec<Input>| Case {
         name: name.to_string(),
         path: models.join("real").join(file),
         feed: FeedSpec::Tensors(feed),
-        tract_unsupported: None,
     };
     cases.push(real("ppocr_det", "rapidocr/ch_PP-OCRv4_det_infer.onnx", vec![input("x", "float32", &[1, 3, 64, 64], None)]));
     cases.push(real("ppocr_rec", "rapidocr/ch_PP-OCRv4_rec_infer.onnx", vec![input("x", "float32", &[1, 3, 48, 96], None)]));
@@ -177,7 +169,6 @@ pub fn shared_cases() -> Vec<Case> {
         name: "magika".into(),
         path: models.join("real/magika/model.onnx"),
         feed: FeedSpec::Tensors(vec![input("bytes", "int32", &[2, 2048], Some(7.0))]),
-        tract_unsupported: None,
     });
     cases.push(real(
         "silero_vad_op15",

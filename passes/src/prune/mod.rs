@@ -466,20 +466,7 @@ impl Pass for ChannelPruning {
         let has_inputs = cx.has_inputs();
         let hessian = o.hessian_source(has_inputs);
         let wants_hessians = o.criterion.needs_hessians() && hessian.runs_model();
-        let measured_on = match hessian {
-            _ if o.criterion.needs_calibration() || (wants_hessians && hessian == HessianSource::Calib) => {
-                if !has_inputs {
-                    return Err(PassError::BadOption(format!(
-                        "the `{}` criterion{} needs calibration inputs: pass --inputs FILE.npz",
-                        criterion_name(o.criterion),
-                        if o.criterion.needs_hessians() { " with --hessian calib" } else { "" }
-                    )));
-                }
-                Some(Inputs::Given)
-            }
-            _ if wants_hessians => Some(Inputs::Noise { samples: o.noise_samples, seed: o.seed }),
-            _ => None,
-        };
+        let measured_on = statistics_inputs(o, has_inputs)?;
         let statistics = |why: String| move |e: statistics::RefitError| PassError::Measure(format!("{why}: {e}"));
         let name = criterion_name(o.criterion);
         let mut progress = cx.take_progress();
@@ -496,19 +483,7 @@ impl Pass for ChannelPruning {
             a => a,
         };
         let calibration = match measured_on {
-            Some(inputs) => {
-                let mut m =
-                    cx.measure(model, inputs).map_err(|e| PassError::Measure(format!("the `{name}` criterion's statistics: {e}")))?;
-                if let Some(p) = progress.as_deref_mut() {
-                    p.start(&format!("prune: measuring the `{name}` criterion's statistics"), 0);
-                }
-                let c = statistics::collect_inputs(model, m.as_mut(), wants_hessians)
-                    .map_err(|e| PassError::Measure(format!("running the model for the `{name}` criterion's statistics: {e}")))?;
-                if let Some(p) = progress.as_deref_mut() {
-                    p.finish();
-                }
-                Some(c)
-            }
+            Some(inputs) => Some(measure_statistics(model, o, inputs, wants_hessians, cx, progress.as_deref_mut())?),
             None => None,
         };
         let resolved = PruneOptions { hessian: Some(hessian), ..o.clone() };
@@ -516,16 +491,7 @@ impl Pass for ChannelPruning {
         let candidates = scoring.candidates();
         let (counts, ratio, allocation) = match (o.target, allocation) {
             (Some(target), Allocation::Sensitivity) if !candidates.is_empty() => {
-                // A few samples: each group runs the model several times.
-                let inputs = if has_inputs {
-                    Inputs::GivenFirst { samples: SENSITIVITY_SAMPLES }
-                } else {
-                    Inputs::Noise { samples: SENSITIVITY_SAMPLES, seed: o.seed }
-                };
-                let mut m = cx
-                    .measure(model, inputs)
-                    .map_err(|e| PassError::Measure(format!("allocation=sensitivity runs the model (allocation=uniform does not): {e}")))?;
-                let table = sensitivity::measure_groups(model, &candidates, &resolved, PROBE_RATIOS, m.as_mut(), progress.as_deref_mut())?;
+                let table = dry_runs(model, &candidates, &resolved, PROBE_RATIOS, cx, progress.as_deref_mut())?;
                 let (counts, beyond_probes) = sensitivity::allocate(&candidates, &resolved, &table, &Savings::new(&model.graph, target));
                 let ratios: Vec<f64> = candidates.iter().zip(&counts).map(|(c, &n)| n as f64 / c.channels as f64).collect();
                 let channels: usize = candidates.iter().map(|c| c.channels).sum();
@@ -620,34 +586,82 @@ pub fn sensitivity_table(
     let has_inputs = cx.has_inputs();
     let hessian = options.hessian_source(has_inputs);
     let wants_hessians = options.criterion.needs_hessians() && hessian.runs_model();
-    let name = criterion_name(options.criterion);
-    if (options.criterion.needs_calibration() || (wants_hessians && hessian == HessianSource::Calib)) && !has_inputs {
-        return Err(PassError::BadOption(format!("the `{name}` criterion needs calibration inputs: pass --inputs FILE.npz")));
-    }
-    let inputs = if has_inputs {
-        Inputs::GivenFirst { samples: SENSITIVITY_SAMPLES }
-    } else {
-        Inputs::Noise { samples: SENSITIVITY_SAMPLES, seed: options.seed }
-    };
     let mut progress = cx.take_progress();
-    let result = (|| {
-        let mut measure = cx.measure(model, inputs).map_err(|e| PassError::Measure(format!("measuring each group's sensitivity: {e}")))?;
-        let calibration = if options.criterion.needs_calibration() || wants_hessians {
-            Some(
-                statistics::collect_inputs(model, measure.as_mut(), wants_hessians)
-                    .map_err(|e| PassError::Measure(format!("running the model for the `{name}` criterion's statistics: {e}")))?,
-            )
-        } else {
-            None
+    // The same steps as the pass's, so the table is the one its allocation chooses from.
+    let mut steps = || {
+        let calibration = match statistics_inputs(options, has_inputs)? {
+            Some(inputs) => Some(measure_statistics(model, options, inputs, wants_hessians, cx, progress.as_deref_mut())?),
+            None => None,
         };
         let resolved = PruneOptions { hessian: Some(hessian), ..options.clone() };
         let scoring = score(&model.graph, &resolved, default_opset(model), calibration.as_ref())?;
-        let table =
-            sensitivity::measure_groups(model, &scoring.candidates(), &resolved, ratios, measure.as_mut(), progress.as_deref_mut())?;
+        let table = dry_runs(model, &scoring.candidates(), &resolved, ratios, cx, progress.as_deref_mut())?;
         Ok((table, scoring.frozen.clone()))
-    })();
+    };
+    let result = steps();
     cx.restore_progress(progress);
     result
+}
+
+/// The inputs the criterion's statistics are measured on (`None`: it needs none): the given
+/// ones, or seeded noise for Hessians without data.
+fn statistics_inputs(o: &PruneOptions, has_inputs: bool) -> Result<Option<Inputs>, PassError> {
+    let hessian = o.hessian_source(has_inputs);
+    let wants_hessians = o.criterion.needs_hessians() && hessian.runs_model();
+    if o.criterion.needs_calibration() || (wants_hessians && hessian == HessianSource::Calib) {
+        if !has_inputs {
+            return Err(PassError::BadOption(format!(
+                "the `{}` criterion{} needs calibration inputs: pass --inputs FILE.npz",
+                criterion_name(o.criterion),
+                if o.criterion.needs_hessians() { " with --hessian calib" } else { "" }
+            )));
+        }
+        return Ok(Some(Inputs::Given));
+    }
+    Ok(wants_hessians.then_some(Inputs::Noise { samples: o.noise_samples, seed: o.seed }))
+}
+
+/// The criterion's statistics, measured on `inputs`.
+fn measure_statistics<'p>(
+    model: &Model,
+    o: &PruneOptions,
+    inputs: Inputs,
+    wants_hessians: bool,
+    cx: &mut Context,
+    mut progress: Option<&mut (dyn crate::measure::Progress + 'p)>,
+) -> Result<Calibration, PassError> {
+    let name = criterion_name(o.criterion);
+    let mut m = cx.measure(model, inputs).map_err(|e| PassError::Measure(format!("the `{name}` criterion's statistics: {e}")))?;
+    if let Some(p) = progress.as_deref_mut() {
+        p.start(&format!("prune: measuring the `{name}` criterion's statistics"), 0);
+    }
+    let c = statistics::collect_inputs(model, m.as_mut(), wants_hessians)
+        .map_err(|e| PassError::Measure(format!("running the model for the `{name}` criterion's statistics: {e}")))?;
+    if let Some(p) = progress {
+        p.finish();
+    }
+    Ok(c)
+}
+
+/// The sensitivity dry runs of `candidates` at `ratios`, on a few samples: each group runs
+/// the model several times.
+fn dry_runs<'p>(
+    model: &Model,
+    candidates: &[Candidate],
+    resolved: &PruneOptions,
+    ratios: &[f64],
+    cx: &mut Context,
+    progress: Option<&mut (dyn crate::measure::Progress + 'p)>,
+) -> Result<SensitivityTable, PassError> {
+    let inputs = if cx.has_inputs() {
+        Inputs::GivenFirst { samples: SENSITIVITY_SAMPLES }
+    } else {
+        Inputs::Noise { samples: SENSITIVITY_SAMPLES, seed: resolved.seed }
+    };
+    let mut m = cx
+        .measure(model, inputs)
+        .map_err(|e| PassError::Measure(format!("allocation=sensitivity runs the model (allocation=uniform does not): {e}")))?;
+    sensitivity::measure_groups(model, candidates, resolved, ratios, m.as_mut(), progress)
 }
 
 /// Says where the request could not be met sensibly: nothing prunable, a group almost emptied,
@@ -783,7 +797,7 @@ impl PassDetails for PruneReport {
 pub(crate) struct Candidate<'g> {
     pub(crate) group: &'g Group,
     pub(crate) channels: usize,
-    pub(crate) scores: Vec<f64>,
+    pub(crate) scores: &'g [f64],
     /// The ratio of a `--node-ratio` override.
     pub(crate) ratio: Option<f64>,
 }
@@ -802,12 +816,7 @@ impl Scoring {
     pub(crate) fn candidates(&self) -> Vec<Candidate<'_>> {
         self.scored
             .iter()
-            .map(|(g, scores, ratio)| Candidate {
-                group: &self.groups.groups[*g],
-                channels: scores.len(),
-                scores: scores.clone(),
-                ratio: *ratio,
-            })
+            .map(|(g, scores, ratio)| Candidate { group: &self.groups.groups[*g], channels: scores.len(), scores, ratio: *ratio })
             .collect()
     }
 }
@@ -1046,7 +1055,7 @@ pub(crate) fn counts_at(candidates: &[Candidate], options: &PruneOptions, ratio:
         let mut all: Vec<(f64, usize, usize)> = candidates
             .iter()
             .enumerate()
-            .flat_map(|(ci, c)| criteria::normalize(&c.scores, normalizer).into_iter().enumerate().map(move |(ch, s)| (s, ci, ch)))
+            .flat_map(|(ci, c)| criteria::normalize(c.scores, normalizer).into_iter().enumerate().map(move |(ch, s)| (s, ci, ch)))
             .collect();
         all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
         let total: usize = candidates.iter().map(|c| c.channels).sum();

@@ -149,7 +149,7 @@ pub(crate) fn measure_groups<'p>(
         }
         table.groups.push(entry);
     }
-    if let Some(p) = progress.as_deref_mut() {
+    if let Some(p) = progress {
         p.finish();
     }
     Ok(table)
