@@ -46,6 +46,6 @@ pub use ops::{Role, coupled_op_types};
 pub use quant::{QuantizedInput, dequantized_weight, quantized_input, reads_quantized_weight};
 pub use rng::SplitMix64;
 pub use shape::{DType, Dim, Shape};
-pub use stats::{ModelStats, OpCost, model_stats, op_cost};
+pub use stats::{ModelStats, OpCost, model_stats, op_cost, quantized_weights};
 pub use tensor::{PageRelease, Tensor};
 pub use validate::{OpRule, ValidateError, validate, validate_ops, validate_value_types};

@@ -81,8 +81,8 @@ pub fn model_stats(model: &Model) -> ModelStats {
 }
 
 /// The integer constants (initializers, or `Constant` outputs) that an op reads in its quantised
-/// weight slot: the weights of QDQ and QOperator models.
-fn quantized_weights(graph: &Graph) -> std::collections::HashSet<crate::ids::ValueId> {
+/// weight slot: the weights of QDQ and QOperator models, which count as parameters.
+pub fn quantized_weights(graph: &Graph) -> std::collections::HashSet<crate::ids::ValueId> {
     let mut weights = std::collections::HashSet::new();
     for op_id in graph.op_ids() {
         let op = graph.op(op_id);

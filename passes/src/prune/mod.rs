@@ -1164,7 +1164,7 @@ fn bisect_ratio(savings: &Savings, candidates: &[Candidate], options: &PruneOpti
     hi
 }
 
-/// Parameters (float constants) after a removal from a graph of `before` parameters, counting
+/// Parameters (float constants and quantised weights) after a removal from a graph of `before` parameters, counting
 /// the copies that differing uses force.
 fn estimate_params(graph: &Graph, before: u64, removal: &Removal) -> u64 {
     let mut per_constant: BTreeMap<prunec_ir::ValueId, BTreeMap<prunec_ir::OpId, BTreeMap<usize, usize>>> = BTreeMap::new();
@@ -1173,9 +1173,11 @@ fn estimate_params(graph: &Graph, before: u64, removal: &Removal) -> u64 {
             per_constant.entry(v).or_default().entry(op).or_default().insert(axis, set.len());
         }
     }
+    // What `model_stats` counts as parameters: float constants and quantised integer weights.
+    let quantized = prunec_ir::quantized_weights(graph);
     let mut params = before as i64;
     for (v, uses) in per_constant {
-        let Some(t) = constant_tensor(graph, v).filter(|t| t.dtype().is_float()) else { continue };
+        let Some(t) = constant_tensor(graph, v).filter(|t| t.dtype().is_float() || quantized.contains(&v)) else { continue };
         let dims = t.dims();
         let numel = |spec: &BTreeMap<usize, usize>| {
             dims.iter().enumerate().map(|(a, &d)| d - *spec.get(&a).unwrap_or(&0) as u64).product::<u64>() as i64
